@@ -1,0 +1,82 @@
+"""minillm: a small, exact, pure-PyTorch reference engine for StreamingLLM.
+
+    import minillm
+    model = minillm.load("weights/llama-tiny")                 # config.json + safetensors
+    tok = minillm.load_tokenizer("weights/llama-tiny")
+    cache = model.new_cache(batch_size=1, sinks=4, window=1020)
+    logits = model(ids, cache=cache)                           # any chunk length, windowed exactly
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .cache import SinkCache
+from .config import ModelConfig, from_hf_config, load_config
+from .errors import MiniLLMError
+from .model import Model
+
+__version__ = "0.1.0"
+
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "float64": torch.float64, "fp64": torch.float64, "double": torch.float64,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+
+def parse_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if dtype.is_floating_point:
+            return dtype
+    elif isinstance(dtype, str) and dtype.lower().removeprefix("torch.") in DTYPES:
+        return DTYPES[dtype.lower().removeprefix("torch.")]
+    raise MiniLLMError(f"unknown dtype {dtype!r} (use one of float32, bfloat16, float16, float64)")
+
+
+def parse_device(device) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise MiniLLMError(f"unknown device {device!r} (use cpu, cuda, cuda:N or mps)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise MiniLLMError(f"device {device!r} requested but CUDA is not available")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise MiniLLMError(f"device {device!r} does not exist ({torch.cuda.device_count()} CUDA devices)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise MiniLLMError(f"device {device!r} requested but MPS is not available")
+    return dev
+
+
+def load(name_or_path: str | Path, dtype=torch.float32, device="cpu") -> Model:
+    """Load a Hugging Face checkpoint (a local directory or a hub repo id) without transformers."""
+    from .checkpoint import load_model
+    from .hub import resolve_model_dir
+
+    dtype, device = parse_dtype(dtype), parse_device(device)
+    directory = resolve_model_dir(name_or_path)
+    config = load_config(directory)
+    model = load_model(directory, config, dtype, device)
+    model.source = str(name_or_path)
+    return model
+
+
+def load_tokenizer(name_or_path: str | Path):
+    """tokenizer.json (tokenizers) or tokenizer.model (sentencepiece): .encode(str) / .decode(ids)."""
+    from .tokenizer import load_tokenizer as _load
+
+    return _load(name_or_path)
+
+
+def save_pretrained(model: Model, directory: str | Path, dtype=None) -> Path:
+    """Write the model as config.json + model.safetensors in its family's Hugging Face format."""
+    from .checkpoint import save_pretrained as _save
+
+    return _save(model, directory, None if dtype is None else parse_dtype(dtype))
+
+
+__all__ = ["Model", "ModelConfig", "SinkCache", "MiniLLMError", "load", "load_tokenizer", "save_pretrained",
+           "from_hf_config", "load_config", "parse_dtype", "parse_device", "__version__"]

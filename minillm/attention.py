@@ -1,0 +1,202 @@
+"""One attention function for every family: dense, streaming chunks of any length, and decode.
+
+The streaming contract (DESIGN.md §1), for capacity S = sinks + window and stream position t:
+- token t attends to K_t = {0..t} while t < S, else the sinks {0..sinks-1} plus {t-window+1..t};
+- positions are cache-relative: the query sits at c_t = |K_t| - 1 = min(t, S-1), sink i at i,
+  and window key j at c_t - (t - j). So a window key is exactly as far from the query as in the
+  text, and only the sinks sit somewhere else.
+
+How that is computed:
+- RoPE: queries and keys are rotated at their stream position (float64 angles), which gets every
+  window distance right. Sink scores are recomputed with the query rotated at c_t against the
+  sinks rotated at i ("the sink correction"); in a decode step the sinks are instead rotated into
+  the query's frame, at i + (t - c_t), so that one fused `scaled_dot_product_attention` call covers
+  every key.
+- ALiBi: the bias is a function of the cache positions above, in each family's own form.
+
+A `Plan` holds what one forward needs and every layer shares: positions, rotations, the mask and
+bias, and where the chunk's keys go in the cache. It is built once per forward.
+
+Paths:
+- decode (one new token, a cache): write K/V into its slot, attend to the valid prefix of the
+  buffer (a view: nothing is allocated in proportion to the cache) with SDPA;
+- chunk (any length, with or without a cache): attend to [cache slots, chunk keys] under the
+  per-query key-set mask; this is also the dense forward (no cache, window = infinity) and the
+  exact parallel perplexity evaluation (a whole text streamed in long chunks).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .cache import SinkCache
+from .config import ModelConfig
+from .positions import alibi_bias, apply_rope, rope_cos_sin
+
+
+@dataclass
+class Plan:
+    n: int  # queries in this forward
+    decode: bool  # the one-token fast path
+    q_rot: tuple | None = None  # (cos, sin) for queries and new keys at their stream positions
+    qrel_rot: tuple | None = None  # (cos, sin) for queries at cache positions c_t (sink correction)
+    sink_rot: tuple | None = None  # (cos, sin) for the raw sinks: at i (chunk) or i + delta (decode)
+    mask: torch.Tensor | None = None  # additive float (1|H, n, Nk) or None
+    is_causal: bool = False  # plain causal mask, handled inside SDPA
+    sink_cols: torch.Tensor | None = None  # key columns that hold sinks (sink correction)
+    n_cache_sinks: int = 0  # how many of those columns come from the cache's sink region
+    use_cache_cols: bool = False  # the chunk path attends to the cache's S slots too
+    n_valid: int = 0  # decode: the number of valid slots, a prefix of the buffer
+    write_src: torch.Tensor | None = None  # chunk indices whose K/V are written ...
+    write_dst: torch.Tensor | None = None  # ... to these slots
+    raw_sink_src: torch.Tensor | None = None  # chunk indices that are sinks (RoPE raw keys)
+    want_probs: bool = False
+
+
+def make_plan(config: ModelConfig, n: int, cache: SinkCache | None, device, dtype,
+              inv_freq: torch.Tensor | None, slopes: torch.Tensor | None,
+              want_probs: bool = False) -> Plan:
+    rope = config.positions == "rope"
+    t0 = cache.tokens_seen if cache is not None else 0
+    t = torch.arange(t0, t0 + n, device=device)  # stream positions of the queries
+    manual = want_probs or config.zero_sink
+
+    if cache is None:  # dense: every earlier token, absolute positions
+        plan = Plan(n=n, decode=False, want_probs=want_probs)
+        if rope:
+            plan.q_rot = rope_cos_sin(t, inv_freq, dtype)
+        if rope and not manual:
+            plan.is_causal = True
+            return plan
+        causal = t[None, :] <= t[:, None]
+        mask = torch.zeros(n, n, dtype=dtype, device=device).masked_fill(~causal, float("-inf"))
+        if not rope:
+            mask = mask + alibi_bias(config.alibi, slopes, t, t, config.scale, dtype)[0]
+        plan.mask = mask[None]
+        return plan
+
+    sinks, window, S = cache.sinks, cache.window, cache.capacity
+    c = torch.clamp(t, max=S - 1)  # cache position of each query
+    last = t0 + n - 1
+
+    if n == 1 and not manual:  # decode fast path
+        plan = Plan(n=1, decode=True, n_valid=min(t0 + 1, S))
+        plan.write_dst = cache.slot_of(t)
+        if rope:
+            plan.q_rot = rope_cos_sin(t, inv_freq, dtype)
+            if sinks and t0 >= S:  # sinks move into this query's frame: i + (t - c_t)
+                plan.sink_rot = rope_cos_sin(torch.arange(sinks, device=device) + (t0 - (S - 1)), inv_freq, dtype)
+        else:
+            pos = cache.slot_positions(t0 + 1, device=device)[: plan.n_valid]
+            k_cache_pos = torch.where(pos < sinks, pos, c - (t - pos))
+            plan.mask = alibi_bias(config.alibi, slopes, c, k_cache_pos, config.scale, dtype)
+        return plan
+
+    # Chunk path: keys are [the cache's S slots as they were before this chunk] + [the chunk's own].
+    plan = Plan(n=n, decode=False, want_probs=want_probs, use_cache_cols=t0 > 0)
+    chunk_pos = t
+    key_pos = torch.cat([cache.slot_positions(t0, device=device), chunk_pos]) if t0 > 0 else chunk_pos
+    kp = key_pos[None, :]
+    tq = t[:, None]
+    allowed = (kp >= 0) & (kp <= tq) & ((kp < sinks) | (kp > tq - window))
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, float("-inf"))
+    if rope:
+        plan.q_rot = rope_cos_sin(t, inv_freq, dtype)
+        if sinks and last >= S:  # some query sees the sinks at a position other than the text's
+            plan.qrel_rot = rope_cos_sin(c, inv_freq, dtype)
+            plan.sink_cols = torch.nonzero((key_pos >= 0) & (key_pos < sinks)).flatten()
+            plan.n_cache_sinks = min(t0, sinks)
+            plan.sink_rot = rope_cos_sin(torch.arange(plan.n_cache_sinks, device=device), inv_freq, dtype)
+    else:
+        k_cache_pos = torch.where(kp < sinks, kp, c[:, None] - (tq - kp))
+        mask = mask + alibi_bias(config.alibi, slopes, c, k_cache_pos, config.scale, dtype)[0]
+    plan.mask = mask[None]
+
+    # Cache writes: sinks to their slots, then only the last `window` ring tokens (earlier ones
+    # would be overwritten within this same chunk).
+    idx = torch.arange(n, device=device)
+    keep = (chunk_pos < sinks) | (chunk_pos > last - window)
+    plan.write_src = idx[keep]
+    plan.write_dst = cache.slot_of(chunk_pos[keep])
+    if rope and cache.raw_sink_k is not None:
+        plan.raw_sink_src = idx[chunk_pos < sinks]
+    return plan
+
+
+def attend(config: ModelConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan,
+           cache: SinkCache | None, layer: int, probs_out: list | None = None) -> torch.Tensor:
+    """q (B, H, n, hd), k/v (B, KV, n, hd), not yet rotated -> attention output (B, H, n, hd)."""
+    raw_q, raw_k = q, k
+    if plan.q_rot is not None:
+        cos, sin = plan.q_rot
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+    if plan.decode:
+        return _decode(config, q, k, v, raw_k, plan, cache, layer)
+
+    if cache is not None and plan.use_cache_cols:
+        keys = torch.cat([cache.k[layer], k], dim=2)  # working memory: S + n keys
+        values = torch.cat([cache.v[layer], v], dim=2)
+    else:
+        keys, values = k, v
+
+    if plan.sink_cols is None and not plan.want_probs and not config.zero_sink:
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=plan.mask, is_causal=plan.is_causal,
+                                             scale=config.scale, enable_gqa=True)
+    else:
+        out = _manual(config, q, keys, values, raw_q, plan, cache, layer, probs_out)
+
+    if cache is not None:  # persist this chunk's keys: index_copy_ into the fixed buffers
+        cache.k[layer].index_copy_(2, plan.write_dst, k[:, :, plan.write_src])
+        cache.v[layer].index_copy_(2, plan.write_dst, v[:, :, plan.write_src])
+        if plan.raw_sink_src is not None and len(plan.raw_sink_src):
+            dst = cache.tokens_seen + plan.raw_sink_src  # sink i lives at raw slot i
+            cache.raw_sink_k[layer].index_copy_(2, dst, raw_k[:, :, plan.raw_sink_src])
+    return out
+
+
+def _decode(config, q, k, v, raw_k, plan: Plan, cache: SinkCache, layer: int) -> torch.Tensor:
+    slot = plan.write_dst
+    cache.k[layer].index_copy_(2, slot, k)
+    cache.v[layer].index_copy_(2, slot, v)
+    if cache.raw_sink_k is not None and cache.tokens_seen < cache.sinks:
+        cache.raw_sink_k[layer].index_copy_(2, slot, raw_k)
+    if plan.sink_rot is not None:  # rotate the sinks to i + (t - c_t), this query's frame
+        cos, sin = plan.sink_rot
+        cache.k[layer][:, :, : cache.sinks] = apply_rope(cache.raw_sink_k[layer], cos, sin)
+    L = plan.n_valid
+    return F.scaled_dot_product_attention(q, cache.k[layer][:, :, :L], cache.v[layer][:, :, :L],
+                                          attn_mask=plan.mask, scale=config.scale, enable_gqa=True)
+
+
+def _manual(config, q, keys, values, raw_q, plan: Plan, cache, layer, probs_out) -> torch.Tensor:
+    """Explicit scores: the sink correction, SoftMax-off-by-one and attention maps need them."""
+    B, H, n, hd = q.shape
+    KV = keys.shape[1]
+    g = H // KV
+    qg = q.view(B, KV, g, n, hd)
+    scores = (qg @ keys[:, :, None].transpose(-1, -2)) * config.scale  # (B, KV, g, n, Nk)
+    if plan.sink_cols is not None:
+        # Sinks rotated at their cache positions i, against queries rotated at c_t.
+        cos, sin = plan.qrel_rot
+        qrel = apply_rope(raw_q, cos, sin).view(B, KV, g, n, hd)
+        sink_keys = keys[:, :, plan.sink_cols]
+        if plan.n_cache_sinks:
+            scos, ssin = plan.sink_rot
+            from_cache = apply_rope(cache.raw_sink_k[layer][:, :, : plan.n_cache_sinks], scos, ssin)
+            sink_keys = torch.cat([from_cache, sink_keys[:, :, plan.n_cache_sinks:]], dim=2)
+        scores[..., plan.sink_cols] = (qrel @ sink_keys[:, :, None].transpose(-1, -2)) * config.scale
+    acc = torch.promote_types(scores.dtype, torch.float32)  # softmax in float32 at least
+    scores = scores.view(B, H, n, -1).to(acc) + plan.mask.to(acc)
+    if config.zero_sink:  # softmax over [scores, 0]: an implicit key with zero score and zero value
+        scores = torch.cat([scores, scores.new_zeros(B, H, n, 1)], dim=-1)
+        probs = torch.softmax(scores, dim=-1)[..., :-1]
+    else:
+        probs = torch.softmax(scores, dim=-1)
+    if probs_out is not None:
+        probs_out.append(probs.detach())
+    probs = probs.to(values.dtype).view(B, KV, g, n, -1)
+    return (probs @ values[:, :, None]).view(B, H, n, hd)

@@ -1,0 +1,193 @@
+"""Hugging Face checkpoints <-> minillm state dicts, strictly, through each family's name map.
+
+Loading reads `model.safetensors` or a sharded `model.safetensors.index.json` (never a pickle),
+builds the model on the meta device and assigns the converted tensors, so no random
+initialisation is ever materialised. It is strict: every checkpoint tensor is used or matched by
+the family's IGNORED patterns, every parameter is filled with its exact shape, and each error names
+the offending tensor.
+
+Fused QKV layouts are a permutation of rows: `qkv_permutation(config)` gives, for the engine's
+[q; k; v] rows, the checkpoint row each comes from. Saving applies its inverse.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from .config import ModelConfig, to_hf_config
+from .errors import MiniLLMError
+from .models import FAMILIES
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+def qkv_permutation(c: ModelConfig) -> torch.Tensor | None:
+    """Rows of the checkpoint's fused QKV that make the engine's [q; k; v], or None if already so."""
+    H, KV, hd = c.num_heads, c.num_kv_heads, c.head_dim
+    if c.qkv_layout == "split":
+        return None
+    rows = torch.arange((H + 2 * KV) * hd)
+    if c.qkv_layout == "interleaved":  # (H, 3, hd): per head q, k, v
+        return rows.view(H, 3, hd).transpose(0, 1).reshape(-1)
+    if c.qkv_layout == "grouped":  # (KV, H/KV + 2, hd): per group, its queries, then k, then v
+        g = H // KV
+        grouped = rows.view(KV, g + 2, hd)
+        return torch.cat([grouped[:, :g].reshape(-1), grouped[:, g].reshape(-1), grouped[:, g + 1].reshape(-1)])
+    raise MiniLLMError(f"unknown qkv_layout {c.qkv_layout!r}")
+
+
+def name_pairs(c: ModelConfig) -> dict[str, str | tuple[str, ...]]:
+    """Every possible engine parameter name -> its checkpoint name(s), layers expanded."""
+    wm = FAMILIES[c.family].weight_map(c)
+    pairs = dict(wm["global"])
+    for i in range(c.num_layers):
+        prefix = wm["layer_prefix"].format(i=i)
+        for ours, theirs in wm["layer"].items():
+            pairs[f"layers.{i}.{ours}"] = (tuple(prefix + t for t in theirs) if isinstance(theirs, tuple)
+                                           else prefix + theirs)
+    return pairs
+
+
+def checkpoint_files(directory: Path) -> list[Path]:
+    index = directory / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+            raise MiniLLMError(f"{index}: invalid safetensors index ({e})") from None
+        files = [directory / f for f in sorted(set(weight_map.values()))]
+        for f in files:
+            if not f.is_file():
+                raise MiniLLMError(f"{index} names a missing shard: {f.name}")
+        return files
+    single = directory / SINGLE_FILE
+    if single.is_file():
+        return [single]
+    others = sorted(p.name for p in directory.glob("*.safetensors"))
+    if others:
+        return [directory / p for p in others]
+    if list(directory.glob("pytorch_model*.bin")):
+        raise MiniLLMError(f"{directory} has only pytorch_model*.bin; minillm reads safetensors only. "
+                           f"Convert it with: python tools/convert_bin.py {directory}")
+    raise MiniLLMError(f"no model.safetensors or {INDEX_FILE} in {directory}")
+
+
+class _Tensors:
+    """Lazy access to the tensors of one or more safetensors files."""
+
+    def __init__(self, files: list[Path]):
+        from safetensors import safe_open
+
+        self.where: dict[str, Path] = {}
+        self.handles = {}
+        for f in files:
+            try:
+                handle = safe_open(str(f), framework="pt", device="cpu")
+                names = list(handle.keys())
+            except Exception as e:  # safetensors raises its own error type for corrupt headers
+                raise MiniLLMError(f"{f.name}: not a valid safetensors file ({_one_line(e)})") from None
+            self.handles[f] = handle
+            for name in names:
+                self.where[name] = f
+
+    def names(self) -> set[str]:
+        return set(self.where)
+
+    def get(self, name: str) -> torch.Tensor:
+        f = self.where[name]
+        try:
+            return self.handles[f].get_tensor(name)
+        except Exception as e:
+            raise MiniLLMError(f"{f.name}: cannot read tensor {name} ({_one_line(e)})") from None
+
+
+def _one_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def load_model(directory: Path, config: ModelConfig, dtype: torch.dtype, device: torch.device):
+    """Build the model on the meta device and assign the checkpoint's tensors."""
+    from .model import Model
+
+    tensors = _Tensors(checkpoint_files(directory))
+    names = tensors.names()
+    family = FAMILIES[config.family]
+    adjust = getattr(family, "adjust_to_checkpoint", None)
+    if adjust is not None:
+        config = adjust(config, names)
+    with torch.device("meta"):
+        model = Model(config)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    pairs = name_pairs(config)
+    perm = qkv_permutation(config)
+
+    state, used = {}, set()
+    for ours, shape in expected.items():
+        theirs = pairs[ours]
+        parts = theirs if isinstance(theirs, tuple) else (theirs,)
+        for name in parts:
+            if name not in names:
+                raise MiniLLMError(f"checkpoint is missing tensor {name} (for {ours})")
+        loaded = [tensors.get(name) for name in parts]
+        t = loaded[0] if len(loaded) == 1 else torch.cat(loaded, dim=0)
+        if ".attn.wqkv." in ours and perm is not None and t.shape[0] == perm.numel():
+            t = t[perm]
+        if tuple(t.shape) != tuple(shape):
+            raise MiniLLMError(f"tensor {' + '.join(parts)} has shape {tuple(t.shape)}, expected "
+                               f"{tuple(shape)} for this config")
+        state[ours] = t.to(device=device, dtype=dtype)
+        used.update(parts)
+
+    ignored = [re.compile(p) for p in family.IGNORED]
+    if config.tie_word_embeddings:  # a tied head is the embedding; a stored copy is ignored
+        ignored.append(re.compile(re.escape(pairs["lm_head.weight"])))
+    for name in sorted(names - used):
+        if not any(p.fullmatch(name) for p in ignored):
+            raise MiniLLMError(f"unexpected tensor {name} in checkpoint (not used by a {config.family} "
+                               "model with this config)")
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
+
+
+def hf_state_dict(model) -> dict[str, torch.Tensor]:
+    """The model's weights under the family's checkpoint names and fused layouts."""
+    c = model.config
+    pairs = name_pairs(c)
+    perm = qkv_permutation(c)
+    out = {}
+    for ours, t in model.state_dict().items():
+        t = t.detach()
+        if ".attn.wqkv." in ours and perm is not None:
+            t = t[torch.argsort(perm)]
+        theirs = pairs[ours]
+        if isinstance(theirs, tuple):  # split the fused rows back into q/k/v (or gate/up)
+            if ".attn.wqkv." in ours:
+                sizes = [c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim]
+            else:
+                sizes = [t.shape[0] // len(theirs)] * len(theirs)
+            for name, piece in zip(theirs, t.split(sizes, dim=0)):
+                out[name] = piece.contiguous()
+        else:
+            out[theirs] = t.contiguous()
+    return out
+
+
+def save_pretrained(model, directory: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """Write config.json + model.safetensors in the family's Hugging Face format."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    hf = to_hf_config(model.config)
+    state = hf_state_dict(model)
+    if dtype is not None:
+        state = {k: v.to(dtype) for k, v in state.items()}
+    hf["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
+    (directory / "config.json").write_text(json.dumps(hf, indent=2) + "\n", encoding="utf-8")
+    save_file({k: v.cpu() for k, v in state.items()}, str(directory / SINGLE_FILE), metadata={"format": "pt"})
+    return directory

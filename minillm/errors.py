@@ -1,0 +1,10 @@
+"""The one exception type for bad user input.
+
+Every problem a user can cause (a missing file, an unsupported config key, a wrong shape, a bad
+argument) is raised as a `MiniLLMError` with a one-line message that names the problem. It is a
+`ValueError`, so library callers can catch it as one; the CLI prints it and exits with code 2.
+"""
+
+
+class MiniLLMError(ValueError):
+    """Bad input, explained in one line."""

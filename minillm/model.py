@@ -1,0 +1,217 @@
+"""The decoder shared by all four families.
+
+One `Block` with a few flags covers them (as in litgpt):
+- Llama:    x + attn(rms(x)); then + swiglu(rms(x))                    (sequential)
+- GPT-NeoX: x + attn(ln1(x)) + mlp(ln2(x))                             (parallel residual)
+- Falcon:   x + attn(ln(x)) + mlp(ln(x))   7B: one shared norm;  40B: ln_attn / ln_mlp
+- MPT:      sequential LayerNorm blocks with ALiBi
+The family files in `minillm/models/` only parse configs and name weights.
+
+`Model.forward(input_ids)` is the dense causal forward. With `cache=`, it streams the chunk through
+the fixed-shape sink+window cache (see attention.py for the contract and cache.py for the slots).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import attend, make_plan
+from .cache import SinkCache
+from .config import ModelConfig
+from .errors import MiniLLMError
+from .positions import alibi_slopes, rope_inv_freq
+
+_model_ids = itertools.count(1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def make_norm(c: ModelConfig) -> nn.Module:
+    if c.norm == "rmsnorm":
+        return RMSNorm(c.hidden_size, c.norm_eps)
+    return nn.LayerNorm(c.hidden_size, eps=c.norm_eps, bias=c.norm_bias)
+
+
+ACTIVATIONS = {
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+    "silu": F.silu,
+}
+
+
+class MLP(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.swiglu = c.activation == "swiglu"
+        width = 2 * c.intermediate_size if self.swiglu else c.intermediate_size  # swiglu: [gate; up]
+        self.w_in = nn.Linear(c.hidden_size, width, bias=c.mlp_bias)
+        self.w_out = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
+        self.act = None if self.swiglu else ACTIVATIONS[c.activation]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.w_in(x)
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            return self.w_out(F.silu(gate) * up)
+        return self.w_out(self.act(h))
+
+
+class Attention(nn.Module):
+    def __init__(self, c: ModelConfig, layer: int):
+        super().__init__()
+        self.c = c
+        self.layer = layer
+        self.q_size = c.num_heads * c.head_dim
+        self.kv_size = c.num_kv_heads * c.head_dim
+        self.wqkv = nn.Linear(c.hidden_size, self.q_size + 2 * self.kv_size, bias=c.qkv_bias)  # [q; k; v]
+        self.wo = nn.Linear(self.q_size, c.hidden_size, bias=c.out_bias)
+
+    def forward(self, x, plan, cache, probs_out=None):
+        B, n, _ = x.shape
+        c = self.c
+        qkv = self.wqkv(x)
+        if c.clip_qkv is not None:
+            qkv = qkv.clamp(-c.clip_qkv, c.clip_qkv)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(B, n, c.num_heads, c.head_dim).transpose(1, 2)  # (B, H, n, hd)
+        k = k.view(B, n, c.num_kv_heads, c.head_dim).transpose(1, 2)  # (B, KV, n, hd)
+        v = v.view(B, n, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        out = attend(c, q, k, v, plan, cache, self.layer, probs_out)
+        return self.wo(out.transpose(1, 2).reshape(B, n, self.q_size))
+
+
+class Block(nn.Module):
+    def __init__(self, c: ModelConfig, layer: int):
+        super().__init__()
+        self.parallel = c.parallel_residual
+        self.attn_norm = make_norm(c)
+        self.mlp_norm = None if c.shared_norm else make_norm(c)
+        self.attn = Attention(c, layer)
+        self.mlp = MLP(c)
+
+    def forward(self, x, plan, cache, probs_out=None):
+        h = self.attn_norm(x)
+        a = self.attn(h, plan, cache, probs_out)
+        if self.parallel:
+            return x + a + self.mlp(h if self.mlp_norm is None else self.mlp_norm(x))
+        x = x + a
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Model(nn.Module):
+    """A decoder-only LM. `model(ids)` is dense; `model(ids, cache=cache)` streams."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        self.embed = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.wpe = nn.Embedding(c.max_position_embeddings, c.hidden_size) if c.learned_pos_emb else None
+        self.layers = nn.ModuleList(Block(c, i) for i in range(c.num_layers))
+        self.norm = make_norm(c)
+        self.lm_head = None if c.tie_word_embeddings else nn.Linear(c.hidden_size, c.vocab_size, bias=False)
+        self.uid = next(_model_ids)  # caches remember which model made them
+        self.max_chunk = 1024  # long chunks are processed in pieces of this many tokens
+        self._tables: dict = {}  # per device: RoPE inverse frequencies or ALiBi slopes
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    def _positional_tables(self, device):
+        key = str(device)
+        if key not in self._tables:
+            c = self.config
+            if c.positions == "rope":
+                self._tables[key] = (rope_inv_freq(c.rotary_dim, c.rope_theta).to(device), None)
+            else:
+                self._tables[key] = (None, alibi_slopes(c.alibi, c.num_heads, c.alibi_bias_max).to(device))
+        return self._tables[key]
+
+    def new_cache(self, batch_size: int = 1, sinks: int = 4, window: int = 1020, dtype=None,
+                  device=None) -> SinkCache:
+        """A fixed-shape cache of capacity S = sinks + window (the new token included)."""
+        c = self.config
+        return SinkCache(num_layers=c.num_layers, batch_size=batch_size, num_kv_heads=c.num_kv_heads,
+                         head_dim=c.head_dim, sinks=sinks, window=window, dtype=dtype or self.dtype,
+                         device=device or self.device, owner_id=self.uid,
+                         keep_raw_sinks=c.positions == "rope")
+
+    def _check(self, input_ids: torch.Tensor, cache: SinkCache | None) -> None:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise MiniLLMError(f"input_ids must be a (batch, tokens) tensor with at least one token, got "
+                               f"{tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__}")
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise MiniLLMError(f"input_ids must hold integer token ids, got {input_ids.dtype}")
+        if cache is None:
+            if self.wpe is not None and input_ids.shape[1] > self.config.max_position_embeddings:
+                raise MiniLLMError(f"input of {input_ids.shape[1]} tokens exceeds this checkpoint's learned "
+                                   f"position table ({self.config.max_position_embeddings})")
+            return
+        if not isinstance(cache, SinkCache):
+            raise MiniLLMError(f"cache must be a SinkCache from model.new_cache(), got {type(cache).__name__}")
+        if cache.owner_id != self.uid:
+            raise MiniLLMError("cache was made by a different model; use this model's new_cache()")
+        if cache.batch_size != input_ids.shape[0]:
+            raise MiniLLMError(f"batch_size mismatch: the cache holds {cache.batch_size} rows, the input has "
+                               f"{input_ids.shape[0]}")
+        if cache.dtype != self.dtype:
+            raise MiniLLMError(f"dtype mismatch: the cache is {cache.dtype}, the model is {self.dtype}")
+        if cache.device != self.device:
+            raise MiniLLMError(f"device mismatch: the cache is on {cache.device}, the model on {self.device}")
+        if input_ids.device != self.device:
+            raise MiniLLMError(f"device mismatch: input_ids are on {input_ids.device}, the model on {self.device}")
+        if self.wpe is not None:
+            raise MiniLLMError("this checkpoint has learned absolute position embeddings (transformer.wpe), "
+                               "which cannot stream past max_seq_len; use the dense forward")
+
+    def forward(self, input_ids: torch.Tensor, cache: SinkCache | None = None,
+                attn_probs: list | None = None) -> torch.Tensor:
+        """(B, T) ids -> (B, T, vocab) logits. With `cache`, streams the T tokens through it.
+
+        `attn_probs`, when a list is given, receives each layer's (B, H, T, keys) attention
+        probabilities (the explicit-scores path, for attention maps).
+        """
+        self._check(input_ids, cache)
+        if cache is None or input_ids.shape[1] <= self.max_chunk:
+            return self._forward(input_ids, cache, attn_probs)
+        pieces = input_ids.split(self.max_chunk, dim=1)  # chunking never changes the result
+        return torch.cat([self._forward(p, cache, attn_probs) for p in pieces], dim=1)
+
+    def _forward(self, input_ids, cache, attn_probs):
+        c = self.config
+        n = input_ids.shape[1]
+        x = self.embed(input_ids)
+        if self.wpe is not None:
+            x = x + self.wpe(torch.arange(n, device=x.device))
+        inv_freq, slopes = self._positional_tables(x.device)
+        plan = make_plan(c, n, cache, x.device, x.dtype, inv_freq, slopes, want_probs=attn_probs is not None)
+        for block in self.layers:
+            x = block(x, plan, cache, attn_probs)
+        if cache is not None:
+            cache.tokens_seen += n
+        x = self.norm(x)
+        logits = F.linear(x, self.embed.weight if self.lm_head is None else self.lm_head.weight)
+        if c.logit_scale is not None:
+            logits = logits * c.logit_scale
+        return logits

@@ -1,0 +1,85 @@
+"""Positions: RoPE (full or partial, rotate-half form) and ALiBi (MPT's and Falcon/Bloom's forms).
+
+Everything here is a pure function of integer positions. The streaming engine decides *which*
+positions (cache-relative, see DESIGN.md section 1); these functions only turn them into angles
+and biases.
+
+RoPE angles are computed in float64 from integer positions, then rounded once to the compute
+dtype. The rotation of a token at position 3,000,000 is therefore as exact as at position 3: no
+angle accumulates error as the stream grows.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def rope_inv_freq(rotary_dim: int, theta: float) -> torch.Tensor:
+    """(rotary_dim/2,) float64 inverse frequencies theta^(-2i/d)."""
+    return 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim))
+
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
+    """cos, sin of shape (*positions.shape, rotary_dim) for integer positions (float64 angles)."""
+    angles = positions.to(torch.float64)[..., None] * inv_freq.to(positions.device)
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first cos.shape[-1] dims of x (..., T, head_dim) in rotate-half form; the rest pass."""
+    rot = cos.shape[-1]
+    if rot == x.shape[-1]:
+        return x * cos + _rotate_half(x) * sin
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    return torch.cat((x_rot * cos + _rotate_half(x_rot) * sin, x_pass), dim=-1)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def alibi_slopes(kind: str, num_heads: int, alibi_bias_max: float = 8.0) -> torch.Tensor:
+    """(num_heads,) float32 slopes, as each family's checkpoint was trained with."""
+    if kind == "mpt":  # MosaicML gen_slopes
+        n = 2 ** math.ceil(math.log2(num_heads))
+        m = torch.arange(1, n + 1, dtype=torch.float32) * (alibi_bias_max / n)
+        slopes = 1.0 / torch.pow(2, m)
+        if n != num_heads:
+            slopes = torch.cat([slopes[1::2], slopes[::2]])[:num_heads]
+        return slopes
+    if kind == "bloom":  # Bloom / Falcon-rw build_alibi_tensor
+        closest = 2 ** math.floor(math.log2(num_heads))
+        base = torch.tensor(2 ** (-(2 ** -(math.log2(closest) - 3))), dtype=torch.float32)
+        slopes = torch.pow(base, torch.arange(1, 1 + closest, dtype=torch.int32))
+        if closest != num_heads:
+            extra_base = torch.tensor(2 ** (-(2 ** -(math.log2(2 * closest) - 3))), dtype=torch.float32)
+            remaining = min(closest, num_heads - closest)
+            extra = torch.pow(extra_base, torch.arange(1, 1 + 2 * remaining, 2, dtype=torch.int32))
+            slopes = torch.cat([slopes, extra])
+        return slopes
+    raise ValueError(f"unknown ALiBi kind {kind!r}")
+
+
+def alibi_bias(kind: str, slopes: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
+               scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """Additive attention bias (1, heads, Tq, Tk) for cache positions q_pos (Tq,) and k_pos (Tq, Tk) or (Tk,).
+
+    The result is added to the *scaled* scores q.k * scale.
+    - "mpt": -slope * (q_pos - k_pos), added after the scale (MosaicML).
+    - "bloom": slope * k_pos, added *before* the 1/sqrt(head_dim) scale, with slope x position
+      rounded to bfloat16 exactly as transformers' Falcon does. Softmax ignores the missing query
+      term, but the rounding depends on k_pos, so k_pos must be the true cache position.
+    """
+    slopes = slopes.to(q_pos.device)[:, None, None]  # (H, 1, 1)
+    if k_pos.dim() == 1:
+        k_pos = k_pos[None, :]
+    if kind == "mpt":
+        dist = (q_pos[:, None] - k_pos).to(torch.float32)  # (Tq, Tk)
+        return (-slopes * dist).to(dtype)[None]
+    # bfloat16 slope times an integer position, rounded to bfloat16, then the model's dtype.
+    bias = (slopes.bfloat16() * k_pos.expand(q_pos.shape[0], -1)).to(dtype)
+    return (bias * scale)[None]

@@ -1,0 +1,86 @@
+"""The slow reference: StreamingLLM exactly as the paper describes it. Read this first.
+
+One token at a time, per layer:
+  1. compute the new token's query, key and value (keys stay un-rotated);
+  2. append the key and value to a plain Python list;
+  3. evict: while the list is longer than S = sinks + window, drop the oldest non-sink entry;
+  4. rotate the L cached keys to positions 0..L-1 and the query to L-1 (RoPE), or bias the scores
+     by those positions (ALiBi), and attend.
+
+Nothing here is fast, and nothing is shared with the engine's attention code (only the weights,
+norms and MLPs): it is the oracle the property tests compare the engine against.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .positions import alibi_bias, alibi_slopes, apply_rope, rope_cos_sin, rope_inv_freq
+
+
+@torch.no_grad()
+def reference_stream(model, input_ids: torch.Tensor, sinks: int, window: int) -> torch.Tensor:
+    """(B, T) ids -> (B, T, vocab) logits, streamed token by token through a list cache."""
+    c = model.config
+    S = sinks + window
+    B, T = input_ids.shape
+    keys = [[] for _ in model.layers]  # per layer: a list of (B, KV, 1, hd) un-rotated keys
+    values = [[] for _ in model.layers]
+    logits = []
+    for t in range(T):
+        x = model.embed(input_ids[:, t : t + 1])
+        for layer, block in enumerate(model.layers):
+            h = block.attn_norm(x)
+            q, k, v = _project(block.attn, h)
+            keys[layer].append(k)
+            values[layer].append(v)
+            if len(keys[layer]) > S:  # evict the oldest token that is not a sink
+                del keys[layer][sinks], values[layer][sinks]
+            a = block.attn.wo(_attend(c, q, keys[layer], values[layer]).transpose(1, 2).reshape(B, 1, -1))
+            if block.parallel:
+                x = x + a + block.mlp(h if block.mlp_norm is None else block.mlp_norm(x))
+            else:
+                x = x + a
+                x = x + block.mlp(block.mlp_norm(x))
+        x = model.norm(x)
+        head = model.embed.weight if model.lm_head is None else model.lm_head.weight
+        out = x @ head.T
+        logits.append(out * c.logit_scale if c.logit_scale is not None else out)
+    return torch.cat(logits, dim=1)
+
+
+def _project(attn, h):
+    c = attn.c
+    B = h.shape[0]
+    qkv = attn.wqkv(h)
+    if c.clip_qkv is not None:
+        qkv = qkv.clamp(-c.clip_qkv, c.clip_qkv)
+    q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
+    return (q.view(B, 1, c.num_heads, c.head_dim).transpose(1, 2),
+            k.view(B, 1, c.num_kv_heads, c.head_dim).transpose(1, 2),
+            v.view(B, 1, c.num_kv_heads, c.head_dim).transpose(1, 2))
+
+
+def _attend(c, q, key_list, value_list):
+    K = torch.cat(key_list, dim=2)  # (B, KV, L, hd), in stream order
+    V = torch.cat(value_list, dim=2)
+    L = K.shape[2]
+    positions = torch.arange(L, device=q.device)  # cache-relative: 0..L-1, the query at L-1
+    groups = c.num_heads // c.num_kv_heads
+    K, V = K.repeat_interleave(groups, dim=1), V.repeat_interleave(groups, dim=1)
+    if c.positions == "rope":
+        inv_freq = rope_inv_freq(c.rotary_dim, c.rope_theta)
+        cos, sin = rope_cos_sin(positions, inv_freq, q.dtype)
+        K = apply_rope(K, cos, sin)
+        q = apply_rope(q, cos[-1:], sin[-1:])
+    scores = (q @ K.transpose(-1, -2)) * c.scale  # (B, H, 1, L)
+    if c.positions == "alibi":
+        slopes = alibi_slopes(c.alibi, c.num_heads, c.alibi_bias_max)
+        scores = scores + alibi_bias(c.alibi, slopes, positions[-1:], positions, c.scale, q.dtype)
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32))  # float32 at least
+    if c.zero_sink:  # SoftMax-off-by-one: exp(s_i) / (1 + sum_j exp(s_j))
+        probs = torch.exp(scores - scores.amax(-1, keepdim=True).clamp(min=0))
+        probs = probs / (probs.sum(-1, keepdim=True) + torch.exp(-scores.amax(-1, keepdim=True).clamp(min=0)))
+    else:
+        probs = torch.softmax(scores, dim=-1)
+    return probs.to(V.dtype) @ V  # (B, H, 1, hd)
