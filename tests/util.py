@@ -1,0 +1,60 @@
+"""Small helpers for the tests: tiny configs for every family variant, random models, errors."""
+
+from __future__ import annotations
+
+import torch
+
+from minillm.config import ModelConfig
+from minillm.model import Model
+
+# Engine-level configs of every variant the property tests cover (sizes are overridden per test).
+VARIANTS: dict[str, dict] = {
+    "llama_mha": dict(family="llama", norm="rmsnorm", norm_bias=False, activation="swiglu"),
+    "llama_gqa": dict(family="llama", norm="rmsnorm", norm_bias=False, activation="swiglu", kv_div=2),
+    "llama_mqa": dict(family="llama", norm="rmsnorm", norm_bias=False, activation="swiglu", kv_div=0),
+    "falcon_7b": dict(family="falcon", activation="gelu", parallel_residual=True, shared_norm=True,
+                      kv_div=0, qkv_layout="split"),
+    "falcon_40b": dict(family="falcon", activation="gelu", parallel_residual=True, kv_div=2,
+                       qkv_layout="grouped"),
+    "falcon_rw": dict(family="falcon", activation="gelu", positions="alibi", alibi="bloom", qkv_bias=True,
+                      out_bias=True, mlp_bias=True, qkv_layout="interleaved"),
+    "mpt": dict(family="mpt", activation="gelu", norm_bias=False, positions="alibi", alibi="mpt"),
+    "gpt_neox_parallel": dict(family="gpt_neox", activation="gelu", parallel_residual=True, partial=0.25,
+                              qkv_bias=True, out_bias=True, mlp_bias=True, qkv_layout="interleaved"),
+    "gpt_neox_sequential": dict(family="gpt_neox", activation="gelu", partial=0.5, qkv_bias=True,
+                                out_bias=True, mlp_bias=True, qkv_layout="interleaved"),
+}
+
+
+def tiny_config(variant: str, *, heads: int = 4, head_dim: int = 8, layers: int = 2, vocab: int = 61,
+                **overrides) -> ModelConfig:
+    spec = dict(VARIANTS[variant])
+    kv_div = spec.pop("kv_div", 1)  # 1: MHA, 0: one KV head, k: heads // k KV heads
+    partial = spec.pop("partial", 1.0)
+    kv = heads if kv_div == 1 else (1 if kv_div == 0 else max(1, heads // kv_div))
+    while heads % kv:
+        kv -= 1
+    fields = dict(vocab_size=vocab, hidden_size=heads * head_dim, num_layers=layers, num_heads=heads,
+                  num_kv_heads=kv, head_dim=head_dim, intermediate_size=2 * heads * head_dim + 4,
+                  max_position_embeddings=256, rotary_dim=max(2, int(head_dim * partial) // 2 * 2))
+    fields.update(spec)
+    fields.update(overrides)
+    return ModelConfig(**fields)
+
+
+def random_model(config: ModelConfig, dtype=torch.float64, seed: int = 0, std: float = 0.3) -> Model:
+    """A model with random weights large enough that attention is far from uniform."""
+    g = torch.Generator().manual_seed(seed)
+    model = Model(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or ".attn_norm." in name or ".mlp_norm." in name:
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(std * torch.randn(p.shape, generator=g))
+    return model.to(dtype).eval()
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    """max|got - want| / max|want|, the project's relative error."""
+    return ((got.double() - want.double()).abs().max() / want.double().abs().max()).item()
