@@ -1,0 +1,323 @@
+"""Text <-> token ids, from a model directory's tokenizer.json or tokenizer.model.
+
+`load_tokenizer("dir/or/hub-id")` returns a `Tokenizer` with the few things the engine needs:
+`encode(text) -> list[int]` (with exactly one BOS when the model has one), `decode(ids) -> str`,
+the BOS/EOS ids, and `StreamDecoder` for printing text while tokens are generated.
+
+Two backends, one interface:
+- `tokenizer.json`  -> the `tokenizers` library (byte-level BPE for GPT-NeoX/Falcon/MPT, and the
+  sentencepiece-converted files of Llama). Preferred when both files exist.
+- `tokenizer.model` -> `sentencepiece` (original Llama releases).
+
+Special ids come, in this order, from generation_config.json (what `generate` uses in
+transformers), tokenizer_config.json (token strings), config.json, and finally the sentencepiece
+model itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from minillm.errors import MiniLLMError
+from minillm.hub import resolve_model_dir
+
+_REPLACEMENT = "\ufffd"  # what decoders print for an incomplete UTF-8 sequence
+
+
+# ----------------------------------------------------------------------------------------------
+# Backends: the minimal surface of each library, so Tokenizer need not know which one it has.
+
+
+class _HFTokenizers:
+    """tokenizer.json through the `tokenizers` library."""
+
+    name = "tokenizers"
+
+    def __init__(self, path: Path):
+        from tokenizers import Tokenizer as _Tk
+
+        try:
+            self.tk = _Tk.from_file(str(path))
+        except Exception as e:  # the Rust side raises a bare Exception for any parse error
+            raise MiniLLMError(f"cannot read tokenizer file {path}: {_first_line(e)}") from None
+        self.vocab_size = self.tk.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, special: bool) -> list[int]:
+        # special=True runs the post-processor, which for Llama files already adds BOS.
+        return self.tk.encode(text, add_special_tokens=special).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tk.decode(ids, skip_special_tokens=False)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.tk.token_to_id(token)
+
+    def default_bos_eos(self) -> tuple[int | None, int | None]:
+        return None, None  # tokenizer.json has no notion of BOS/EOS; the configs say
+
+
+class _SentencePiece:
+    """tokenizer.model through the `sentencepiece` library."""
+
+    name = "sentencepiece"
+
+    def __init__(self, path: Path):
+        import sentencepiece
+
+        try:
+            self.sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+        except Exception as e:  # RuntimeError / OSError from the C++ parser
+            raise MiniLLMError(f"cannot read tokenizer file {path}: {_first_line(e)}") from None
+        self.vocab_size = self.sp.get_piece_size()
+
+    def encode(self, text: str, special: bool) -> list[int]:
+        return self.sp.encode(text)  # never adds BOS/EOS itself (Tokenizer does)
+
+    def decode(self, ids: list[int]) -> str:
+        # Control tokens (<s>, </s>) have no surface text in sentencepiece: they decode to "".
+        return self.sp.decode(ids)
+
+    def token_to_id(self, token: str) -> int | None:
+        i = self.sp.piece_to_id(token)
+        # piece_to_id answers unk_id for unknown pieces; only trust it if it round-trips.
+        return i if self.sp.id_to_piece(i) == token else None
+
+    def default_bos_eos(self) -> tuple[int | None, int | None]:
+        bos, eos = self.sp.bos_id(), self.sp.eos_id()  # -1 when the model has none
+        return (bos if bos >= 0 else None), (eos if eos >= 0 else None)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+class Tokenizer:
+    """A model's tokenizer: encode/decode plus its BOS/EOS ids and chat template.
+
+    Attributes:
+        bos_id: id prepended by `encode(add_bos=True)`, or None if the model has no BOS.
+        eos_id: the (first) end-of-sequence id, or None.
+        eos_ids: every id that ends generation (generation_config.json may list several).
+        vocab_size: number of ids the tokenizer knows (may be < the model's padded vocab).
+        chat_template: the Jinja chat template from tokenizer_config.json, if any.
+        backend: "tokenizers" or "sentencepiece".
+    """
+
+    def __init__(
+        self,
+        backend: _HFTokenizers | _SentencePiece,
+        *,
+        bos_id: int | None,
+        eos_ids: Sequence[int],
+        chat_template: str | None = None,
+    ):
+        self._backend = backend
+        self.backend = backend.name
+        self.vocab_size: int = backend.vocab_size
+        self.bos_id = bos_id
+        self.eos_id: int | None = eos_ids[0] if eos_ids else None
+        self.eos_ids: frozenset[int] = frozenset(eos_ids)
+        self.chat_template = chat_template
+        # Decoding "a" + ids and cutting "a" off renders ids as they would appear mid-text (used by
+        # StreamDecoder, so that e.g. sentencepiece does not strip a word's leading space).
+        self._anchor = backend.encode("a", special=False)
+        self._anchor_text = backend.decode(self._anchor)
+
+    @classmethod
+    def from_dir(cls, model_dir: str | os.PathLike) -> Tokenizer:
+        """Load from a local directory holding tokenizer.json or tokenizer.model (+ configs)."""
+        d = Path(model_dir)
+        if (d / "tokenizer.json").is_file():
+            backend: _HFTokenizers | _SentencePiece = _HFTokenizers(d / "tokenizer.json")
+        elif (d / "tokenizer.model").is_file():
+            backend = _SentencePiece(d / "tokenizer.model")
+        else:
+            raise MiniLLMError(f"no tokenizer.json or tokenizer.model in {d}")
+        gen_cfg = _read_json(d / "generation_config.json")
+        tok_cfg = _read_json(d / "tokenizer_config.json")
+        model_cfg = _read_json(d / "config.json")
+        bos, eos = _special_ids(backend, gen_cfg, tok_cfg, model_cfg, d)
+        return cls(backend, bos_id=bos, eos_ids=eos, chat_template=_chat_template(tok_cfg))
+
+    def __repr__(self) -> str:
+        return (
+            f"Tokenizer(backend={self.backend!r}, vocab_size={self.vocab_size}, "
+            f"bos_id={self.bos_id}, eos_ids={sorted(self.eos_ids)})"
+        )
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        """Token ids of `text`, starting with exactly one BOS if `add_bos` and the model has one.
+
+        `encode("")` is `[bos_id]` (or `[]`); callers decide what an empty prompt means.
+        """
+        if not isinstance(text, str):
+            raise MiniLLMError(f"encode expects a str, got {type(text).__name__}")
+        # With add_bos, let the tokenizer's own post-processor run (Llama's tokenizer.json adds
+        # <s> there), then add BOS only if it did not: never zero, never two.
+        ids = self._backend.encode(text, special=add_bos)
+        if add_bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
+            ids = [self.bos_id, *ids]
+        return ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of `ids` (a list, tuple, or 1-D tensor). Special tokens are not skipped."""
+        try:
+            ids = [int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]
+        except TypeError:
+            raise MiniLLMError("decode expects a flat sequence of token ids") from None
+        for i in ids:
+            if not 0 <= i < self.vocab_size:
+                raise MiniLLMError(
+                    f"token id {i} is out of range for a vocabulary of {self.vocab_size}"
+                )
+        return self._backend.decode(ids)
+
+    def decoder(self, *, start_of_text: bool = True) -> StreamDecoder:
+        """A fresh StreamDecoder over this tokenizer (see there)."""
+        return StreamDecoder(self, start_of_text=start_of_text)
+
+    def _decode_mid_text(self, ids: list[int]) -> str:
+        """Text of `ids` as it reads in the middle of a longer text (no leading-space strip)."""
+        text = self.decode(self._anchor + ids)
+        if self._anchor and text.startswith(self._anchor_text):
+            return text[len(self._anchor_text) :]
+        return self.decode(ids)  # a decoder where the anchor trick does not apply
+
+
+class StreamDecoder:
+    """Turns generated ids into text, one id at a time.
+
+    `push(id)` returns the text that id completes (often "", e.g. while a multi-byte UTF-8
+    character is split over several byte-level tokens); `flush()` returns whatever is held back.
+    Whenever the ids spell valid UTF-8 (any text, with special ids between characters),
+    `"".join(d.push(i) for i in ids) + d.flush() == tok.decode(ids)` exactly. (An invalid byte
+    run, which a model can sample, may come out with a different number of U+FFFD.)
+
+    How: ids not yet printed are kept in `pending` and decoded together; their text is printed
+    once it does not end in U+FFFD (an unfinished character). After the first printed text, ids
+    are decoded "mid-text" (behind an anchor token), so a sentencepiece word keeps its leading
+    space, while the very first word loses it exactly as `decode` does. Each push decodes at most
+    `MAX_PENDING` + 1 ids, so the cost per token is O(1) however long generation runs.
+
+    With `start_of_text=False` the first id is already rendered mid-text, as a continuation of a
+    prompt (" Hello" rather than "Hello").
+    """
+
+    MAX_PENDING = 16  # a UTF-8 character is <= 4 bytes; past this the U+FFFD is real: print it
+
+    def __init__(self, tokenizer: Tokenizer, *, start_of_text: bool = True):
+        self.tokenizer = tokenizer
+        self.pending: list[int] = []
+        self._started = not start_of_text  # has any text been printed yet?
+
+    def push(self, token_id: int) -> str:
+        """Add one id; return the newly completed text (possibly "")."""
+        self.pending.append(int(token_id))
+        tok = self.tokenizer
+        text = tok._decode_mid_text(self.pending) if self._started else tok.decode(self.pending)
+        if len(self.pending) < self.MAX_PENDING:
+            if text.endswith(_REPLACEMENT):
+                return ""  # wait for the rest of the character
+            if not self._started and not text:
+                # Nothing visible yet (e.g. sentencepiece strips leading spaces): keep decoding
+                # from the start of the text so the strip matches `decode`.
+                return ""
+        self.pending.clear()
+        self._started = True
+        return text
+
+    def flush(self) -> str:
+        """Return the held-back text (U+FFFD for an unfinished character); call at the end."""
+        if not self.pending:
+            return ""
+        tok = self.tokenizer
+        text = tok._decode_mid_text(self.pending) if self._started else tok.decode(self.pending)
+        self.pending.clear()
+        self._started = True
+        return text
+
+
+def load_tokenizer(name_or_path: str | os.PathLike) -> Tokenizer:
+    """The tokenizer of a local model directory or a hub repo id (fetched into the hub cache)."""
+    return Tokenizer.from_dir(resolve_model_dir(name_or_path))
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading the configs.
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from `path`, {} if the file is absent."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MiniLLMError(f"cannot read {path}: {_first_line(e)}") from None
+    if not isinstance(data, dict):
+        raise MiniLLMError(f"cannot read {path}: expected a JSON object")
+    return data
+
+
+def _special_ids(
+    backend: _HFTokenizers | _SentencePiece,
+    gen_cfg: dict[str, Any],
+    tok_cfg: dict[str, Any],
+    model_cfg: dict[str, Any],
+    d: Path,
+) -> tuple[int | None, list[int]]:
+    """(bos_id, eos_ids) from the first source that defines each one."""
+    sp_bos, sp_eos = backend.default_bos_eos()
+
+    def ids(value: Any, where: str) -> list[int]:
+        # An id, a list of ids, or None; every id must exist in the vocabulary.
+        if value is None:
+            return []
+        values = value if isinstance(value, list) else [value]
+        for v in values:
+            if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < backend.vocab_size:
+                raise MiniLLMError(
+                    f"{d / where}: special token id {v!r} is not in the vocabulary "
+                    f"(size {backend.vocab_size})"
+                )
+        return list(dict.fromkeys(values))  # dedupe, keep order
+
+    def token(value: Any) -> list[int]:
+        # tokenizer_config.json gives strings, or AddedToken dicts {"content": ...}. A token the
+        # vocabulary lacks is skipped (falls through to the next source).
+        if isinstance(value, dict):
+            value = value.get("content")
+        if not isinstance(value, str):
+            return []
+        i = backend.token_to_id(value)
+        return [] if i is None else [i]
+
+    def first(key: str, sp_default: int | None) -> list[int]:
+        sources = (  # lazily, so a bad fallback is not an error when an earlier source answers
+            lambda: ids(gen_cfg.get(f"{key}_token_id"), "generation_config.json"),
+            lambda: token(tok_cfg.get(f"{key}_token")),
+            lambda: ids(model_cfg.get(f"{key}_token_id"), "config.json"),
+        )
+        for source in sources:
+            if found := source():
+                return found
+        return [] if sp_default is None else [sp_default]
+
+    bos = first("bos", sp_bos)
+    return (bos[0] if bos else None), first("eos", sp_eos)
+
+
+def _chat_template(tok_cfg: dict[str, Any]) -> str | None:
+    t = tok_cfg.get("chat_template")
+    if isinstance(t, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+        named = {x.get("name"): x.get("template") for x in t if isinstance(x, dict)}
+        t = named.get("default")
+    return t if isinstance(t, str) else None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
