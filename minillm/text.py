@@ -1,0 +1,73 @@
+"""Reading text files for `ppl`, `attn` and prompts: UTF-8 (BOM or not), any line ends, Gutenberg.
+
+Project Gutenberg books (the corpus, PG19) wrap the text in a licence header and footer between
+the lines `*** START OF ... ***` and `*** END OF ... ***`; `strip_gutenberg` keeps what lies
+between them, so perplexity is measured on the book and not on the licence. Line ends are
+normalised to "\\n", so a CRLF file and its LF copy give the same tokens.
+
+Every failure is a one-line MiniLLMError naming the file: missing, a directory, unreadable, not
+UTF-8 (with the offending byte and its offset), or empty.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from .errors import MiniLLMError
+
+# "*** START OF THE PROJECT GUTENBERG EBOOK ..." / "*** START OF THIS PROJECT GUTENBERG EBOOK ...".
+# ("*** START: FULL LICENSE ***" in the footer does not match: no "OF".)
+_START = re.compile(r"^\*{3}\s*START OF\b.*$", re.IGNORECASE | re.MULTILINE)
+_END = re.compile(r"^\*{3}\s*END OF\b.*$", re.IGNORECASE | re.MULTILINE)
+# Older files also close the book with a plain line just above the END marker.
+_END_LINE = re.compile(r"\n[ \t]*End of (the )?Project Gutenberg\b[^\n]*\s*$", re.IGNORECASE)
+
+
+def strip_gutenberg(text: str) -> str:
+    """The text between the Gutenberg START and END marker lines (each optional), trimmed; an
+    "End of the Project Gutenberg EBook ..." line just above the END marker goes too."""
+    start = _START.search(text)
+    if start:
+        text = text[start.end():]
+    end = _END.search(text)
+    if end:
+        text = _END_LINE.sub("", text[: end.start()])
+    return text.strip()
+
+
+def read_text(path: str | os.PathLike, *, gutenberg: bool = True) -> str:
+    """The contents of a UTF-8 text file, BOM dropped, line ends as "\\n", Gutenberg boilerplate
+    stripped (when `gutenberg`). Raises MiniLLMError if it cannot be read or holds no text."""
+    p = Path(path)
+    if not p.exists():
+        raise MiniLLMError(f"no such file: {path}")
+    if p.is_dir():
+        raise MiniLLMError(f"{path} is a directory, not a text file")
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise MiniLLMError(f"cannot read {path}: {e.strerror or e}") from None
+    try:
+        text = data.decode("utf-8-sig")  # utf-8-sig drops a leading byte-order mark
+    except UnicodeDecodeError as e:
+        raise MiniLLMError(f"{path} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start} "
+                           f"cannot be decoded)") from None
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    raw_empty = not text.strip()
+    if gutenberg:
+        text = strip_gutenberg(text)
+    if not text.strip():
+        why = "empty" if raw_empty else "no text between the Gutenberg START/END markers"
+        raise MiniLLMError(f"{path} has no text ({why})")
+    return text
+
+
+def read_texts(paths, *, gutenberg: bool = True) -> str:
+    """Several files read with `read_text` and concatenated (as the paper concatenates PG19 books),
+    separated by a blank line."""
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    if not paths:
+        raise MiniLLMError("no text file given")
+    return "\n\n".join(read_text(p, gutenberg=gutenberg) for p in paths)
