@@ -1,0 +1,243 @@
+"""Streaming generation: sampling, the token generator, and a multi-turn chat over one cache.
+
+    for token in minillm.generate(model, tok.encode("Once upon a time"), max_new_tokens=50):
+        ...
+
+`generate` prefills the prompt through the fixed-shape sink+window cache (a prompt longer than
+the cache is windowed exactly, DESIGN.md §1), then decodes one token per step. Nothing grows
+with the number of generated tokens: the cache is allocated once and no token list is kept, so
+`max_new_tokens=None` can run forever in constant memory.
+
+`ChatSession` keeps one cache for a whole conversation, like the paper's MT-Bench demo: each turn
+feeds only the new text (rendered with the checkpoint's chat template, or a plain
+`USER: ... ASSISTANT:` format) and generates the reply on top of everything before it.
+
+`sink_prefix` / `stream_tensor` are the one place that knows about a checkpoint's dedicated sink
+token (the paper's §3.3): it is prepended to every stream, before BOS, and never scored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+
+import torch
+
+from .errors import MiniLLMError
+
+
+def sink_prefix(config) -> list[int]:
+    """The ids to put in front of every stream: the checkpoint's sink token, if it has one."""
+    return [] if config.sink_token_id is None else [int(config.sink_token_id)]
+
+
+def stream_tensor(model, ids: Sequence[int] | torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(1, L) int64 tensor on the model's device: sink prefix + ids; and the prefix length."""
+    if isinstance(ids, torch.Tensor):
+        if ids.dim() == 2 and ids.shape[0] == 1:
+            ids = ids[0]
+        if ids.dim() != 1:
+            raise MiniLLMError(f"ids must be a 1-D sequence of token ids, got shape {tuple(ids.shape)}")
+        ids = ids.tolist()
+    prefix = sink_prefix(model.config)
+    ids = prefix + [int(i) for i in ids]
+    bad = [i for i in ids if not 0 <= i < model.config.vocab_size]
+    if bad:
+        raise MiniLLMError(f"token id {bad[0]} is out of range for the model's vocabulary of "
+                           f"{model.config.vocab_size}")
+    return torch.tensor([ids], dtype=torch.long, device=model.device), len(prefix)
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    if not temperature >= 0:  # also refuses NaN
+        raise MiniLLMError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
+        raise MiniLLMError(f"top_k must be an integer >= 0 (0 or None: off), got {top_k!r}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise MiniLLMError(f"top_p must be in (0, 1], got {top_p}")
+
+
+def sample(logits: torch.Tensor, *, temperature: float = 0.8, top_k: int | None = None,
+           top_p: float | None = 0.95, generator: torch.Generator | None = None,
+           vocab_size: int | None = None) -> int:
+    """One token id from a (V,) row of logits.
+
+    temperature 0 is greedy (argmax). Otherwise softmax(logits / temperature), restricted to the
+    `top_k` most likely ids and then to the smallest set whose probability reaches `top_p`.
+    Ids >= `vocab_size` (padding rows of a model vocabulary larger than its tokenizer's) are
+    never produced.
+    """
+    logits = logits.float()
+    if vocab_size is not None and vocab_size < logits.shape[-1]:
+        logits = logits[:vocab_size]  # ids past the tokenizer's vocabulary cannot be decoded
+    if temperature == 0:
+        return int(torch.argmax(logits))
+    logits = logits / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if top_p is not None and top_p < 1:
+        sorted_p, order = torch.sort(probs, descending=True)
+        # Drop a token when the more likely ones already reach top_p (the first is always kept).
+        drop = (torch.cumsum(sorted_p, dim=-1) - sorted_p) >= top_p
+        probs = probs.scatter(0, order, sorted_p.masked_fill(drop, 0.0))
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def generate(model, prompt_ids: Sequence[int] | torch.Tensor, *, max_new_tokens: int | None = 256,
+             temperature: float = 0.8, top_k: int | None = None, top_p: float | None = 0.95,
+             seed: int = 0, sinks: int = 4, window: int = 1020, eos_ids: Iterable[int] = (),
+             ignore_eos: bool = False, vocab_size: int | None = None, cache=None,
+             generator: torch.Generator | None = None) -> Iterator[int]:
+    """Yield generated token ids, one at a time, streaming through a fixed sink+window cache.
+
+    - `max_new_tokens=None` generates until an EOS id (or forever with `ignore_eos`).
+    - An id in `eos_ids` is yielded, then generation stops (unless `ignore_eos`).
+    - `cache`: continue an existing stream (a chat); by default a new `model.new_cache(1, sinks,
+      window)`. The sink token (if the checkpoint has one) is prepended when the cache is empty.
+    - The last yielded id is not fed to the cache (nothing needs its logits); a caller continuing
+      the stream must feed it first (ChatSession does).
+    - Sampling draws from `generator`, or from a new one seeded with `seed`.
+    """
+    check_sampling(temperature, top_k, top_p)
+    if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or max_new_tokens < 0):
+        raise MiniLLMError(f"max_new_tokens must be >= 0 or None, got {max_new_tokens!r}")
+    if cache is None:
+        cache = model.new_cache(batch_size=1, sinks=sinks, window=window)
+    ids, _ = stream_tensor(model, prompt_ids)
+    if cache.tokens_seen:  # continuing a stream: the sink token is already at its start
+        ids = ids[:, len(sink_prefix(model.config)):]
+    if ids.shape[1] == 0:
+        raise MiniLLMError("the prompt is empty (no token ids to start from)")
+    if generator is None:
+        generator = torch.Generator(device=model.device).manual_seed(seed)
+    eos = frozenset() if ignore_eos else frozenset(int(i) for i in eos_ids)
+    limit = vocab_size
+    with torch.no_grad():  # per call, not around the yields: grad mode is thread state
+        logits = model(ids, cache=cache)[0, -1]
+    step = torch.empty((1, 1), dtype=torch.long, device=model.device)  # reused every step
+    n = 0
+    while max_new_tokens is None or n < max_new_tokens:
+        token = sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
+                       vocab_size=limit)
+        n += 1
+        yield token
+        if token in eos or (max_new_tokens is not None and n >= max_new_tokens):
+            return
+        step.fill_(token)
+        with torch.no_grad():
+            logits = model(step, cache=cache)[0, -1]
+
+
+# ----------------------------------------------------------------------------------------------
+# Chat
+
+
+PLAIN_FIRST = "USER: {text}\nASSISTANT:"
+PLAIN_NEXT = "\nUSER: {text}\nASSISTANT:"
+
+
+def render_chat_template(template: str, messages: list[dict], *, add_generation_prompt: bool,
+                         bos_token: str = "", eos_token: str = "") -> str:
+    """Render a Hugging Face chat template (Jinja) the way transformers does: sandboxed,
+    trim_blocks/lstrip_blocks, with `raise_exception` available to the template."""
+    try:
+        import jinja2
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    except ImportError:  # pragma: no cover - jinja2 is a declared dependency
+        raise MiniLLMError("the chat template needs jinja2 (pip install jinja2)") from None
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    try:
+        return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                                bos_token=bos_token, eos_token=eos_token)
+    except jinja2.TemplateError as e:
+        raise MiniLLMError(f"the checkpoint's chat template failed: {e}") from None
+
+
+class ChatSession:
+    """A conversation over one persistent streaming cache.
+
+    `turn(text)` feeds the user's turn and yields the reply as text pieces (incrementally
+    detokenized). Only the new text is fed each turn: with a chat template, the conversation is
+    rendered and the part beyond what was already fed is taken (only the last exchange is
+    rendered, so a turn costs the same however long the conversation is); if the template does
+    not extend its own earlier output, the turn is rendered on its own.
+    """
+
+    def __init__(self, model, tokenizer, *, sinks: int = 4, window: int = 1020,
+                 max_new_tokens: int | None = 256, temperature: float = 0.8, top_k: int | None = None,
+                 top_p: float | None = 0.95, seed: int = 0, ignore_eos: bool = False,
+                 use_template: bool = True):
+        check_sampling(temperature, top_k, top_p)
+        self.model, self.tok = model, tokenizer
+        self.cache = model.new_cache(batch_size=1, sinks=sinks, window=window)
+        self.sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                             ignore_eos=ignore_eos, eos_ids=tokenizer.eos_ids, vocab_size=tokenizer.vocab_size)
+        self.generator = torch.Generator(device=model.device).manual_seed(seed)
+        self.template = tokenizer.chat_template if use_template else None
+        self.bos_text = self._token_text(tokenizer.bos_id)
+        self.eos_text = self._token_text(tokenizer.eos_id)
+        self.last_exchange: list[dict] = []  # [user, assistant] of the previous turn (template mode)
+        self.last_rendered = ""  # what that user turn rendered to, generation prompt included
+        self.unfed: int | None = None  # the reply's last token: generated but not yet in the cache
+        self.turns = 0
+
+    def _token_text(self, token_id: int | None) -> str:
+        return "" if token_id is None else self.tok.decode([token_id])
+
+    def _render(self, messages: list[dict]) -> str:
+        return render_chat_template(self.template, messages, add_generation_prompt=True,
+                                    bos_token=self.bos_text, eos_token=self.eos_text)
+
+    def _new_ids(self, text: str) -> list[int]:
+        """The ids to feed for a new user turn (after the previous reply)."""
+        first = self.turns == 0
+        ids: list[int] = []
+        ended_with_eos = self.unfed is not None and self.unfed in self.tok.eos_ids
+        if self.unfed is not None:
+            ids.append(self.unfed)
+        if self.template is None:
+            return ids + self.tok.encode((PLAIN_FIRST if first else PLAIN_NEXT).format(text=text), add_bos=first)
+        user = {"role": "user", "content": text}
+        rendered = self._render(self.last_exchange + [user])
+        delta = None
+        if not first:
+            seen = self.last_rendered + self.last_exchange[1]["content"]
+            if rendered.startswith(seen):
+                delta = rendered[len(seen):]  # closes the reply, then the new turn
+                if ended_with_eos and self.eos_text and delta.startswith(self.eos_text):
+                    delta = delta[len(self.eos_text):]  # the EOS id was generated and is fed above
+        if delta is None:  # first turn, or a template that does not extend itself: this turn alone
+            delta = self._render([user])
+            if self.bos_text and delta.startswith(self.bos_text):
+                delta = delta[len(self.bos_text):]  # BOS goes in as its id (add_bos), once
+        self.last_rendered = self._render([user])
+        return ids + self.tok.encode(delta, add_bos=first)
+
+    def turn(self, text: str) -> Iterator[str]:
+        """Feed the user's `text`; yield the reply's text as it is generated."""
+        ids = self._new_ids(text)
+        decoder = self.tok.decoder(start_of_text=False)
+        pieces: list[str] = []
+        self.unfed = None
+        for token in generate(self.model, ids, cache=self.cache, generator=self.generator, **self.sampling):
+            self.unfed = token
+            if token in self.tok.eos_ids and not self.sampling["ignore_eos"]:
+                break
+            piece = decoder.push(token)
+            if piece:
+                pieces.append(piece)
+                yield piece
+        tail = decoder.flush()
+        if tail:
+            pieces.append(tail)
+            yield tail
+        if self.template:
+            self.last_exchange = [{"role": "user", "content": text},
+                                  {"role": "assistant", "content": "".join(pieces)}]
+        self.turns += 1

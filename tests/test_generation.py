@@ -1,0 +1,212 @@
+"""Sampling, streaming generation (prefill + decode through the fixed cache), and the chat loop."""
+
+import itertools
+import json
+import shutil
+
+import pytest
+import torch
+
+import minillm
+from minillm.errors import MiniLLMError
+from minillm.generation import ChatSession, generate, render_chat_template, sample, stream_tensor
+from minillm.reference import reference_stream
+from tiny_ckpt import tiny_checkpoint  # noqa: F401  (fixture)
+from util import random_model, tiny_config
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: a second thread only adds synchronisation
+    yield
+    torch.set_num_threads(n)
+
+
+# ------------------------------------------------------------------------------------------------
+# sample
+
+
+def test_greedy_and_degenerate_filters_are_argmax():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(50, generator=g)
+    best = int(logits.argmax())
+    assert sample(logits, temperature=0) == best
+    for _ in range(5):
+        assert sample(logits, temperature=1.0, top_k=1, top_p=None, generator=g) == best
+        assert sample(logits, temperature=1.0, top_p=1e-6, generator=g) == best
+
+
+def test_top_k_top_p_and_vocab_limit():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.tensor([5.0, 4.0, 3.0, 0.0, -1.0, 9.0])  # id 5 is padding past the tokenizer
+    draws = [sample(logits, temperature=1.0, top_k=2, top_p=None, generator=g, vocab_size=5) for _ in range(200)]
+    assert set(draws) == {0, 1}
+    assert sample(logits, temperature=0, vocab_size=5) == 0
+    # top_p: p = softmax([5, 4, 3, 0, -1]) = .66, .24, .09, ...: 0.8 keeps {0, 1}, 0.95 keeps {0, 1, 2}
+    assert {sample(logits, top_p=0.8, temperature=1.0, generator=g, vocab_size=5) for _ in range(200)} == {0, 1}
+    assert {sample(logits, top_p=0.95, temperature=1.0, generator=g, vocab_size=5) for _ in range(300)} == {0, 1, 2}
+
+
+def test_sampling_is_seeded_and_follows_the_distribution():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.2]))
+    draws = [sample(logits, temperature=1.0, top_p=None, generator=torch.Generator().manual_seed(3)) for _ in range(3)]
+    assert len(set(draws)) == 1  # same seed, same draw
+    g = torch.Generator().manual_seed(4)
+    counts = torch.bincount(torch.tensor([sample(logits, temperature=1.0, top_p=None, generator=g)
+                                          for _ in range(3000)]), minlength=3) / 3000
+    assert torch.allclose(counts, torch.tensor([0.5, 0.3, 0.2]), atol=0.04)
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(temperature=-1), "temperature"), (dict(temperature=float("nan")), "temperature"),
+    (dict(top_k=-2), "top_k"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
+    (dict(max_new_tokens=-1), "max_new_tokens"),
+])
+def test_bad_sampling_arguments(kw, message):
+    model = random_model(tiny_config("llama_gqa"), dtype=torch.float32)
+    with pytest.raises(MiniLLMError, match=message):
+        next(generate(model, [1, 2], **kw))
+
+
+# ------------------------------------------------------------------------------------------------
+# generate
+
+
+@pytest.mark.parametrize("variant", ["llama_gqa", "mpt"])
+def test_greedy_generation_follows_the_reference_stream(variant):
+    """Every greedy token is the argmax of the paper's reference at that point, far past the cache."""
+    model = random_model(tiny_config(variant), dtype=torch.float64, seed=2)
+    prompt = torch.randint(0, 61, (25,), generator=torch.Generator().manual_seed(2)).tolist()
+    out = list(generate(model, prompt, max_new_tokens=40, temperature=0, sinks=2, window=10))
+    assert len(out) == 40
+    ref = reference_stream(model, torch.tensor([prompt + out]), 2, 10)[0]
+    assert ref[len(prompt) - 1 : -1].argmax(-1).tolist() == out
+
+
+def test_stops_at_eos_unless_ignored():
+    model = random_model(tiny_config("llama_gqa"), dtype=torch.float32, seed=3)
+    free = list(generate(model, [1, 2, 3], max_new_tokens=30, temperature=0))
+    eos = free[4]
+    stopped = list(generate(model, [1, 2, 3], max_new_tokens=30, temperature=0, eos_ids={eos}))
+    assert stopped == free[: free.index(eos) + 1]  # the EOS id is yielded, then it stops
+    assert list(generate(model, [1, 2, 3], max_new_tokens=30, temperature=0, eos_ids={eos}, ignore_eos=True)) == free
+    assert list(generate(model, [1, 2, 3], max_new_tokens=0)) == []
+
+
+def test_endless_generation_has_constant_memory():
+    model = random_model(tiny_config("falcon_40b"), dtype=torch.float32, seed=4)
+    cache = model.new_cache(sinks=4, window=12)
+    ptr, shape = cache.k.data_ptr(), cache.k.shape
+    gen = generate(model, [5, 6, 7], max_new_tokens=None, cache=cache, seed=1)
+    assert len(list(itertools.islice(gen, 300))) == 300
+    assert cache.tokens_seen == 3 + 299  # the last yielded token is not fed yet
+    assert cache.k.data_ptr() == ptr and cache.k.shape == shape
+
+
+def test_prompt_longer_than_the_cache_and_sink_token():
+    model = random_model(tiny_config("gpt_neox_parallel", sink_token_id=9), dtype=torch.float64, seed=5)
+    prompt = list(range(10, 60))  # 50 tokens through a cache of 8
+    out = list(generate(model, prompt, max_new_tokens=10, temperature=0, sinks=2, window=6))
+    ref = reference_stream(model, torch.tensor([[9] + prompt + out]), 2, 6)[0]
+    assert ref[len(prompt) : -1].argmax(-1).tolist() == out
+    ids, n = stream_tensor(model, prompt)
+    assert n == 1 and ids[0, 0].item() == 9
+
+
+def test_empty_prompt_is_an_error():
+    model = random_model(tiny_config("llama_gqa"), dtype=torch.float32)
+    with pytest.raises(MiniLLMError, match="prompt is empty"):
+        next(generate(model, []))
+    with pytest.raises(MiniLLMError, match="out of range"):
+        next(generate(model, [61]))
+
+
+# ------------------------------------------------------------------------------------------------
+# chat
+
+
+class Scripted:
+    """A stand-in model whose greedy choice follows a script, recording every id it is fed."""
+
+    def __init__(self, vocab: int, script: list[int]):
+        self.config = tiny_config("llama_gqa", vocab=vocab)
+        self.device = torch.device("cpu")
+        self.script = iter(script)
+        self.fed: list[int] = []
+
+    def new_cache(self, batch_size=1, sinks=4, window=1020):
+        return minillm.SinkCache(num_layers=1, batch_size=1, num_kv_heads=1, head_dim=2, sinks=sinks,
+                                 window=window, dtype=torch.float32, device="cpu", owner_id=0,
+                                 keep_raw_sinks=False)
+
+    def __call__(self, ids, cache):
+        self.fed += ids[0].tolist()
+        cache.tokens_seen += ids.shape[1]
+        logits = torch.zeros(1, ids.shape[1], self.config.vocab_size)
+        logits[0, -1, next(self.script)] = 1.0  # scripts end with EOS
+        return logits
+
+
+TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{{ eos_token }}\n{% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def test_chat_template_feeds_exactly_the_rendered_conversation(tiny_checkpoint, tmp_path):
+    d = tmp_path / "chat"
+    shutil.copytree(tiny_checkpoint, d)
+    (d / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>",
+                                                        "chat_template": TEMPLATE}))
+    tok = minillm.load_tokenizer(d)
+    reply1 = tok.encode(" the sea", add_bos=False) + [tok.eos_id]  # ends with EOS
+    reply2 = tok.encode(" a whale and", add_bos=False)  # cut by max_new_tokens
+    model = Scripted(tok.vocab_size, reply1 + reply2 + [tok.eos_id])
+    chat = ChatSession(model, tok, max_new_tokens=len(reply2), temperature=0)
+    assert "".join(chat.turn("Hello")) == " the sea"
+    assert "".join(chat.turn("More?")) == " a whale and"
+    list(chat.turn("Bye"))
+    messages = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": " the sea"},
+                {"role": "user", "content": "More?"}, {"role": "assistant", "content": " a whale and"},
+                {"role": "user", "content": "Bye"}]
+    want = render_chat_template(TEMPLATE, messages, add_generation_prompt=True, bos_token="<s>", eos_token="</s>")
+    assert tok.decode(model.fed) == want
+    assert model.fed[0] == tok.bos_id and model.fed.count(tok.bos_id) == 1
+    assert chat.cache.tokens_seen == len(model.fed)
+
+
+def test_chat_template_that_does_not_extend_itself_is_rendered_per_turn(tiny_checkpoint, tmp_path):
+    d = tmp_path / "last-only"
+    shutil.copytree(tiny_checkpoint, d)
+    last_only = "{{ bos_token }}[{{ messages[-1].content }}]{% if add_generation_prompt %} =>{% endif %}"
+    (d / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>",
+                                                        "chat_template": last_only}))
+    tok = minillm.load_tokenizer(d)
+    model = Scripted(tok.vocab_size, tok.encode(" yes", add_bos=False) + [tok.eos_id] * 2)
+    chat = ChatSession(model, tok, temperature=0)
+    assert "".join(chat.turn("one")) == " yes"
+    list(chat.turn("two"))
+    assert tok.decode(model.fed) == "<s>[one] => yes</s>[two] =>"
+
+
+def test_plain_chat_format(tiny_checkpoint):
+    tok = minillm.load_tokenizer(tiny_checkpoint)
+    model = Scripted(tok.vocab_size, tok.encode(" hi", add_bos=False) + [tok.eos_id] * 2)
+    chat = ChatSession(model, tok, temperature=0)
+    assert "".join(chat.turn("a")) == " hi"
+    list(chat.turn("b"))
+    assert tok.decode(model.fed) == "<s>USER: a\nASSISTANT: hi</s>\nUSER: b\nASSISTANT:"
+
+
+def test_long_conversation_over_a_small_cache(tiny_checkpoint):
+    """One turn longer than S, and many turns: the cache keeps its shape and nothing fails."""
+    model = minillm.load(tiny_checkpoint)
+    tok = minillm.load_tokenizer(tiny_checkpoint)
+    chat = ChatSession(model, tok, sinks=2, window=30, max_new_tokens=8, seed=1)
+    ptr = chat.cache.k.data_ptr()
+    long_turn = "the whale and the sea " * 20
+    assert len(tok.encode(long_turn)) > 3 * chat.cache.capacity
+    list(chat.turn(long_turn))
+    for i in range(5):
+        list(chat.turn(f"turn {i}"))
+    assert chat.turns == 6 and chat.cache.tokens_seen > 5 * chat.cache.capacity
+    assert chat.cache.k.data_ptr() == ptr
