@@ -1,0 +1,293 @@
+"""End-to-end tests of `python -m minillm generate|chat|ppl|attn` on a tiny checkpoint built here.
+
+Each subcommand runs in a subprocess, as a user runs it: its output is checked against the library
+computed in-process, and every bad input must give one line on stderr, exit code 2, no traceback.
+Ctrl-C is a real SIGINT.
+"""
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import minillm
+from minillm import cli
+from minillm.evaluate import perplexity
+from minillm.generation import generate
+from minillm.text import read_text, read_texts
+from tiny_ckpt import tiny_checkpoint, training_text  # noqa: F401  (fixture)
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+       "HF_HUB_OFFLINE": "1", "PYTHONIOENCODING": "utf-8"}
+CMD = [sys.executable, "-m", "minillm"]
+
+
+def run(*args, input=None, timeout=180):
+    return subprocess.run([*CMD, *map(str, args)], capture_output=True, text=True, env=ENV, input=input,
+                          timeout=timeout, encoding="utf-8", errors="replace")
+
+
+def no_traceback(p):
+    assert "Traceback" not in p.stderr, p.stderr
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: a second thread only adds synchronisation
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, tiny_checkpoint):
+    d = tmp_path_factory.mktemp("cli")
+    book = ("Header\r\n*** START OF THIS PROJECT GUTENBERG EBOOK TEST ***\r\n" + training_text(20_000, seed=1)
+            .replace("\n", "\r\n") + "\r\n*** END OF THIS PROJECT GUTENBERG EBOOK TEST ***\r\nLicence\r\n")
+    (d / "book.txt").write_bytes(b"\xef\xbb\xbf" + book.encode())
+    (d / "big.txt").write_text(training_text(300_000, seed=2), encoding="utf-8")
+    (d / "prompt.txt").write_text("The whale and the sea", encoding="utf-8")
+    (d / "latin1.txt").write_bytes("café au lait".encode("latin-1"))
+    (d / "empty.txt").write_bytes(b"")
+    (d / "a.txt").write_text("a", encoding="utf-8")
+    (d / "turns.jsonl").write_text("\n".join(json.dumps({"turn": t}) for t in [
+        "Hello there", "the whale and the sea " * 30, "What next?"]) + "\n", encoding="utf-8")
+    (d / "bad.jsonl").write_text('{"turn": "ok"}\n{"turn": \n', encoding="utf-8")
+    nobos = d / "nobos"  # a checkpoint whose tokenizer adds no BOS: "a" is one token
+    shutil.copytree(tiny_checkpoint, nobos)
+    (nobos / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
+    (nobos / "generation_config.json").write_text(json.dumps({"eos_token_id": 1}))
+    broken = d / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    return d
+
+
+# ------------------------------------------------------------------------------------------------
+# generate
+
+
+def test_generate_matches_the_library(tiny_checkpoint, files):
+    p = run("generate", tiny_checkpoint, "--prompt-file", files / "prompt.txt", "--temperature", "0",
+            "--max-new-tokens", 20, "--cache-size", 300, "--sinks", 2, "--threads", 1)
+    assert p.returncode == 0, p.stderr
+    model, tok = minillm.load(tiny_checkpoint), minillm.load_tokenizer(tiny_checkpoint)
+    dec = tok.decoder(start_of_text=False)
+    tokens = [t for t in generate(model, tok.encode("The whale and the sea"), max_new_tokens=20, temperature=0,
+                                  sinks=2, window=298, eos_ids=tok.eos_ids, vocab_size=tok.vocab_size)]
+    tokens = tokens[:-1] if tokens[-1] in tok.eos_ids else tokens
+    assert p.stdout == "".join(dec.push(t) for t in tokens) + dec.flush() + "\n"
+    warning, stats = p.stderr.strip().splitlines()
+    assert warning.startswith("minillm: warning: --cache-size 300 exceeds the checkpoint's trained context (256")
+    assert stats.startswith(f"minillm: {len(tokens)} tokens in ") and stats.endswith("cache 2+298")
+
+
+def interrupt_after(args, pattern: str, stream: str, timeout: float = 120):
+    """Start minillm, wait until `pattern` (a regex) shows on stdout/stderr, send SIGINT, return
+    (rc, out, err)."""
+    proc = subprocess.Popen([*CMD, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
+    watched = proc.stdout if stream == "stdout" else proc.stderr
+    seen, deadline = b"", time.monotonic() + timeout
+    try:
+        while not seen or not re.search(pattern.encode(), seen):  # some output: past the imports
+            assert time.monotonic() < deadline and proc.poll() is None, seen.decode(errors="replace")
+            seen += os.read(watched.fileno(), 4096)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    if stream == "stdout":
+        out = seen + out
+    else:
+        err = seen + err
+    return proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
+
+
+def test_generate_endless_until_ctrl_c(tiny_checkpoint):
+    rc, out, err = interrupt_after(["generate", tiny_checkpoint, "--prompt", "Once", "--max-new-tokens", 0,
+                                    "--ignore-eos", "--cache-size", 16, "--threads", 1], "", "stdout")
+    assert rc == 130 and "Traceback" not in err, err
+    assert out.endswith("\n") and "interrupted" in err.strip().splitlines()[-1]
+
+
+# ------------------------------------------------------------------------------------------------
+# chat
+
+
+def test_chat_from_jsonl_far_past_the_cache(tiny_checkpoint, files):
+    p = run("chat", tiny_checkpoint, "--prompts", files / "turns.jsonl", "--sinks", 2, "--cache-size", 40,
+            "--max-new-tokens", 10, "--threads", 1)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.count("USER: ") == 3 and p.stdout.count("ASSISTANT:") == 3
+    assert p.stdout.startswith("USER: Hello there\nASSISTANT:")
+    stats = p.stderr.strip().splitlines()[-1]
+    assert stats.startswith("minillm: 3 turns, ") and "through a cache of 2+38" in stats
+    assert int(stats.split()[3]) > 4 * 40  # tokens streamed, far past S
+
+
+def test_chat_from_stdin(tiny_checkpoint):
+    p = run("chat", tiny_checkpoint, "--max-new-tokens", 5, "--threads", 1, input="hello\n\nthe sea\n")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.count("USER: ") == 2 and "USER: the sea\nASSISTANT:" in p.stdout
+    assert p.stderr.strip().splitlines()[-1].startswith("minillm: 2 turns")
+
+
+# ------------------------------------------------------------------------------------------------
+# ppl
+
+
+def test_ppl_four_modes_json_and_plot(tiny_checkpoint, files, tmp_path):
+    out_json, out_png = tmp_path / "ppl.json", tmp_path / "ppl.png"
+    p = run("ppl", tiny_checkpoint, "--text", files / "book.txt", files / "prompt.txt", "--mode", "streaming",
+            "window", "recompute", "dense", "--cache-size", 64, "--max-tokens", 1500, "--stride", 5, "--seed", 3,
+            "--json", out_json, "--plot", out_png, "--threads", 1)
+    assert p.returncode == 0, p.stderr
+    no_traceback(p)
+    data = json.loads(out_json.read_text())
+    assert {"model", "tokens", "sinks", "cache_size", "modes", "stride", "offset"} <= set(data)
+    assert (data["tokens"], data["sinks"], data["cache_size"], data["stride"]) == (1500, 4, 64, 5)
+    assert list(data["modes"]) == ["streaming", "window", "recompute", "dense"]
+
+    model, tok = minillm.load(tiny_checkpoint), minillm.load_tokenizer(tiny_checkpoint)
+    text = read_texts([files / "book.txt", files / "prompt.txt"])
+    ids = tok.encode(text)[:1500]
+    want = perplexity(model, ids, "streaming", 4, 60, stride=5, seed=3)
+    assert data["offset"] == want.offset
+    for mode, d in data["modes"].items():
+        assert 1 <= len(d["nll_curve"]) <= 1000 and d["ppl"] > 1 and d["ppl_strided"] > 1
+        assert d["tokens"] == (1499 if mode != "recompute" else int(want.subset.sum()))
+    s = data["modes"]["streaming"]
+    assert s["ppl"] == pytest.approx(want.ppl, rel=1e-6) and s["ppl_strided"] == pytest.approx(want.ppl_strided, rel=1e-6)
+    assert data["modes"]["recompute"]["ppl"] == pytest.approx(data["modes"]["recompute"]["ppl_strided"])
+
+    table = p.stdout.splitlines()
+    assert table[0].split() == ["mode", "tokens", "PPL", "PPL@stride", "tokens/s"]
+    assert [row.split()[0] for row in table[1:5]] == ["streaming", "window", "recompute", "dense"]
+    assert float(table[1].split()[2]) == pytest.approx(want.ppl, abs=1e-3)
+    assert out_png.read_bytes()[:4] == b"\x89PNG"
+    assert "tok/s" in p.stderr  # the progress bar
+
+
+def test_ppl_exact_loop_equals_parallel(tiny_checkpoint, files, tmp_path):
+    out = tmp_path / "loop.json"
+    p = run("ppl", tiny_checkpoint, "--text", files / "book.txt", "--mode", "streaming", "window",
+            "--exact-loop", "--cache-size", 32, "--sinks", 2, "--max-tokens", 400, "--json", out, "--threads", 1)
+    assert p.returncode == 0, p.stderr
+    model, tok = minillm.load(tiny_checkpoint), minillm.load_tokenizer(tiny_checkpoint)
+    ids = tok.encode(read_text(files / "book.txt"))[:400]
+    for mode, d in json.loads(out.read_text())["modes"].items():
+        assert d["ppl"] == pytest.approx(perplexity(model, ids, mode, 2, 30).ppl, rel=1e-5)
+
+
+def test_ppl_ctrl_c_prints_partial_results(tiny_checkpoint, files, tmp_path):
+    out = tmp_path / "partial.json"
+    rc, stdout, stderr = interrupt_after(["ppl", tiny_checkpoint, "--text", files / "big.txt", "--mode", "recompute",
+                                          "--cache-size", 256, "--json", out, "--threads", 1],
+                                         r"recompute:.*\dk?tok/s\]", "stderr")  # a rate: tokens were scored
+    assert rc == 130 and "Traceback" not in stderr, stderr
+    row = stdout.splitlines()[1].split()
+    assert row[0] == "recompute" and row[-1] == "(interrupted)" and int(row[1]) > 0
+    data = json.loads(out.read_text())
+    assert data["interrupted"] and data["modes"]["recompute"]["tokens"] == int(row[1])
+
+
+# ------------------------------------------------------------------------------------------------
+# attn
+
+
+def test_attn(tiny_checkpoint, files, tmp_path):
+    png, out = tmp_path / "attn.png", tmp_path / "attn.json"
+    p = run("attn", tiny_checkpoint, "--text", files / "book.txt", "--png", png, "--json", out, "--tokens", 64,
+            "--threads", 1)
+    assert p.returncode == 0, p.stderr
+    data = json.loads(out.read_text())
+    assert data["tokens"] == 64 and data["min_query"] == 32 and len(data["per_layer"]) == 2
+    assert 0 < data["uniform"] < 1 and all(0 <= x <= 1 for x in data["per_layer"])
+    lines = p.stdout.splitlines()
+    assert lines[0].startswith("attention on token 0 from queries 32..63") and len(lines) == 4
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+# ------------------------------------------------------------------------------------------------
+# bad input: one line, exit 2, no traceback
+
+
+# Every kind of bad input from issue 4 runs as a real process; variants of the same mechanisms run
+# in-process through cli.main (a fresh interpreter costs seconds: torch's import).
+ERRORS_E2E = [
+    (["ppl", "{ckpt}", "--text", "{files}/missing.txt"], "no such file: "),
+    (["ppl", "{ckpt}", "--text", "{files}/latin1.txt"], "is not UTF-8 text (byte 0xe9 at offset 3"),
+    (["ppl", "{ckpt}", "--text", "{files}/empty.txt"], "has no text (empty)"),
+    (["ppl", "{files}/nobos", "--text", "{files}/a.txt"], "the text is 1 token(s) long; perplexity needs at least 2"),
+    (["ppl", "{ckpt}", "--text", "{files}/a.txt", "--sinks", "4", "--cache-size", "4"],
+     "--cache-size must exceed --sinks (got --cache-size 4, --sinks 4)"),
+    (["generate", "{ckpt}", "--prompt", "x", "--sinks", "-1"], "argument --sinks: must be >= 0, got -1"),
+    (["ppl", "{ckpt}", "--text", "{files}/a.txt", "--mode", "bogus"], "argument --mode: invalid choice: 'bogus'"),
+    (["ppl", "./no-such-model", "--text", "{files}/a.txt"], "model directory not found: ./no-such-model"),
+    (["chat", "{files}/broken", "--prompts", "{files}/turns.jsonl"], "config.json"),
+]
+ERRORS_IN_PROCESS = [
+    (["attn", "{files}/nobos", "--text", "{files}/a.txt", "--png", "{files}/x.png"], "attention maps need at least 2"),
+    (["generate", "{ckpt}", "--prompt", "x", "--temperature", "-0.5"], "argument --temperature: must be in [0, inf]"),
+    (["generate", "{ckpt}", "--prompt", "x", "--top-p", "0"], "argument --top-p: must be in (0, 1]"),
+    (["ppl", "{ckpt}", "--text", "{files}/a.txt", "--max-tokens", "-3"], "argument --max-tokens: must be >= 2"),
+    (["ppl", "{ckpt}", "--text", "{files}/a.txt", "--stride", "x"], "argument --stride: expected an integer, got 'x'"),
+    (["ppl", "{ckpt}", "--text", "{files}", "--json", "{files}/no/dir/x.json"], "--json: directory"),
+    (["ppl", "{ckpt}", "--text", "{files}"], "is a directory, not a text file"),
+    (["ppl", "{ckpt}", "--text", "{files}/book.txt", "--mode", "dense", "--dense-max-tokens", "10"],
+     "dense mode over"),
+    (["chat", "{ckpt}", "--prompts", "{files}/bad.jsonl"], "bad.jsonl:2: not valid JSON"),
+    (["generate", "{ckpt}", "--prompt-file", "{files}/latin1.txt"], "is not UTF-8 text"),
+    (["generate", "{ckpt}"], "one of the arguments --prompt --prompt-file is required"),
+    (["generate", "{ckpt}", "--prompt", ""], "the prompt is empty"),
+    (["generate", "{ckpt}", "--prompt", "x", "--dtype", "int8"], "unknown dtype 'int8'"),
+    (["generate", "{ckpt}", "--prompt", "x", "--device", "cuda:7"], "cuda"),
+]
+
+
+def argv_of(args, ckpt, files) -> list[str]:
+    return [a.format(ckpt=ckpt, files=files) for a in args] + ["--threads", "1"]
+
+
+def check_one_line(args, message, rc, out, err):
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1, (args, err)
+    assert lines[0].startswith("minillm: error: ") and message in lines[0], (args, err)
+    assert out == "", (args, out)
+
+
+def test_bad_input_is_one_line_exit_2(tiny_checkpoint, files):
+    """Each kind of bad input, as concurrent subprocesses."""
+    procs = [subprocess.Popen([*CMD, *argv_of(args, tiny_checkpoint, files)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, env=ENV, text=True, encoding="utf-8")
+             for args, _ in ERRORS_E2E]
+    for (args, message), proc in zip(ERRORS_E2E, procs):
+        out, err = proc.communicate(timeout=300)
+        check_one_line(args, message, proc.returncode, out, err)
+
+
+@pytest.mark.parametrize("args, message", ERRORS_IN_PROCESS, ids=[m[:24] for _, m in ERRORS_IN_PROCESS])
+def test_more_bad_input_in_process(tiny_checkpoint, files, capsys, args, message):
+    rc = cli.main(argv_of(args, tiny_checkpoint, files))
+    out, err = capsys.readouterr()
+    check_one_line(args, message, rc, out, err)
+
+
+def test_in_process_main(monkeypatch, capsys, tmp_path):
+    assert cli.main(["--version"]) == 0 and capsys.readouterr().out.startswith("minillm ")
+    assert cli.main([]) == 0 and "generate" in capsys.readouterr().out
+    monkeypatch.setattr(cli, "DEFAULT_MODEL", tmp_path / "weights" / "llama-tiny")
+    (tmp_path / "t.txt").write_text("some text")
+    assert cli.main(["ppl", "--text", str(tmp_path / "t.txt")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("minillm: error: no MODEL given and the default checkpoint") and err.count("\n") == 1
