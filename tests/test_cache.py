@@ -1,0 +1,149 @@
+"""SinkCache bookkeeping and the bad inputs that streaming refuses.
+
+- `slot_of` / `slot_positions` against a brute-force simulation of the slot writes, and against
+  the contract's key set K_t (DESIGN.md §1), for every (sinks, window, T) in a grid.
+- Bad input gets a MiniLLMError (a ValueError) that names the parameter, and leaves the cache as
+  it was: bad sinks/window/batch_size, batch size, dtype and device mismatches, another model's
+  cache, something that is not a cache.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from minillm import MiniLLMError
+from minillm.cache import SinkCache
+from util import random_model, tiny_config
+
+
+def simulate(sinks: int, window: int, T: int) -> list[int]:
+    """Which stream position each slot holds after T tokens (-1: empty), by replaying the writes."""
+    slots = [-1] * (sinks + window)
+    for j in range(T):
+        slots[j if j < sinks else sinks + (j - sinks) % window] = j
+    return slots
+
+
+def key_set(sinks: int, window: int, t: int) -> set[int]:
+    """K_t of DESIGN.md §1: the keys token t attends to."""
+    if t < sinks + window:
+        return set(range(t + 1))
+    return set(range(sinks)) | set(range(t - window + 1, t + 1))
+
+
+def make_cache(sinks: int, window: int) -> SinkCache:
+    return SinkCache(num_layers=1, batch_size=1, num_kv_heads=1, head_dim=2, sinks=sinks, window=window,
+                     dtype=torch.float32, device="cpu", owner_id=0, keep_raw_sinks=True)
+
+
+@pytest.mark.parametrize("sinks", [0, 1, 2, 4, 7])
+@pytest.mark.parametrize("window", [1, 2, 3, 5, 16])
+def test_slots_match_brute_force(sinks, window):
+    cache = make_cache(sinks, window)
+    S = sinks + window
+    for T in range(0, 4 * S + 3):
+        want = simulate(sinks, window, T)
+        assert cache.slot_positions(T).tolist() == want, T
+        cache.tokens_seen = T  # slot_positions() defaults to the cache's own count
+        assert cache.slot_positions().tolist() == want
+        assert len(cache) == min(T, S)
+        # The slots hold exactly the keys the last token attended to.
+        if T:
+            assert {p for p in want if p >= 0} == key_set(sinks, window, T - 1)
+    positions = torch.arange(0, 5 * S)
+    brute = [j if j < sinks else sinks + (j - sinks) % window for j in positions.tolist()]
+    assert cache.slot_of(positions).tolist() == brute
+
+
+def test_reset_zeroes_and_keeps_buffers():
+    cache = make_cache(2, 3)
+    ptrs = [cache.k.data_ptr(), cache.v.data_ptr(), cache.raw_sink_k.data_ptr()]
+    cache.k.fill_(1), cache.v.fill_(1), cache.raw_sink_k.fill_(1)
+    cache.tokens_seen = 11
+    cache.reset()
+    assert cache.tokens_seen == 0 and len(cache) == 0
+    assert not cache.k.any() and not cache.v.any() and not cache.raw_sink_k.any()
+    assert [cache.k.data_ptr(), cache.v.data_ptr(), cache.raw_sink_k.data_ptr()] == ptrs
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_model(tiny_config("llama_gqa", layers=1), dtype=torch.float32)
+
+
+def _raises(match: str):
+    return pytest.raises(ValueError, match=match)
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    (dict(sinks=-1), "sinks"),
+    (dict(sinks=2.0), "sinks"),
+    (dict(sinks="4"), "sinks"),
+    (dict(sinks=True), "sinks"),
+    (dict(window=0), "window"),
+    (dict(window=-5), "window"),
+    (dict(window=None), "window"),
+    (dict(window=8.5), "window"),
+    (dict(batch_size=0), "batch_size"),
+    (dict(batch_size=1.0), "batch_size"),
+])
+def test_bad_cache_parameters(model, kwargs, name):
+    args = dict(batch_size=1, sinks=4, window=8) | kwargs
+    with _raises(name) as err:
+        model.new_cache(**args)
+    assert isinstance(err.value, MiniLLMError) and "\n" not in str(err.value)
+
+
+def test_sinks_zero_and_window_one_are_accepted(model):
+    assert model.new_cache(sinks=0, window=1).capacity == 1
+
+
+def _refused(model, cache, ids, match):
+    """The call is refused with a one-line ValueError naming `match`, and the cache is untouched."""
+    seen, k = cache.tokens_seen, cache.k.clone() if cache.k.device.type != "meta" else None
+    with _raises(match) as err:
+        model(ids, cache=cache)
+    assert isinstance(err.value, MiniLLMError) and "\n" not in str(err.value)
+    assert cache.tokens_seen == seen
+    if k is not None:
+        assert torch.equal(cache.k, k)
+
+
+@torch.no_grad()
+def test_batch_size_mismatch(model):
+    cache = model.new_cache(batch_size=2, sinks=1, window=4)
+    model(torch.zeros(2, 3, dtype=torch.long), cache=cache)
+    _refused(model, cache, torch.zeros(1, 1, dtype=torch.long), "batch_size")
+    _refused(model, cache, torch.zeros(3, 5, dtype=torch.long), "batch_size")
+
+
+@torch.no_grad()
+def test_dtype_mismatch(model):
+    cache = model.new_cache(batch_size=1, sinks=1, window=4, dtype=torch.float64)
+    _refused(model, cache, torch.zeros(1, 2, dtype=torch.long), "dtype")
+    model64 = random_model(tiny_config("llama_gqa", layers=1), dtype=torch.float64)
+    cache32 = model64.new_cache(batch_size=1, sinks=1, window=4, dtype=torch.float32)
+    _refused(model64, cache32, torch.zeros(1, 2, dtype=torch.long), "dtype")
+
+
+@torch.no_grad()
+def test_device_mismatch(model):
+    # "meta" stands in for a second device: a cache (or input) that is not where the model is.
+    cache = model.new_cache(batch_size=1, sinks=1, window=4, device="meta")
+    _refused(model, cache, torch.zeros(1, 2, dtype=torch.long), "device")
+    good = model.new_cache(batch_size=1, sinks=1, window=4)
+    _refused(model, good, torch.zeros(1, 2, dtype=torch.long, device="meta"), "device")
+
+
+@torch.no_grad()
+def test_cache_of_another_model(model):
+    twin = random_model(model.config, dtype=torch.float32)  # same config and weights, another model
+    cache = twin.new_cache(batch_size=1, sinks=1, window=4)
+    _refused(model, cache, torch.zeros(1, 2, dtype=torch.long), "different model")
+
+
+@torch.no_grad()
+def test_not_a_cache(model):
+    with _raises("cache"):
+        model(torch.zeros(1, 2, dtype=torch.long), cache={"k": None})
