@@ -51,6 +51,7 @@ import minillm  # noqa: E402
 from minillm.config import ModelConfig, from_hf_config, to_hf_config  # noqa: E402
 from minillm.errors import MiniLLMError  # noqa: E402
 from minillm.model import Model  # noqa: E402
+from minillm.text import read_text  # noqa: E402
 
 CORPUS = REPO.parent / "shared" / "corpus"
 HELDOUT = ("frankenstein.txt", "katrine.txt")
@@ -68,15 +69,6 @@ def fail(msg: str):
 # Corpus
 
 
-def strip_gutenberg(text: str) -> str:
-    """The book without its BOM, CRLF line ends and Project Gutenberg header and licence."""
-    text = text.lstrip("\ufeff").replace("\r\n", "\n")
-    lines = text.split("\n")
-    start = next((i + 1 for i, line in enumerate(lines) if line.startswith("*** START OF")), 0)
-    end = next((i for i, line in enumerate(lines) if line.startswith("*** END OF")), len(lines))
-    return "\n".join(lines[start:end]).strip("\n") + "\n"
-
-
 def read_split(corpus: Path, max_chars: int = 0) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     """([(name, text)] for training, [(name, text)] held out), in file-name order."""
     if not corpus.is_dir():
@@ -87,7 +79,7 @@ def read_split(corpus: Path, max_chars: int = 0) -> tuple[list[tuple[str, str]],
         fail(f"held-out book {missing[0]} not found in {corpus}")
     train, held = [], []
     for path in books:
-        text = strip_gutenberg(path.read_text(encoding="utf-8"))
+        text = read_text(path)  # BOM, CRLF and Gutenberg licence gone, as evaluation reads it
         if max_chars:
             text = text[:max_chars]
         (held if path.name in HELDOUT else train).append((path.name, text))
@@ -350,14 +342,19 @@ FIXED = ("family", "layers", "hidden", "heads", "kv_heads", "intermediate", "con
          "warmup", "weight_decay", "seed", "sink_token", "zero_sink", "no_bos", "keep_best", "epochs")
 
 
-def save_state(directory: Path, model, opt, params, sampler, best, info: dict) -> None:
+def opt_params(opt) -> list:
+    """Parameters in the optimizer's own order (the indices of its state_dict)."""
+    return [p for group in opt.param_groups for p in group["params"]]
+
+
+def save_state(directory: Path, model, opt, sampler, best, info: dict) -> None:
     from safetensors.torch import save_file
 
     directory.mkdir(parents=True, exist_ok=True)
     t = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if best is not None:
-        t.update({f"best.{k}": v for k, v in best.items()})
-    for i, p in enumerate(params):
+        t.update({f"best.{k}": v.contiguous() for k, v in best.items()})
+    for i, p in enumerate(opt_params(opt)):
         for key, value in opt.state.get(p, {}).items():
             t[f"optim.{i}.{key}"] = value.detach().cpu().reshape(value.shape).contiguous()
     t["rng.sampler"] = sampler.g.get_state()
@@ -369,7 +366,7 @@ def save_state(directory: Path, model, opt, params, sampler, best, info: dict) -
     os.replace(directory / "state.json.tmp", directory / "state.json")
 
 
-def load_state(directory: Path, args, model, opt, params, sampler) -> tuple[dict, dict | None]:
+def load_state(directory: Path, args, model, opt, sampler) -> tuple[dict, dict | None]:
     from safetensors.torch import load_file
 
     js, st = directory / "state.json", directory / "state.safetensors"
@@ -388,7 +385,7 @@ def load_state(directory: Path, args, model, opt, params, sampler) -> tuple[dict
                  f"now {getattr(args, key)!r}")
     model.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("model.")}, strict=True)
     state = {}
-    for i, p in enumerate(params):
+    for i, _ in enumerate(opt_params(opt)):
         prefix = f"optim.{i}."
         s = {k[len(prefix):]: v for k, v in t.items() if k.startswith(prefix)}
         if s:
@@ -429,6 +426,8 @@ def cmd_model(args) -> int:
         torch.set_num_threads(args.threads)
     device = minillm.parse_device(args.device)
     amp = {"auto": device.type == "cuda", "bf16": True, "off": False}[args.amp]
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 for what autocast leaves in float32
     tok_dir, out = Path(args.tokenizer), Path(args.out)
     train_ids, held_ids, info = load_data(Path(args.data), tok_dir)
     if args.sink_token and args.zero_sink:
@@ -462,7 +461,7 @@ def cmd_model(args) -> int:
              "best": None, "calibrated": False, "settings": {k: getattr(args, k) for k in FIXED}}
     best = None  # the best held-out weights, on the CPU (--keep-best)
     if args.resume:
-        state, best = load_state(out / STATE_DIR, args, model, opt, params, sampler)
+        state, best = load_state(out / STATE_DIR, args, model, opt, sampler)
         total = state["total_steps"] = args.steps or state["total_steps"]
         print(f"resumed at step {state['step']} of {total}", flush=True)
 
@@ -482,6 +481,7 @@ def cmd_model(args) -> int:
     recent: list[float] = []  # the train losses of the last log interval
     eval_seconds = 0.0
     calib_at = min(30.0, 0.1 * args.time_limit) if args.time_limit else None
+    reserve = min(15.0, 0.1 * args.time_limit)  # seconds kept for the final save, eval and export
     calib_mark = None
 
     with StopFlag() as stop:
@@ -500,12 +500,13 @@ def cmd_model(args) -> int:
                 if is_best:
                     state["best"] = {"step": step, "heldout_loss": h}
                     if args.keep_best:
-                        best = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+                        best = {k: v.detach().to("cpu", copy=True).contiguous()
+                                for k, v in model.state_dict().items()}
                 print(f"eval step {step}: held-out loss {h:.4f}{' (best)' if is_best else ''} "
                       f"[{eval_seconds:.1f} s]", flush=True)
             if step >= total or stop.set or (args.stop_after and step - step0 >= args.stop_after):
                 break
-            if deadline and now + 2 * eval_seconds + 15 > deadline:
+            if deadline and now + 2 * eval_seconds + reserve > deadline:
                 print(f"time limit: stopping at step {step} of {total}", flush=True)
                 break
             # Once, after start-up and the first evals are past, fit the step count to the time
@@ -516,7 +517,7 @@ def cmd_model(args) -> int:
                 elif calib_mark is not None and now - t0 >= calib_at and step > calib_mark[1]:
                     per = (now - calib_mark[0]) / (step - calib_mark[1])
                     n_eval = (total - step) / args.eval_every if args.eval_every else 0
-                    room = deadline - now - 20 - (n_eval + 1) * eval_seconds
+                    room = deadline - now - 1.5 * reserve - (n_eval + 1) * eval_seconds
                     fit = step + max(1, int(0.92 * room / per))
                     if fit < total:
                         print(f"calibration: {per * 1000:.1f} ms/step; {total} steps do not fit in "
@@ -547,12 +548,12 @@ def cmd_model(args) -> int:
                       f"{tps / 1000:.1f}k tok/s | {now - t0:.0f} s", flush=True)
             if args.save_every and step % args.save_every == 0 and step < total:
                 state["train_seconds"] = seconds_before + time.time() - t0
-                save_state(out / STATE_DIR, model, opt, params, sampler, best, state)
+                save_state(out / STATE_DIR, model, opt, sampler, best, state)
 
     if losses:
         recent = torch.stack(losses).tolist()
     state["train_seconds"] = seconds_before + time.time() - t0
-    save_state(out / STATE_DIR, model, opt, params, sampler, best, state)
+    save_state(out / STATE_DIR, model, opt, sampler, best, state)
     final_h = state["history"][-1]["heldout_loss"] if _evaluated(state, state["step"]) else evaluate()
     use_best = args.keep_best and best is not None and state["best"]["heldout_loss"] < final_h
     export(model, config, best if use_best else None, args, out)
@@ -586,6 +587,7 @@ def export(model: Model, config: ModelConfig, weights: dict | None, args, out: P
     cpu.load_state_dict(weights if weights is not None else {k: v.detach().cpu() for k, v in model.state_dict().items()})
     dtype = minillm.parse_dtype(args.dtype)
     minillm.save_pretrained(cpu, out, dtype=dtype)
+    _int_alibi_bias_max(out / "config.json")
     for name in TOKENIZER_FILES:
         if (Path(args.tokenizer) / name).is_file():
             shutil.copyfile(Path(args.tokenizer) / name, out / name)
@@ -597,6 +599,15 @@ def export(model: Model, config: ModelConfig, weights: dict | None, args, out: P
         got, want = loaded(ids), cpu(ids)
         if not ((got - want).abs().max() <= 1e-6 * want.abs().max()):
             fail(f"exported checkpoint in {out} does not reload to the trained weights")
+
+
+def _int_alibi_bias_max(path: Path) -> None:
+    """Work around save_pretrained writing MPT's alibi_bias_max as 8.0: transformers 5 requires an int."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    attn = data.get("attn_config") or {}
+    if isinstance(attn.get("alibi_bias_max"), float) and attn["alibi_bias_max"].is_integer():
+        attn["alibi_bias_max"] = int(attn["alibi_bias_max"])
+        write_json(path, data)
 
 
 def device_name(device: torch.device) -> str:
