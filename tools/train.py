@@ -515,9 +515,8 @@ def cmd_model(args) -> int:
                 if calib_mark is None and now - t0 >= calib_at / 2:
                     calib_mark = (now, step)
                 elif calib_mark is not None and now - t0 >= calib_at and step > calib_mark[1]:
-                    per = (now - calib_mark[0]) / (step - calib_mark[1])
-                    n_eval = (total - step) / args.eval_every if args.eval_every else 0
-                    room = deadline - now - 1.5 * reserve - (n_eval + 1) * eval_seconds
+                    per = (now - calib_mark[0]) / (step - calib_mark[1])  # evals included
+                    room = deadline - now - 1.5 * reserve - eval_seconds
                     fit = step + max(1, int(0.92 * room / per))
                     if fit < total:
                         print(f"calibration: {per * 1000:.1f} ms/step; {total} steps do not fit in "
