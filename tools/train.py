@@ -356,7 +356,7 @@ def save_state(directory: Path, model, opt, sampler, best, info: dict) -> None:
         t.update({f"best.{k}": v.contiguous() for k, v in best.items()})
     for i, p in enumerate(opt_params(opt)):
         for key, value in opt.state.get(p, {}).items():
-            t[f"optim.{i}.{key}"] = value.detach().cpu().reshape(value.shape).contiguous()
+            t[f"optim.{i}.{key}"] = value.detach().cpu().contiguous()
     t["rng.sampler"] = sampler.g.get_state()
     # Tensors first, then the JSON that names their step: a run killed in between leaves a
     # mismatch that resume refuses, never a silently mixed state.
@@ -367,18 +367,20 @@ def save_state(directory: Path, model, opt, sampler, best, info: dict) -> None:
 
 
 def load_state(directory: Path, args, model, opt, sampler) -> tuple[dict, dict | None]:
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
     js, st = directory / "state.json", directory / "state.safetensors"
     if not js.is_file() or not st.is_file():
         fail(f"--resume: no training state in {directory}")
-    info = json.loads(js.read_text(encoding="utf-8"))
-    t = load_file(str(st))
-    from safetensors import safe_open
-
-    with safe_open(str(st), framework="pt") as f:
-        if (f.metadata() or {}).get("step") != str(info["step"]):
-            fail(f"--resume: {st.name} and {js.name} are from different steps (interrupted save)")
+    try:
+        info = json.loads(js.read_text(encoding="utf-8"))
+        with safe_open(str(st), framework="pt") as f:
+            step = (f.metadata() or {}).get("step")
+            t = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # JSON or safetensors errors from a damaged file
+        fail(f"--resume: cannot read the training state in {directory} ({type(e).__name__})")
+    if step != str(info.get("step")):
+        fail(f"--resume: {st.name} and {js.name} are from different steps (interrupted save)")
     for key in FIXED:
         if info["settings"].get(key) != getattr(args, key):
             fail(f"--resume: --{key.replace('_', '-')} was {info['settings'].get(key)!r} in the saved run, "
