@@ -146,7 +146,8 @@ def to_hf(c: ModelConfig) -> dict:
         "tie_word_embeddings": c.tie_word_embeddings,
         "attn_config": {
             "alibi": True,
-            "alibi_bias_max": c.alibi_bias_max,
+            # transformers' MptAttentionConfig insists on an int here
+            "alibi_bias_max": int(c.alibi_bias_max) if c.alibi_bias_max == int(c.alibi_bias_max) else c.alibi_bias_max,
             "clip_qkv": c.clip_qkv,
             "softmax_scale": c.softmax_scale,
             "attn_type": "multihead_attention",
