@@ -34,16 +34,17 @@ import torch.nn.functional as F
 
 from .cache import SinkCache
 from .config import ModelConfig
-from .positions import alibi_bias, apply_rope, rope_cos_sin
+from .positions import alibi_bias, rope_rotate, rope_tables
 
 
 @dataclass
 class Plan:
     n: int  # queries in this forward
     decode: bool  # the one-token fast path
-    q_rot: tuple | None = None  # (cos, sin) for queries and new keys at their stream positions
-    qrel_rot: tuple | None = None  # (cos, sin) for queries at cache positions c_t (sink correction)
-    sink_rot: tuple | None = None  # (cos, sin) for the raw sinks: at i (chunk) or i + delta (decode)
+    # Rotations are (cos, signed sin) pairs from positions.rope_tables.
+    q_rot: tuple | None = None  # for queries and new keys at their stream positions
+    qrel_rot: tuple | None = None  # for queries at cache positions c_t (sink correction)
+    sink_rot: tuple | None = None  # for the raw sinks: at i (chunk) or i + delta (decode)
     mask: torch.Tensor | None = None  # additive float (1|H, n, Nk) or None
     is_causal: bool = False  # plain causal mask, handled inside SDPA
     sink_cols: torch.Tensor | None = None  # key columns that hold sinks (sink correction)
@@ -52,6 +53,7 @@ class Plan:
     n_valid: int = 0  # decode: the number of valid slots, a prefix of the buffer
     write_src: torch.Tensor | None = None  # chunk indices whose K/V are written ...
     write_dst: torch.Tensor | None = None  # ... to these slots
+    write_raw_sink: bool = False  # decode: the new token is a sink, keep its un-rotated key too
     raw_sink_src: torch.Tensor | None = None  # chunk indices that are sinks (RoPE raw keys)
     want_probs: bool = False
 
@@ -61,13 +63,31 @@ def make_plan(config: ModelConfig, n: int, cache: SinkCache | None, device, dtyp
               want_probs: bool = False) -> Plan:
     rope = config.positions == "rope"
     t0 = cache.tokens_seen if cache is not None else 0
-    t = torch.arange(t0, t0 + n, device=device)  # stream positions of the queries
     manual = want_probs or config.zero_sink
 
+    if cache is not None and n == 1 and not manual:  # decode fast path: slot arithmetic in Python ints
+        sinks, window, S = cache.sinks, cache.window, cache.capacity
+        plan = Plan(n=1, decode=True, n_valid=min(t0 + 1, S))
+        slot = t0 if t0 < sinks else sinks + (t0 - sinks) % window
+        plan.write_dst = torch.tensor([slot], device=device)  # a tensor: the same graph every step
+        if rope:
+            plan.q_rot = rope_tables(torch.tensor([t0], device=device), inv_freq, dtype)
+            plan.write_raw_sink = cache.raw_sink_k is not None and t0 < sinks
+            if sinks and t0 >= S:  # sinks move into this query's frame: i + (t - c_t)
+                plan.sink_rot = rope_tables(torch.arange(t0 - (S - 1), t0 - (S - 1) + sinks, device=device),
+                                             inv_freq, dtype)
+        else:
+            t = torch.tensor([t0], device=device)
+            pos = cache.slot_positions(t0 + 1, device=device)[: plan.n_valid]
+            k_cache_pos = torch.where(pos < sinks, pos, min(t0, S - 1) - (t - pos))
+            plan.mask = alibi_bias(config.alibi, slopes, t.clamp(max=S - 1), k_cache_pos, config.scale, dtype)
+        return plan
+
+    t = torch.arange(t0, t0 + n, device=device)  # stream positions of the queries
     if cache is None:  # dense: every earlier token, absolute positions
         plan = Plan(n=n, decode=False, want_probs=want_probs)
         if rope:
-            plan.q_rot = rope_cos_sin(t, inv_freq, dtype)
+            plan.q_rot = rope_tables(t, inv_freq, dtype)
         if rope and not manual:
             plan.is_causal = True
             return plan
@@ -82,19 +102,6 @@ def make_plan(config: ModelConfig, n: int, cache: SinkCache | None, device, dtyp
     c = torch.clamp(t, max=S - 1)  # cache position of each query
     last = t0 + n - 1
 
-    if n == 1 and not manual:  # decode fast path
-        plan = Plan(n=1, decode=True, n_valid=min(t0 + 1, S))
-        plan.write_dst = cache.slot_of(t)
-        if rope:
-            plan.q_rot = rope_cos_sin(t, inv_freq, dtype)
-            if sinks and t0 >= S:  # sinks move into this query's frame: i + (t - c_t)
-                plan.sink_rot = rope_cos_sin(torch.arange(sinks, device=device) + (t0 - (S - 1)), inv_freq, dtype)
-        else:
-            pos = cache.slot_positions(t0 + 1, device=device)[: plan.n_valid]
-            k_cache_pos = torch.where(pos < sinks, pos, c - (t - pos))
-            plan.mask = alibi_bias(config.alibi, slopes, c, k_cache_pos, config.scale, dtype)
-        return plan
-
     # Chunk path: keys are [the cache's S slots as they were before this chunk] + [the chunk's own].
     plan = Plan(n=n, decode=False, want_probs=want_probs, use_cache_cols=t0 > 0)
     chunk_pos = t
@@ -104,12 +111,12 @@ def make_plan(config: ModelConfig, n: int, cache: SinkCache | None, device, dtyp
     allowed = (kp >= 0) & (kp <= tq) & ((kp < sinks) | (kp > tq - window))
     mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, float("-inf"))
     if rope:
-        plan.q_rot = rope_cos_sin(t, inv_freq, dtype)
+        plan.q_rot = rope_tables(t, inv_freq, dtype)
         if sinks and last >= S:  # some query sees the sinks at a position other than the text's
-            plan.qrel_rot = rope_cos_sin(c, inv_freq, dtype)
+            plan.qrel_rot = rope_tables(c, inv_freq, dtype)
             plan.sink_cols = torch.nonzero((key_pos >= 0) & (key_pos < sinks)).flatten()
             plan.n_cache_sinks = min(t0, sinks)
-            plan.sink_rot = rope_cos_sin(torch.arange(plan.n_cache_sinks, device=device), inv_freq, dtype)
+            plan.sink_rot = rope_tables(torch.arange(plan.n_cache_sinks, device=device), inv_freq, dtype)
     else:
         k_cache_pos = torch.where(kp < sinks, kp, c[:, None] - (tq - kp))
         mask = mask + alibi_bias(config.alibi, slopes, c, k_cache_pos, config.scale, dtype)[0]
@@ -132,10 +139,7 @@ def attend(config: ModelConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     raw_q, raw_k = q, k
     if plan.q_rot is not None:
         cos, sin = plan.q_rot
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-
-    if plan.decode:
-        return _decode(config, q, k, v, raw_k, plan, cache, layer)
+        q, k = rope_rotate(q, cos, sin), rope_rotate(k, cos, sin)
 
     if cache is not None and plan.use_cache_cols:
         keys = torch.cat([cache.k[layer], k], dim=2)  # working memory: S + n keys
@@ -158,18 +162,33 @@ def attend(config: ModelConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     return out
 
 
-def _decode(config, q, k, v, raw_k, plan: Plan, cache: SinkCache, layer: int) -> torch.Tensor:
-    slot = plan.write_dst
-    cache.k[layer].index_copy_(2, slot, k)
-    cache.v[layer].index_copy_(2, slot, v)
-    if cache.raw_sink_k is not None and cache.tokens_seen < cache.sinks:
-        cache.raw_sink_k[layer].index_copy_(2, slot, raw_k)
-    if plan.sink_rot is not None:  # rotate the sinks to i + (t - c_t), this query's frame
-        cos, sin = plan.sink_rot
-        cache.k[layer][:, :, : cache.sinks] = apply_rope(cache.raw_sink_k[layer], cos, sin)
-    L = plan.n_valid
-    return F.scaled_dot_product_attention(q, cache.k[layer][:, :, :L], cache.v[layer][:, :, :L],
-                                          attn_mask=plan.mask, scale=config.scale, enable_gqa=True)
+def rotate_sinks(plan: Plan, cache: SinkCache) -> None:
+    """Decode with a full cache: rotate every layer's sinks into this query's frame, i + (t - c_t).
+
+    Once per step for all layers (sinks x KV heads keys each); the window keys never move."""
+    cos, sin = plan.sink_rot
+    cache.k[:, :, :, : cache.sinks] = rope_rotate(cache.raw_sink_k, cos, sin)
+
+
+def decode_attend(config: ModelConfig, qkv: torch.Tensor, plan: Plan, cache: SinkCache, layer: int) -> torch.Tensor:
+    """One new token. qkv (B, H + 2 KV, 1, hd): its q, k, v heads, not yet rotated -> (B, H, 1, hd).
+
+    Writes K/V into the token's slot and attends to the valid prefix of the buffer (a view), so
+    nothing here grows with the stream. Call rotate_sinks(plan, cache) first when plan.sink_rot."""
+    H, KV = config.num_heads, config.num_kv_heads
+    qk, v = qkv[:, : H + KV], qkv[:, H + KV :]
+    if plan.write_raw_sink:
+        cache.raw_sink_k[layer].index_copy_(2, plan.write_dst, qk[:, H:])
+    if plan.q_rot is not None:  # q and k in one rotation
+        cos, sin = plan.q_rot
+        qk = rope_rotate(qk, cos, sin)
+    keys, values = cache.k[layer], cache.v[layer]
+    keys.index_copy_(2, plan.write_dst, qk[:, H:])
+    values.index_copy_(2, plan.write_dst, v)
+    if plan.n_valid < keys.shape[2]:
+        keys, values = keys[:, :, : plan.n_valid], values[:, :, : plan.n_valid]
+    return F.scaled_dot_product_attention(qk[:, :H], keys, values, attn_mask=plan.mask, scale=config.scale,
+                                          enable_gqa=True)
 
 
 def _manual(config, q, keys, values, raw_q, plan: Plan, cache, layer, probs_out) -> torch.Tensor:
@@ -182,11 +201,11 @@ def _manual(config, q, keys, values, raw_q, plan: Plan, cache, layer, probs_out)
     if plan.sink_cols is not None:
         # Sinks rotated at their cache positions i, against queries rotated at c_t.
         cos, sin = plan.qrel_rot
-        qrel = apply_rope(raw_q, cos, sin).view(B, KV, g, n, hd)
+        qrel = rope_rotate(raw_q, cos, sin).view(B, KV, g, n, hd)
         sink_keys = keys[:, :, plan.sink_cols]
         if plan.n_cache_sinks:
             scos, ssin = plan.sink_rot
-            from_cache = apply_rope(cache.raw_sink_k[layer][:, :, : plan.n_cache_sinks], scos, ssin)
+            from_cache = rope_rotate(cache.raw_sink_k[layer][:, :, : plan.n_cache_sinks], scos, ssin)
             sink_keys = torch.cat([from_cache, sink_keys[:, :, plan.n_cache_sinks:]], dim=2)
         scores[..., plan.sink_cols] = (qrel @ sink_keys[:, :, None].transpose(-1, -2)) * config.scale
     acc = torch.promote_types(scores.dtype, torch.float32)  # softmax in float32 at least

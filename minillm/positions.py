@@ -37,6 +37,26 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat((x_rot * cos + _rotate_half(x_rot) * sin, x_pass), dim=-1)
 
 
+def rope_tables(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
+    """rope_cos_sin with the first half of sin negated: the form `rope_rotate` takes."""
+    cos, sin = rope_cos_sin(positions, inv_freq, dtype)
+    half = sin.shape[-1] // 2
+    return cos, torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+
+
+def rope_rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """apply_rope for (cos, signed_sin) from rope_tables: bit-identical, with fewer ops.
+
+    rotate_half(x) * sin = [-x2, x1] * [s, s] = [x2, x1] * [-s, s] = roll(x) * signed_sin: the
+    sign moves from x to the table (exactly, since -(a*b) = (-a)*b in IEEE arithmetic), which
+    saves a negation and a concatenation on every rotation of a hot path."""
+    rot = cos.shape[-1]
+    if rot == x.shape[-1]:
+        return x * cos + x.roll(rot // 2, -1) * signed_sin
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    return torch.cat((x_rot * cos + x_rot.roll(rot // 2, -1) * signed_sin, x_pass), dim=-1)
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
