@@ -246,6 +246,27 @@ def test_falcon_alibi_long_sequence(tmp_path):
     assert err <= 1e-4
 
 
+@pytest.mark.parametrize("legacy", ["RefinedWebModel", "RefinedWeb"])
+def test_falcon_legacy_config_loads_the_same_weights(legacy, tmp_path):
+    """Falcon-7B/40B's original remote-code configs (n_head, n_head_kv, n_layer) over the same tensors."""
+    new_decoder = legacy == "RefinedWeb"
+    cfg = transformers.FalconConfig(vocab_size=64, hidden_size=48, num_attention_heads=6, num_hidden_layers=2,
+                                    new_decoder_architecture=new_decoder, num_kv_heads=2 if new_decoder else None,
+                                    multi_query=True, parallel_attn=True, bias=False)
+    model = hf_model(cfg, seed=4)
+    model.save_pretrained(tmp_path)
+    config = {"model_type": legacy, "architectures": ["RWForCausalLM"], "hidden_size": 48, "n_head": 6,
+              "n_layer": 2, "vocab_size": 64, "alibi": False, "bias": False, "parallel_attn": True,
+              "layer_norm_epsilon": 1e-5, "apply_residual_connection_post_layernorm": False,
+              "bos_token_id": 11, "eos_token_id": 11}
+    config.update({"n_head_kv": 2} if new_decoder else {"multi_query": True})
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(4))
+    err = compare(model, tmp_path, ids, torch.float32)
+    record(f"falcon legacy {legacy} float32", err)
+    assert err <= 1e-4
+
+
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("family", sorted(FIXED))
