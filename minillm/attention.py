@@ -45,7 +45,7 @@ class Plan:
     q_rot: tuple | None = None  # for queries and new keys at their stream positions
     qrel_rot: tuple | None = None  # for queries at cache positions c_t (sink correction)
     sink_rot: tuple | None = None  # for the raw sinks: at i (chunk) or i + delta (decode)
-    mask: torch.Tensor | None = None  # additive float (1|H, n, Nk) or None
+    mask: torch.Tensor | None = None  # additive float (1, 1|H, n, Nk) or None
     is_causal: bool = False  # plain causal mask, handled inside SDPA
     sink_cols: torch.Tensor | None = None  # key columns that hold sinks (sink correction)
     n_cache_sinks: int = 0  # how many of those columns come from the cache's sink region
@@ -69,15 +69,17 @@ def make_plan(config: ModelConfig, n: int, cache: SinkCache | None, device, dtyp
         sinks, window, S = cache.sinks, cache.window, cache.capacity
         plan = Plan(n=1, decode=True, n_valid=min(t0 + 1, S))
         slot = t0 if t0 < sinks else sinks + (t0 - sinks) % window
-        plan.write_dst = torch.tensor([slot], device=device)  # a tensor: the same graph every step
+        # Tensors, so a compiled step is the same graph every step; made by arange, which on CUDA
+        # is a kernel launch, where torch.tensor([x]) would be a synchronising host-to-device copy.
+        t = torch.arange(t0, t0 + 1, device=device)
+        plan.write_dst = torch.arange(slot, slot + 1, device=device)
         if rope:
-            plan.q_rot = rope_tables(torch.tensor([t0], device=device), inv_freq, dtype)
+            plan.q_rot = rope_tables(t, inv_freq, dtype)
             plan.write_raw_sink = cache.raw_sink_k is not None and t0 < sinks
             if sinks and t0 >= S:  # sinks move into this query's frame: i + (t - c_t)
                 plan.sink_rot = rope_tables(torch.arange(t0 - (S - 1), t0 - (S - 1) + sinks, device=device),
                                              inv_freq, dtype)
         else:
-            t = torch.tensor([t0], device=device)
             pos = cache.slot_positions(t0 + 1, device=device)[: plan.n_valid]
             k_cache_pos = torch.where(pos < sinks, pos, min(t0, S - 1) - (t - pos))
             plan.mask = alibi_bias(config.alibi, slopes, t.clamp(max=S - 1), k_cache_pos, config.scale, dtype)
@@ -94,8 +96,8 @@ def make_plan(config: ModelConfig, n: int, cache: SinkCache | None, device, dtyp
         causal = t[None, :] <= t[:, None]
         mask = torch.zeros(n, n, dtype=dtype, device=device).masked_fill(~causal, float("-inf"))
         if not rope:
-            mask = mask + alibi_bias(config.alibi, slopes, t, t, config.scale, dtype)[0]
-        plan.mask = mask[None]
+            mask = mask + alibi_bias(config.alibi, slopes, t, t, config.scale, dtype)
+        plan.mask = mask.view(1, -1, n, n)  # 4-D: CPU SDPA falls back to its slow kernel for a 3-D mask
         return plan
 
     sinks, window, S = cache.sinks, cache.window, cache.capacity
@@ -119,8 +121,8 @@ def make_plan(config: ModelConfig, n: int, cache: SinkCache | None, device, dtyp
             plan.sink_rot = rope_tables(torch.arange(plan.n_cache_sinks, device=device), inv_freq, dtype)
     else:
         k_cache_pos = torch.where(kp < sinks, kp, c[:, None] - (tq - kp))
-        mask = mask + alibi_bias(config.alibi, slopes, c, k_cache_pos, config.scale, dtype)[0]
-    plan.mask = mask[None]
+        mask = mask + alibi_bias(config.alibi, slopes, c, k_cache_pos, config.scale, dtype)
+    plan.mask = mask.view(1, -1, *mask.shape[-2:])  # 4-D: CPU SDPA falls back to its slow kernel for 3-D
 
     # Cache writes: sinks to their slots, then only the last `window` ring tokens (earlier ones
     # would be overwritten within this same chunk).
