@@ -169,7 +169,7 @@ def rotate_sinks(plan: Plan, cache: SinkCache) -> None:
 
     Once per step for all layers (sinks x KV heads keys each); the window keys never move."""
     cos, sin = plan.sink_rot
-    cache.k[:, :, :, : cache.sinks] = rope_rotate(cache.raw_sink_k, cos, sin)
+    cache.put_sinks(rope_rotate(cache.raw_sink_k, cos, sin))
 
 
 def decode_attend(config: ModelConfig, qkv: torch.Tensor, plan: Plan, cache: SinkCache, layer: int) -> torch.Tensor:
@@ -180,13 +180,13 @@ def decode_attend(config: ModelConfig, qkv: torch.Tensor, plan: Plan, cache: Sin
     H, KV = config.num_heads, config.num_kv_heads
     qk, v = qkv[:, : H + KV], qkv[:, H + KV :]
     if plan.write_raw_sink:
-        cache.raw_sink_k[layer].index_copy_(2, plan.write_dst, qk[:, H:])
+        cache.put_token(cache.raw_sink_k, layer, plan.write_dst, qk[:, H:])
     if plan.q_rot is not None:  # q and k in one rotation
         cos, sin = plan.q_rot
         qk = rope_rotate(qk, cos, sin)
+    cache.put_token(cache.k, layer, plan.write_dst, qk[:, H:])
+    cache.put_token(cache.v, layer, plan.write_dst, v)
     keys, values = cache.k[layer], cache.v[layer]
-    keys.index_copy_(2, plan.write_dst, qk[:, H:])
-    values.index_copy_(2, plan.write_dst, v)
     if plan.n_valid < keys.shape[2]:
         keys, values = keys[:, :, : plan.n_valid], values[:, :, : plan.n_valid]
     return F.scaled_dot_product_attention(qk[:, :H], keys, values, attn_mask=plan.mask, scale=config.scale,

@@ -44,6 +44,9 @@ class SinkCache:
         self.raw_sink_k = (torch.zeros(shape[:3] + (self.sinks, head_dim), dtype=dtype, device=device)
                            if keep_raw_sinks and self.sinks else None)
         self.tokens_seen = 0
+        # Index tensors for whole-buffer writes (see put_token), made once.
+        self._layer_ids = torch.arange(num_layers, device=device).split(1)
+        self._sink_ids = torch.arange(self.sinks, device=device)
 
     @property
     def capacity(self) -> int:
@@ -72,6 +75,19 @@ class SinkCache:
         self.v.zero_()
         if self.raw_sink_k is not None:
             self.raw_sink_k.zero_()
+
+    def put_token(self, buf: torch.Tensor, layer: int, slot: torch.Tensor, x: torch.Tensor) -> None:
+        """buf[layer][:, :, slot] = x, for one token's x (B, KV, 1, hd); buf is k, v or raw_sink_k."""
+        if torch.compiler.is_compiling():
+            # A write through the view buf[layer] is functionalised into a copy of the whole buffer
+            # every step; an index_put_ on the buffer itself is kept in place by inductor.
+            buf[self._layer_ids[layer], :, :, slot] = x.movedim(2, 0)
+        else:
+            buf[layer].index_copy_(2, slot, x)  # eager: the cheapest call
+
+    def put_sinks(self, keys: torch.Tensor) -> None:
+        """k[:, :, :, :sinks] = keys (layers, B, KV, sinks, hd), in place when compiled too."""
+        self.k[:, :, :, self._sink_ids] = keys
 
     def slot_of(self, positions: torch.Tensor) -> torch.Tensor:
         """The slot that stream position(s) j are written to."""
