@@ -399,10 +399,15 @@ def cmd_ppl(args) -> int:
 def _plot_ppl(plt, results, args, S: int, trained: int, n_tokens: int) -> None:
     """Running log-PPL against tokens, one line per mode (the paper's Figure 3)."""
     fig, ax = plt.subplots(figsize=(7, 4))
-    for mode, r in results.items():
+    settled = []  # curve values past the first tokens (whose running mean swings wildly) set the y range
+    for (mode, r), style in zip(results.items(), ["-", "--", "-.", ":"]):
         curve = r.nll_curve()
         if curve:
-            ax.plot([x for x, _ in curve], [y for _, y in curve], label=f"{mode} (PPL {r.ppl:.2f})")
+            ax.plot([x for x, _ in curve], [y for _, y in curve], ls=style, label=f"{mode} (PPL {r.ppl:.2f})")
+            settled += [y for x, y in curve if x > min(100, n_tokens // 20)] or [y for _, y in curve]
+    if settled:
+        lo, hi = min(settled), max(settled)
+        ax.set_ylim(lo - 0.1 * (hi - lo) - 0.05, hi + 0.1 * (hi - lo) + 0.05)
     ax.axvline(S, color="gray", ls=":", lw=1)
     ax.text(S, ax.get_ylim()[1], f" S={S}", va="top", fontsize=8, color="gray")
     if trained < n_tokens:
@@ -462,9 +467,10 @@ def _plot_maps(plt, maps, scores, args) -> None:
     from matplotlib.colors import LogNorm
 
     L, T, _ = maps.shape
-    cols = min(L, 4)
+    cols = math.ceil(math.sqrt(L))
     rows = -(-L // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.2 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.8 * cols + 1, 2.8 * rows + 0.4), squeeze=False,
+                             layout="constrained")
     upper = np.triu(np.ones((T, T), dtype=bool), k=1)
     for i, ax in enumerate(axes.flat):
         if i >= L:
@@ -476,7 +482,7 @@ def _plot_maps(plt, maps, scores, args) -> None:
         ax.set_xlabel("key", fontsize=8)
         ax.set_ylabel("query", fontsize=8)
         ax.tick_params(labelsize=7)
-    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="attention (heads averaged)")
+    fig.colorbar(im, ax=axes, shrink=0.8, label="attention (heads averaged)")
     fig.suptitle(f"{Path(args.model or DEFAULT_MODEL).name}: first {T} tokens", fontsize=10)
     fig.savefig(args.png, dpi=110)
     plt.close(fig)

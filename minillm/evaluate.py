@@ -123,12 +123,15 @@ def stride_subset(n: int, stride: int, seed: int = 0) -> tuple[int, torch.Tensor
     return offset, mask
 
 
-def block_size(model, capacity: int, budget: int = 1 << 26) -> int:
-    """Tokens per block of the parallel evaluation: up to model.max_chunk, while the attention
-    scores of a block (heads x block x (capacity + block)) stay within `budget` elements."""
+def block_size(model, capacity: int, budget: int = 1 << 22) -> int:
+    """Tokens per block of the parallel evaluation: the largest power-of-two fraction of
+    model.max_chunk (at least 64) whose attention scores (heads x block x (capacity + block)) stay
+    within `budget` elements. Small blocks keep the scores, masks and softmax in cache: at S = 1024
+    on 4M- and 12M-parameter Llamas (8 heads, one thread), 256-token blocks were the fastest, 1.4x
+    faster than 512 and 1.2x than 64 (blocks of 1024 were slower still)."""
     h = model.config.num_heads
     n = model.max_chunk
-    while n > 16 and h * n * (capacity + n) > budget:
+    while n > 64 and h * n * (capacity + n) > budget:
         n //= 2
     return n
 

@@ -208,10 +208,12 @@ def test_bad_input():
 
 
 def test_block_size_bounds_the_scores():
-    model = model_for("llama_gqa")
-    assert block_size(model, 1024) == model.max_chunk
-    n = block_size(model, 32768, budget=1 << 24)
-    assert 16 <= n < model.max_chunk and 4 * n * (32768 + n) <= 1 << 24
+    model = model_for("llama_gqa")  # 4 heads
+    assert block_size(model, 1024) == 512  # 4 * 512 * 1536 <= 2**22 < 4 * 1024 * 2048
+    assert block_size(model, 16, budget=1 << 30) == model.max_chunk
+    assert block_size(model, 32768) == 64  # never below 64
+    n = block_size(model, 4096, budget=1 << 24)
+    assert 4 * n * (4096 + n) <= 1 << 24 < 4 * 2 * n * (4096 + 2 * n)
 
 
 def test_attention_maps_and_sink_scores():
