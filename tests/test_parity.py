@@ -5,8 +5,9 @@ compared. Hypothesis varies heads, head_dim, KV heads, layers, sequence length, 
 
 Relative error is max|ours - theirs| / max|theirs|. Required: float32 <= 1e-4. In bfloat16 and
 float16 the two engines round at different places (fused QKV and gate/up projections, SDPA
-kernels, where the softmax runs in float32, Falcon's separate bias add), so the tolerances are
-looser; they are set from the measurements stated next to them.
+kernels, where the softmax runs in float32, Falcon's separate bias add), so there both are compared
+with the float64 logits: minillm may be at most LOW_RATIO times as far from them as transformers
+is, plus LOW_FLOOR (the measurements are stated next to the constants).
 
 Falcon ALiBi: transformers' *eager* Falcon attention adds the ALiBi bias twice (once in the
 scores, once more through the causal mask it pre-fills with alibi/sqrt(head_dim)), so its output
@@ -33,15 +34,14 @@ transformers = pytest.importorskip("transformers")
 transformers.utils.logging.disable_progress_bar()
 transformers.logging.set_verbosity_error()
 
-TOL = {
-    torch.float32: 1e-4,  # measured worst ~1.7e-6 over 1,100 examples (llama, mpt)
-    # Reduced precision: measured with 100 Hypothesis examples per variant (1,100 in all), every
-    # example compared in both dtypes. Worst bfloat16 4.9e-2 (falcon_40b_ln2), typical 1e-2 to 2.5e-2;
-    # worst float16 4.8e-3 (falcon_40b_ln2). In those runs minillm's error against a float64
-    # transformers forward was of the same size as transformers' own. About 2x headroom:
-    torch.bfloat16: 1e-1,
-    torch.float16: 1.5e-2,
-}
+TOL = {torch.float32: 1e-4}  # measured worst ~1.7e-6 over 1,100 examples (llama, mpt)
+# Reduced precision is judged against the exact answer (transformers in float64), relative to how
+# far transformers itself lands from it in the same dtype: minillm may be at most LOW_RATIO times
+# as far, plus LOW_FLOOR. A fixed bound on minillm-vs-transformers flakes, because both roundings
+# move: measured over 1,100 examples, that distance reached 4.9e-2 in bfloat16 (a 0.131 outlier
+# once, falcon_40b with an ffn of 9) and 4.8e-3 in float16, while our own error stayed within
+# 2.8x of transformers' own.
+LOW_RATIO, LOW_FLOOR = 4.0, 2e-3
 WORST: dict[str, float] = {}  # "variant dtype" -> worst relative error seen in this run
 
 
@@ -179,6 +179,20 @@ def compare(model, directory, ids, dtype) -> float:
     return rel_err(got, want)
 
 
+def check_low_precision(model, directory, ids, dtype) -> float:
+    """Reduced precision: minillm's distance to the exact logits against transformers' own."""
+    exact = copy.deepcopy(model).to(torch.float64)
+    with torch.no_grad():
+        truth = exact(ids).logits
+        theirs = copy.deepcopy(model).to(dtype)(ids).logits
+        ours = minillm.load(directory, dtype=dtype)(ids)
+    assert ours.dtype == dtype
+    ours_err, theirs_err = rel_err(ours, truth), rel_err(theirs, truth)
+    assert ours_err <= LOW_RATIO * theirs_err + LOW_FLOOR, (
+        f"{dtype}: minillm is {ours_err:.3g} from the float64 logits, transformers {theirs_err:.3g}")
+    return rel_err(ours, theirs)
+
+
 @pytest.mark.parametrize("variant", sorted(BUILDERS))
 @given(data=st.data())
 def test_parity(variant, data, tmp_path_factory):
@@ -190,10 +204,11 @@ def test_parity(variant, data, tmp_path_factory):
     assert (directory / "model.safetensors.index.json").is_file() == case["sharded"]
     g = torch.Generator().manual_seed(case["seed"])
     ids = torch.randint(0, cfg.vocab_size, (case["batch"], case["seq"]), generator=g)
-    for dtype in (torch.float32, case["low"]):  # float32 always, plus one reduced precision
-        err = compare(model, directory, ids, dtype)
-        record(f"{variant} {str(dtype).removeprefix('torch.')}", err)
-        assert err <= TOL[dtype], f"{variant} {dtype}: rel err {err:.3g} > {TOL[dtype]:g}"
+    err = compare(model, directory, ids, torch.float32)
+    record(f"{variant} float32", err)
+    assert err <= TOL[torch.float32], f"{variant} float32: rel err {err:.3g}"
+    low = case["low"]  # plus one reduced precision
+    record(f"{variant} {str(low).removeprefix('torch.')}", check_low_precision(model, directory, ids, low))
 
 
 # --- deterministic cases ----------------------------------------------------------------------
