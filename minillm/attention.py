@@ -149,11 +149,13 @@ def attend(config: ModelConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     else:
         keys, values = k, v
 
-    if plan.sink_cols is None and not plan.want_probs and not config.zero_sink:
+    if plan.want_probs or config.zero_sink:
+        out = _manual(config, q, keys, values, raw_q, plan, cache, layer, probs_out)
+    elif plan.sink_cols is not None:
+        out = _sdpa_sink_corrected(config, q, keys, values, raw_q, plan, cache, layer)
+    else:
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=plan.mask, is_causal=plan.is_causal,
                                              scale=config.scale, enable_gqa=True)
-    else:
-        out = _manual(config, q, keys, values, raw_q, plan, cache, layer, probs_out)
 
     if cache is not None:  # persist this chunk's keys: index_copy_ into the fixed buffers
         cache.k[layer].index_copy_(2, plan.write_dst, k[:, :, plan.write_src])
@@ -193,8 +195,36 @@ def decode_attend(config: ModelConfig, qkv: torch.Tensor, plan: Plan, cache: Sin
                                           enable_gqa=True)
 
 
+def _sink_keys(plan: Plan, keys, cache, layer) -> torch.Tensor:
+    """The sink columns' keys rotated at their cache positions i (B, KV, len(sink_cols), hd)."""
+    sink_keys = keys[:, :, plan.sink_cols]
+    if plan.n_cache_sinks:  # the cache's sink slots may hold another frame: rotate the raw keys
+        scos, ssin = plan.sink_rot
+        from_cache = rope_rotate(cache.raw_sink_k[layer][:, :, : plan.n_cache_sinks], scos, ssin)
+        sink_keys = torch.cat([from_cache, sink_keys[:, :, plan.n_cache_sinks:]], dim=2)
+    return sink_keys
+
+
+def _sdpa_sink_corrected(config, q, keys, values, raw_q, plan: Plan, cache, layer) -> torch.Tensor:
+    """The sink correction inside one SDPA call, on a doubled head dimension.
+
+    Queries become [q at t, q at c_t], window keys [k, 0] and sink keys [0, sink at i]: every
+    score is then exactly the one product it must be, the other half adding exact zeros. Values
+    are zero-padded to the same width (CPU SDPA's fast kernel wants equal widths), and the padding
+    is dropped from the output. ~1.7x faster than the explicit scores, and no (n, S + n) scores."""
+    hd = q.shape[-1]
+    cos, sin = plan.qrel_rot
+    q2 = torch.cat([q, rope_rotate(raw_q, cos, sin)], dim=-1)
+    k2 = torch.cat([keys, torch.zeros_like(keys)], dim=-1)
+    sink_keys = _sink_keys(plan, keys, cache, layer)
+    k2[:, :, plan.sink_cols] = torch.cat([torch.zeros_like(sink_keys), sink_keys], dim=-1)
+    v2 = torch.cat([values, torch.zeros_like(values)], dim=-1)
+    out = F.scaled_dot_product_attention(q2, k2, v2, attn_mask=plan.mask, scale=config.scale, enable_gqa=True)
+    return out[..., :hd]
+
+
 def _manual(config, q, keys, values, raw_q, plan: Plan, cache, layer, probs_out) -> torch.Tensor:
-    """Explicit scores: the sink correction, SoftMax-off-by-one and attention maps need them."""
+    """Explicit scores: SoftMax-off-by-one and attention maps need them (with the sink correction)."""
     B, H, n, hd = q.shape
     KV = keys.shape[1]
     g = H // KV
@@ -204,11 +234,7 @@ def _manual(config, q, keys, values, raw_q, plan: Plan, cache, layer, probs_out)
         # Sinks rotated at their cache positions i, against queries rotated at c_t.
         cos, sin = plan.qrel_rot
         qrel = rope_rotate(raw_q, cos, sin).view(B, KV, g, n, hd)
-        sink_keys = keys[:, :, plan.sink_cols]
-        if plan.n_cache_sinks:
-            scos, ssin = plan.sink_rot
-            from_cache = rope_rotate(cache.raw_sink_k[layer][:, :, : plan.n_cache_sinks], scos, ssin)
-            sink_keys = torch.cat([from_cache, sink_keys[:, :, plan.n_cache_sinks:]], dim=2)
+        sink_keys = _sink_keys(plan, keys, cache, layer)
         scores[..., plan.sink_cols] = (qrel @ sink_keys[:, :, None].transpose(-1, -2)) * config.scale
     acc = torch.promote_types(scores.dtype, torch.float32)  # softmax in float32 at least
     scores = scores.view(B, H, n, -1).to(acc) + plan.mask.to(acc)
