@@ -218,17 +218,22 @@ class Model(nn.Module):
                                "which cannot stream past max_seq_len; use the dense forward")
 
     def forward(self, input_ids: torch.Tensor, cache: SinkCache | None = None,
-                attn_probs: list | None = None) -> torch.Tensor:
+                attn_probs: list | None = None, logits_to_keep: int = 0) -> torch.Tensor:
         """(B, T) ids -> (B, T, vocab) logits. With `cache`, streams the T tokens through it.
 
         `attn_probs`, when a list is given, receives each layer's (B, H, T, keys) attention
-        probabilities (the explicit-scores path, for attention maps).
+        probabilities (the explicit-scores path, for attention maps). `logits_to_keep=k > 0`
+        returns only the last k positions' logits (B, k, vocab), and computes only those: a
+        recomputation that needs the last token's prediction skips a (T, vocab) product.
         """
         self._check(input_ids, cache)
+        if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) or logits_to_keep < 0:
+            raise MiniLLMError(f"logits_to_keep must be an integer >= 0, got {logits_to_keep!r}")
         if cache is None or input_ids.shape[1] <= self.max_chunk:
-            return self._forward(input_ids, cache, attn_probs)
+            return self._forward(input_ids, cache, attn_probs, logits_to_keep)
         pieces = input_ids.split(self.max_chunk, dim=1)  # chunking never changes the result
-        return torch.cat([self._forward(p, cache, attn_probs) for p in pieces], dim=1)
+        logits = torch.cat([self._forward(p, cache, attn_probs, 0) for p in pieces], dim=1)
+        return logits[:, -logits_to_keep:] if logits_to_keep else logits
 
     def compile_decode(self, **options) -> "Model":
         """Run one-token streaming steps through `torch.compile(**options)`.
@@ -238,18 +243,18 @@ class Model(nn.Module):
         self._decode_step = torch.compile(self._step, **options)
         return self
 
-    def _forward(self, input_ids, cache, attn_probs):
+    def _forward(self, input_ids, cache, attn_probs, logits_to_keep=0):
         n = input_ids.shape[1]
         inv_freq, slopes = self._positional_tables(input_ids.device)
         plan = make_plan(self.config, n, cache, input_ids.device, self.dtype, inv_freq, slopes,
                          want_probs=attn_probs is not None)
         step = self._decode_step if plan.decode and self._decode_step is not None else self._step
-        logits = step(input_ids, plan, cache, attn_probs)
+        logits = step(input_ids, plan, cache, attn_probs, logits_to_keep)
         if cache is not None:
             cache.tokens_seen += n
         return logits
 
-    def _step(self, input_ids, plan, cache, attn_probs):
+    def _step(self, input_ids, plan, cache, attn_probs, logits_to_keep=0):
         c = self.config
         x = self.embed(input_ids)
         if self.wpe is not None:
@@ -258,6 +263,8 @@ class Model(nn.Module):
             rotate_sinks(plan, cache)
         for block in self.layers:
             x = block(x, plan, cache, attn_probs)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
         x = self.norm(x)
         logits = F.linear(x, self.embed.weight if self.lm_head is None else self.lm_head.weight)
         if c.logit_scale is not None:

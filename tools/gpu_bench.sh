@@ -23,8 +23,8 @@ mkdir -p "$OUT"
 LOG="$OUT/bench.log"
 
 if [ "${SMOKE:-0}" = 1 ]; then
-    args=(--device cpu --dtype bfloat16 --threads 2 --models smoke --sizes 64,256 --cache-size 64
-          --prompt 128 --new-tokens 16 --steps 5 --bw-gib 0.25)
+    args=(--device cpu --dtype bfloat16 --threads 1 --models smoke --sizes 64,256 --cache-size 64
+          --prompt 128 --new-tokens 16 --steps 5 --bw-gib 0.25 --compile-kwargs '{"mode": "reduce-overhead"}')
     BUDGET=${BUDGET:-150}
 else
     args=(--device cuda --dtype bfloat16 --recompute-models 134M,7B --sizes 1024,4096
