@@ -9,20 +9,26 @@ The streaming contract (DESIGN.md §1), for capacity S = sinks + window and stre
 How that is computed:
 - RoPE: queries and keys are rotated at their stream position (float64 angles), which gets every
   window distance right. Sink scores are recomputed with the query rotated at c_t against the
-  sinks rotated at i ("the sink correction"); in a decode step the sinks are instead rotated into
-  the query's frame, at i + (t - c_t), so that one fused `scaled_dot_product_attention` call covers
-  every key.
+  sinks rotated at i ("the sink correction"). In a chunk, that runs inside the one SDPA call on a
+  doubled head dimension (`_sdpa_sink_corrected`). In a decode step the sinks are instead rotated
+  into the query's frame, at i + (t - c_t), once per step for all layers (`rotate_sinks`: sinks x
+  KV heads keys per layer, against the paper's re-rotation of all S), so one plain SDPA call per
+  layer covers every key.
 - ALiBi: the bias is a function of the cache positions above, in each family's own form.
 
 A `Plan` holds what one forward needs and every layer shares: positions, rotations, the mask and
 bias, and where the chunk's keys go in the cache. It is built once per forward.
 
 Paths:
-- decode (one new token, a cache): write K/V into its slot, attend to the valid prefix of the
-  buffer (a view: nothing is allocated in proportion to the cache) with SDPA;
+- decode (one new token, a cache; `decode_attend`): write K/V into its slot, attend to the valid
+  prefix of the buffer (a view) with SDPA. With RoPE nothing it allocates depends on S (ALiBi
+  builds its (heads, S) bias), and everything that changes from step to step is a tensor, so a
+  compiled step (`Model.compile_decode`) is one graph;
 - chunk (any length, with or without a cache): attend to [cache slots, chunk keys] under the
   per-query key-set mask; this is also the dense forward (no cache, window = infinity) and the
-  exact parallel perplexity evaluation (a whole text streamed in long chunks).
+  exact parallel perplexity evaluation (a whole text streamed in long chunks). Explicit scores
+  (`_manual`) only where they are the output (attention maps) or SDPA cannot express the softmax
+  (zero_sink).
 """
 
 from __future__ import annotations

@@ -9,6 +9,10 @@ The family files in `minillm/models/` only parse configs and name weights.
 
 `Model.forward(input_ids)` is the dense causal forward. With `cache=`, it streams the chunk through
 the fixed-shape sink+window cache (see attention.py for the contract and cache.py for the slots).
+
+Speed (docs/performance.md): a one-token step is bound by reading the weights, so on CPU the
+Linear weights are stored column-major (`_fit_layout`), and `compile_decode()` compiles the
+fixed-shape step with torch.compile.
 """
 
 from __future__ import annotations
@@ -236,10 +240,14 @@ class Model(nn.Module):
         return logits[:, -logits_to_keep:] if logits_to_keep else logits
 
     def compile_decode(self, **options) -> "Model":
-        """Run one-token streaming steps through `torch.compile(**options)`.
+        """Run one-token streaming steps through `torch.compile(step, **options)`.
 
         The step's shapes are fixed once the cache is full, and everything that changes from step to
-        step (the slot, the rotations) is a tensor, so it compiles once and never recompiles."""
+        step (the slot, the rotations) is a tensor, so it compiles once for the steady state and
+        never recompiles; its cache writes stay in place (SinkCache.put_token). tools/bench.py
+        passes options={"max_autotune": True, "freezing": True} on CPU (frozen weights become
+        constants: do not change them afterwards) and mode="reduce-overhead" (CUDA graphs, with the
+        cache buffers marked by torch._dynamo.mark_static_address) on CUDA."""
         self._decode_step = torch.compile(self._step, **options)
         return self
 
