@@ -133,6 +133,17 @@ def generate(model, prompt_ids: Sequence[int] | torch.Tensor, *, max_new_tokens:
 # Chat
 
 
+def encode_continuation(tokenizer, text: str) -> list[int]:
+    """Ids of `text` as it continues a stream. SentencePiece-style tokenizers put a space in front
+    of every text they encode ("\nUSER" would come back as " \nUSER"); encoding "\n" + text and
+    dropping the ids of "\n" avoids that. Falls back to a plain encode if the two do not split."""
+    anchor = tokenizer.encode("\n", add_bos=False)
+    ids = tokenizer.encode("\n" + text, add_bos=False)
+    if ids[: len(anchor)] == anchor:
+        return ids[len(anchor):]
+    return tokenizer.encode(text, add_bos=False)
+
+
 PLAIN_FIRST = "USER: {text}\nASSISTANT:"
 PLAIN_NEXT = "\nUSER: {text}\nASSISTANT:"
 
@@ -202,7 +213,9 @@ class ChatSession:
         if self.unfed is not None:
             ids.append(self.unfed)
         if self.template is None:
-            return ids + self.tok.encode((PLAIN_FIRST if first else PLAIN_NEXT).format(text=text), add_bos=first)
+            if first:
+                return self.tok.encode(PLAIN_FIRST.format(text=text))
+            return ids + encode_continuation(self.tok, PLAIN_NEXT.format(text=text))
         user = {"role": "user", "content": text}
         rendered = self._render(self.last_exchange + [user])
         delta = None
@@ -217,7 +230,7 @@ class ChatSession:
             if self.bos_text and delta.startswith(self.bos_text):
                 delta = delta[len(self.bos_text):]  # BOS goes in as its id (add_bos), once
         self.last_rendered = self._render([user])
-        return ids + self.tok.encode(delta, add_bos=first)
+        return ids + (self.tok.encode(delta) if first else encode_continuation(self.tok, delta))
 
     def turn(self, text: str) -> Iterator[str]:
         """Feed the user's `text`; yield the reply's text as it is generated."""

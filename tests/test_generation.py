@@ -3,13 +3,15 @@
 import itertools
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
 import minillm
 from minillm.errors import MiniLLMError
-from minillm.generation import ChatSession, generate, render_chat_template, sample, stream_tensor
+from minillm.generation import (ChatSession, encode_continuation, generate, render_chat_template, sample,
+                                stream_tensor)
 from minillm.reference import reference_stream
 from tiny_ckpt import tiny_checkpoint  # noqa: F401  (fixture)
 from util import random_model, tiny_config
@@ -195,6 +197,21 @@ def test_plain_chat_format(tiny_checkpoint):
     assert "".join(chat.turn("a")) == " hi"
     list(chat.turn("b"))
     assert tok.decode(model.fed) == "<s>USER: a\nASSISTANT: hi</s>\nUSER: b\nASSISTANT:"
+
+
+def test_sentencepiece_turns_get_no_spurious_space():
+    """A later turn is encoded as a continuation: SentencePiece must not add its word space."""
+    d = Path(__file__).resolve().parents[1] / "weights" / "llama-tiny"
+    if not (d / "tokenizer.model").is_file():
+        pytest.skip("weights/llama-tiny (a sentencepiece tokenizer) is not present")
+    tok = minillm.load_tokenizer(d)
+    assert tok.backend == "sentencepiece"
+    model = Scripted(4096, encode_continuation(tok, " hi") + [tok.eos_id] * 2)
+    chat = ChatSession(model, tok, temperature=0)
+    list(chat.turn("a"))
+    list(chat.turn("b"))
+    assert tok.decode(model.fed) == "USER: a\nASSISTANT: hi\nUSER: b\nASSISTANT:"  # control ids decode to ""
+    assert model.fed.count(tok.eos_id) == 1 and model.fed[0] == tok.bos_id
 
 
 def test_long_conversation_over_a_small_cache(tiny_checkpoint):
