@@ -16,6 +16,8 @@ import torch
 from .cache import SinkCache
 from .config import ModelConfig, from_hf_config, load_config
 from .errors import MiniLLMError
+from . import evaluate
+from .generation import generate
 from .model import Model
 
 __version__ = "0.1.0"
@@ -79,4 +81,5 @@ def save_pretrained(model: Model, directory: str | Path, dtype=None) -> Path:
 
 
 __all__ = ["Model", "ModelConfig", "SinkCache", "MiniLLMError", "load", "load_tokenizer", "save_pretrained",
+           "generate", "evaluate",
            "from_hf_config", "load_config", "parse_dtype", "parse_device", "__version__"]
