@@ -143,18 +143,20 @@ class Model(nn.Module):
         self._fit_layout()
 
     def _fit_layout(self) -> None:
-        """On CPU, store Linear weights column-major (the (out, in) parameter is a transposed view).
+        """On CPU, store the wide Linear weights (out >= in) column-major: the (out, in) parameter
+        is then a transposed view of an (in, out) buffer.
 
-        Decode multiplies one vector by each weight. For `x @ W.T`, MKL's matrix-vector product
-        reads a W stored as (in, out) rows at ~20 GB/s, and W stored as (out, in) at ~13 GB/s
-        (measured here, one thread): the decode step is bound by reading the weights. Large
-        products (prefill) run at the same speed either way. Other devices keep the usual layout.
-        Values never change, only strides; `hf_state_dict` saves contiguous copies.
+        Decode multiplies one vector by each weight and is bound by reading them. MKL's
+        matrix-vector product for `x @ W.T` reads a wide W (Llama's fused QKV, gate/up and head)
+        at ~19 GB/s stored (in, out) but ~12 GB/s stored (out, in), while a narrow one (the down
+        projection) is faster as stored (15 vs 13.5 GB/s); one thread, this machine, see
+        docs/performance.md. Large products (prefill) run at the same speed either way. Other
+        devices keep the usual layout. Only strides change; `hf_state_dict` saves contiguous copies.
         """
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 w = module.weight
-                column_major = w.device.type == "cpu"
+                column_major = w.device.type == "cpu" and w.shape[0] >= w.shape[1]
                 with torch.no_grad():
                     if column_major and w.is_contiguous():
                         w.data = w.data.t().contiguous().t()
