@@ -18,8 +18,15 @@ settings.register_profile("ci", max_examples=40, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
-# Tiny models run fastest on one thread, and CI machines have two cores shared with the runner.
-torch.set_num_threads(1)
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads: on a shared 2-core machine OpenMP
+    spin-waiting made them 3-20x slower. Reset around every test, since some set their own."""
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(1)
+
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

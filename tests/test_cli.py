@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 import minillm
 from minillm import cli
@@ -38,14 +37,6 @@ def run(*args, input=None, timeout=180):
 
 def no_traceback(p):
     assert "Traceback" not in p.stderr, p.stderr
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: a second thread only adds synchronisation
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

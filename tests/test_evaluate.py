@@ -20,15 +20,6 @@ FAMILIES = ["llama_gqa", "llama_mqa", "falcon_40b", "falcon_rw", "mpt", "gpt_neo
 _MODELS: dict = {}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: a second thread only adds synchronisation (20x slower on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def model_for(variant: str, dtype=torch.float32, **overrides):
     key = (variant, dtype, tuple(sorted(overrides.items())))
     if key not in _MODELS:

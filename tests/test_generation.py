@@ -17,14 +17,6 @@ from tiny_ckpt import tiny_checkpoint  # noqa: F401  (fixture)
 from util import random_model, tiny_config
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: a second thread only adds synchronisation
-    yield
-    torch.set_num_threads(n)
-
-
 # ------------------------------------------------------------------------------------------------
 # sample
 

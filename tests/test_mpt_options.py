@@ -30,15 +30,6 @@ from minillm.errors import MiniLLMError
 from util import rel_err
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a loaded machine 2 threads run ~3x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # --- the reference: MosaicML's MPT, transcribed ------------------------------------------------
 
 def gen_slopes(n_heads: int, alibi_bias_max: float) -> torch.Tensor:

@@ -45,15 +45,6 @@ LOW_RATIO, LOW_FLOOR = 4.0, 2e-3
 WORST: dict[str, float] = {}  # "variant dtype" -> worst relative error seen in this run
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a loaded machine 2 threads run ~3x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def record(key: str, err: float) -> None:
     WORST[key] = max(WORST.get(key, 0.0), err)
 

@@ -24,15 +24,6 @@ transformers.logging.set_verbosity_error()
 IDS = torch.randint(0, 61, (2, 19), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a loaded machine 2 threads run ~3x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def config_for(variant: str, **overrides):
     if variant == "mpt":  # transformers' MPT port hard-codes a 4 x d_model MLP
         overrides.setdefault("intermediate_size", 4 * 4 * 8)

@@ -59,12 +59,7 @@ def record(prop: str, dtype: torch.dtype, err: float, new_example: bool = True) 
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread_and_report(request):
-    # These models are tiny: a second thread buys nothing, and on a shared 2-core machine OpenMP
-    # spin-waiting made this module ~8x slower (182 s vs 22 s wall). Restored afterwards.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     yield
-    torch.set_num_threads(threads)
     if not STATS:
         return
     lines = [f"streaming properties ({PER_CASE} examples per variant and property, {len(CASES)} variants):"]
