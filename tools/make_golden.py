@@ -82,7 +82,8 @@ def main() -> int:
     }
     OUT.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(golden, indent=1)
-    text = re.sub(r"\[\s+([^\[\]{}]*?)\s+\]", lambda m: "[" + " ".join(m.group(1).split()) + "]", text)  # one line per list
+    # one line per list of numbers, so that the file stays short and diffs stay readable
+    text = re.sub(r"\[\s+([^\[\]{}]*?)\s+\]", lambda m: "[" + " ".join(m.group(1).split()) + "]", text)
     OUT.write_text(text + "\n", encoding="utf-8")
     for name, run in golden["runs"].items():
         small = sum(m <= THRESHOLD for m in run["margins"])
