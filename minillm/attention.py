@@ -113,22 +113,25 @@ def make_plan(config: ModelConfig, n: int, cache: SinkCache | None, device, dtyp
     # Chunk path: keys are [the cache's S slots as they were before this chunk] + [the chunk's own].
     plan = Plan(n=n, decode=False, want_probs=want_probs, use_cache_cols=t0 > 0)
     chunk_pos = t
-    key_pos = torch.cat([cache.slot_positions(t0, device=device), chunk_pos]) if t0 > 0 else chunk_pos
-    kp = key_pos[None, :]
-    tq = t[:, None]
-    allowed = (kp >= 0) & (kp <= tq) & ((kp < sinks) | (kp > tq - window))
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, float("-inf"))
     if rope:
         plan.q_rot = rope_tables(t, inv_freq, dtype)
-        if sinks and last >= S:  # some query sees the sinks at a position other than the text's
+    if rope and not manual and t0 == 0 and last < S:
+        plan.is_causal = True  # nothing evicted yet: every key set is {0..t}, SDPA skips the masked blocks
+    else:
+        key_pos = torch.cat([cache.slot_positions(t0, device=device), chunk_pos]) if t0 > 0 else chunk_pos
+        kp = key_pos[None, :]
+        tq = t[:, None]
+        allowed = (kp >= 0) & (kp <= tq) & ((kp < sinks) | (kp > tq - window))
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, float("-inf"))
+        if rope and sinks and last >= S:  # some query sees the sinks at a position other than the text's
             plan.qrel_rot = rope_tables(c, inv_freq, dtype)
             plan.sink_cols = torch.nonzero((key_pos >= 0) & (key_pos < sinks)).flatten()
             plan.n_cache_sinks = min(t0, sinks)
             plan.sink_rot = rope_tables(torch.arange(plan.n_cache_sinks, device=device), inv_freq, dtype)
-    else:
-        k_cache_pos = torch.where(kp < sinks, kp, c[:, None] - (tq - kp))
-        mask = mask + alibi_bias(config.alibi, slopes, c, k_cache_pos, config.scale, dtype)
-    plan.mask = mask.view(1, -1, *mask.shape[-2:])  # 4-D: CPU SDPA falls back to its slow kernel for 3-D
+        if not rope:
+            k_cache_pos = torch.where(kp < sinks, kp, c[:, None] - (tq - kp))
+            mask = mask + alibi_bias(config.alibi, slopes, c, k_cache_pos, config.scale, dtype)
+        plan.mask = mask.view(1, -1, *mask.shape[-2:])  # 4-D: CPU SDPA's fast kernel wants a 4-D mask
 
     # Cache writes: sinks to their slots, then only the last `window` ring tokens (earlier ones
     # would be overwritten within this same chunk).

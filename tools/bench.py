@@ -151,7 +151,9 @@ def _proc_status(field: str) -> int:
 
 def _malloc_returns_memory() -> None:
     """glibc keeps freed blocks below a (growing) threshold, which would hide later peaks in the
-    RSS; a fixed mmap threshold returns every large block to the system when it is freed."""
+    RSS; a fixed mmap threshold returns every large block to the system when it is freed. Only
+    for the memory probe's child process: it makes every large allocation fault its pages in
+    afresh, which would slow down (and bias) the timings of code that allocates big temporaries."""
     try:
         import ctypes
         ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD = 1 MiB
@@ -238,13 +240,16 @@ def decode_steps(model: Model, cache, steps: int) -> float:
 def section_recompute(args, device, dtype) -> dict:
     rows = []
     for name in args.recompute_models:
+        # CPU memory is measured in a child process, whose allocator returns every freed block;
+        # here the allocator keeps its defaults, so the timings are those of an ordinary process.
+        memory = _memory_in_child(args, name, dtype) if device.type == "cpu" else None
         model, source = bench_model(name, dtype, device)
-        vocab = model.config.vocab_size
+        if memory is None:  # CUDA's allocator statistics need no separate process
+            memory = peak_memories(model, args.sizes, device)
         for S in args.sizes:
-            ids = torch.randint(0, vocab, (1, S), generator=torch.Generator().manual_seed(S)).to(device)
-            with PeakMemory(device) as mem_stream:
-                cache = full_cache(model, S)
-                decode_steps(model, cache, 2)  # warm-up
+            ids = _recompute_ids(model, S, device)
+            cache = full_cache(model, S)
+            decode_steps(model, cache, 2)  # warm-up
             model(ids[:, :8])  # warm-up of the dense path
             stream, recompute = [], []
             for _ in range(args.reps):  # alternate the two sides
@@ -256,11 +261,10 @@ def section_recompute(args, device, dtype) -> dict:
                 recompute.append(time.perf_counter() - t0)
             cache_bytes = cache.k.nbytes + cache.v.nbytes + (cache.raw_sink_k.nbytes if cache.raw_sink_k is not None else 0)
             del cache
-            with PeakMemory(device) as mem_recompute:
-                model(ids, logits_to_keep=1)
             s, r = median(stream), median(recompute)
+            mem = memory.get(S, {})
             row = dict(model=name, source=source, S=S, stream_ms=s * 1e3, recompute_ms=r * 1e3, speedup=r / s,
-                       stream_mem_mb=_mb(mem_stream.peak), recompute_mem_mb=_mb(mem_recompute.peak),
+                       stream_mem_mb=_mb(mem.get("stream")), recompute_mem_mb=_mb(mem.get("recompute")),
                        cache_mb=cache_bytes / 1e6, weights_mb=_weights_mb(model),
                        stream_reps_ms=[x * 1e3 for x in stream], recompute_reps_ms=[x * 1e3 for x in recompute])
             rows.append(row)
@@ -270,7 +274,51 @@ def section_recompute(args, device, dtype) -> dict:
         del model
         gc.collect()
     return {"rows": rows, "note": "memory: peak above the weights, cache allocation included for streaming; "
-                                  "CPU: resident-set high-water mark, CUDA: max_memory_allocated"}
+                                  "CPU: resident-set high-water mark (in a child process), CUDA: max_memory_allocated"}
+
+
+def _recompute_ids(model, S: int, device) -> torch.Tensor:
+    return torch.randint(0, model.config.vocab_size, (1, S), generator=torch.Generator().manual_seed(S)).to(device)
+
+
+@torch.inference_mode()
+def peak_memories(model, sizes, device) -> dict:
+    """{S: peak bytes above the weights of a full cache and two decode steps ("stream"), and of a
+    recompute forward ("recompute")}, after one unmeasured round (one-time buffers, lazy init)."""
+    out = {}
+    for S in [min(sizes)] + list(sizes):
+        with PeakMemory(device) as stream:
+            cache = full_cache(model, S)
+            decode_steps(model, cache, 2)
+        del cache
+        ids = _recompute_ids(model, S, device)
+        with PeakMemory(device) as recompute:
+            model(ids, logits_to_keep=1)
+        out[S] = {"stream": stream.peak, "recompute": recompute.peak}  # the warm-up round is overwritten
+    return out
+
+
+def _memory_in_child(args, name: str, dtype) -> dict:
+    import subprocess
+
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-probe", name, "--dtype", str(dtype).removeprefix("torch."),
+           "--threads", str(args.threads), "--sizes", ",".join(map(str, args.sizes))]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, check=True).stdout
+        return {int(k): v for k, v in json.loads(out.strip().splitlines()[-1]).items()}
+    except (subprocess.SubprocessError, ValueError, IndexError) as e:
+        print(f"  (memory probe failed: {type(e).__name__}: {' '.join(str(e).split())[:200]})", flush=True)
+        return {}
+
+
+def _memory_probe(args) -> int:
+    """The child of _memory_in_child: one JSON line {S: {"stream": bytes, "recompute": bytes}}."""
+    _malloc_returns_memory()
+    device, dtype = torch.device("cpu"), minillm.parse_dtype(args.dtype)
+    torch.set_num_threads(args.threads)
+    model, _ = bench_model(args.memory_probe, dtype, device)
+    print(json.dumps(peak_memories(model, args.sizes, device)))
+    return 0
 
 
 def _mb(x) -> float | None:
@@ -648,6 +696,7 @@ def parse_args(argv=None):
     p.add_argument("--budget", type=float, default=None, help="seconds: skip the sections left after this")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--png", type=Path, default=None)
+    p.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)  # internal: see _memory_in_child
     args = p.parse_args(argv)
     args.only = [x for x in args.only.split(",") if x]
     bad = [x for x in args.only if x not in SECTIONS]
@@ -675,6 +724,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.memory_probe:
+        return _memory_probe(args)
     try:
         device, dtype = minillm.parse_device(args.device), minillm.parse_dtype(args.dtype)
     except minillm.MiniLLMError as e:
@@ -726,5 +777,4 @@ def _save(result: dict, args) -> None:
 
 
 if __name__ == "__main__":
-    _malloc_returns_memory()  # here, not in main(): it would outlive a call from a test
     sys.exit(main())
