@@ -461,29 +461,10 @@ def cmd_attn(args) -> int:
 
 
 def _plot_maps(plt, maps, scores, args) -> None:
-    """A grid of per-layer heatmaps (the paper's Figure 2), on a log color scale so that both the
-    sink column and the faint rest of each row are visible."""
-    import numpy as np
-    from matplotlib.colors import LogNorm
+    from .plots import attention_map_figure
 
-    L, T, _ = maps.shape
-    cols = math.ceil(math.sqrt(L))
-    rows = -(-L // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.8 * cols + 1, 2.8 * rows + 0.4), squeeze=False,
-                             layout="constrained")
-    upper = np.triu(np.ones((T, T), dtype=bool), k=1)
-    for i, ax in enumerate(axes.flat):
-        if i >= L:
-            ax.axis("off")
-            continue
-        data = np.ma.masked_where(upper, maps[i].numpy().clip(min=1e-4))
-        im = ax.imshow(data, norm=LogNorm(vmin=1e-4, vmax=1.0), cmap="viridis", interpolation="nearest")
-        ax.set_title(f"layer {i}: sink {scores.per_layer[i]:.3f}", fontsize=9)
-        ax.set_xlabel("key", fontsize=8)
-        ax.set_ylabel("query", fontsize=8)
-        ax.tick_params(labelsize=7)
-    fig.colorbar(im, ax=axes, shrink=0.8, label="attention (heads averaged)")
-    fig.suptitle(f"{Path(args.model or DEFAULT_MODEL).name}: first {T} tokens", fontsize=10)
+    title = f"{Path(args.model or DEFAULT_MODEL).name}: first {maps.shape[1]} tokens"
+    fig = attention_map_figure(plt, maps, scores.per_layer, title)
     fig.savefig(args.png, dpi=110)
     plt.close(fig)
 

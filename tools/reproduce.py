@@ -38,6 +38,7 @@ import minillm  # noqa: E402
 from minillm.evaluate import (PerplexityResult, attention_maps, attention_probs,  # noqa: E402
                               attention_sink_scores, perplexity, stride_subset)
 from minillm.text import read_texts  # noqa: E402
+from minillm.plots import attention_map_figure  # noqa: E402
 
 CORPUS = REPO.parent / "shared" / "corpus"
 HELD_OUT = ("frankenstein.txt", "katrine.txt")  # never seen in training (tools/train.py)
@@ -368,28 +369,7 @@ def plot_sink_scores(plt, results, path: Path) -> None:
 
 
 def plot_maps(plt, name: str, maps: torch.Tensor, scores: list[float], path: Path) -> None:
-    """Per-layer heatmaps (the paper's Figure 2), log color scale: the sink column and the faint
-    rest of each row are both visible."""
-    import numpy as np
-    from matplotlib.colors import LogNorm
-
-    L, T, _ = maps.shape
-    cols = min(L, 3)
-    rows = -(-L // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols + 0.8, 3.0 * rows + 0.3), squeeze=False,
-                             layout="constrained")
-    upper = np.triu(np.ones((T, T), dtype=bool), k=1)
-    im = None
-    for i, ax in enumerate(axes.flat):
-        if i >= L:
-            ax.axis("off")
-            continue
-        data = np.ma.masked_where(upper, maps[i].numpy().clip(min=1e-4))
-        im = ax.imshow(data, norm=LogNorm(vmin=1e-4, vmax=1.0), cmap="viridis", interpolation="nearest")
-        ax.set_title(f"layer {i}: token-0 score {scores[i]:.3f}", fontsize=8)
-        ax.tick_params(labelsize=7)
-    fig.colorbar(im, ax=axes, shrink=0.8, label="attention (heads averaged)")
-    fig.suptitle(f"{name}: first {T} tokens (x: key, y: query)", fontsize=10)
+    fig = attention_map_figure(plt, maps, scores, f"{name}: first {maps.shape[1]} tokens", cols=min(len(maps), 3))
     save(plt, fig, path, dpi=72)
 
 
@@ -459,7 +439,7 @@ def summary(results: list[dict], S: int) -> list[str]:
                   f"the first tokens costs them nothing." if fine else "."))
     one = [r for r in bad if r["sinks"][f"1+{S - 1}"] <= 1.01 * r["sinks"][f"4+{S - 4}"]]
     if bad:
-        out.append(f"- **How many sinks.** " + "; ".join(
+        out.append("- **How many sinks.** " + "; ".join(
             f"`{r['name']}`: 0 sinks {f2(r['sinks'][f'0+{S}'])}, 1 sink {f2(r['sinks'][f'1+{S - 1}'])}, "
             f"4 sinks {f2(r['sinks'][f'4+{S - 4}'])}" for r in bad)
             + (f". One sink (BOS, the same token at position 0 of every training sample) restores "
@@ -635,7 +615,7 @@ def write_results(out: Path, results: list[dict], train: dict, attempt1_train: d
     w("")
 
     # (b) ---------------------------------------------------------------------------------
-    w(f"## 2. How many sinks (the paper's Tables 1 and 2)\n")
+    w("## 2. How many sinks (the paper's Tables 1 and 2)\n")
     w(f"PPL over all {results[0]['tokens']:,} tokens with k sinks and a window of S-k, S = {S} fixed; "
       f"the last column is 0 sinks against 4 (paired, all tokens).\n")
     rows = [[f"`{r['name']}`"] + [f2(r["sinks"][f"{k}+{S - k}"]) for k in SINK_COUNTS]
@@ -737,7 +717,7 @@ def write_results(out: Path, results: list[dict], train: dict, attempt1_train: d
 
     w("## Reproduce\n")
     w("```\n" + cmd + "\n```\n")
-    w(f"Timings of this run (seconds): " + "; ".join(
+    w("Timings of this run (seconds): " + "; ".join(
         f"`{r['name']}` " + ", ".join(f"{k} {v:g}" for k, v in r["seconds"].items()) for r in results) + ".\n")
     (out / "RESULTS.md").write_text("\n".join(L), encoding="utf-8")
 
