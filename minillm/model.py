@@ -247,9 +247,10 @@ class Model(nn.Module):
         The step's shapes are fixed once the cache is full, and everything that changes from step to
         step (the slot, the rotations) is a tensor, so it compiles once for the steady state and
         never recompiles; its cache writes stay in place (SinkCache.put_token). tools/bench.py
-        passes options={"max_autotune": True, "freezing": True} on CPU (frozen weights become
-        constants: do not change them afterwards) and mode="reduce-overhead" (CUDA graphs, with the
-        cache buffers marked by torch._dynamo.mark_static_address) on CUDA."""
+        uses mode="max-autotune" with torch._inductor.config.freezing on CPU (inductor's own C++
+        matrix-vector kernels; frozen weights become constants: do not change them afterwards),
+        and mode="reduce-overhead" (CUDA graphs, with the cache buffers marked by
+        torch._dynamo.mark_static_address) on CUDA."""
         self._decode_step = torch.compile(self._step, **options)
         return self
 

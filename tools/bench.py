@@ -67,10 +67,10 @@ SHAPES = {  # hidden, layers, heads, kv heads, intermediate, vocab
 SHIPPED_TINY = REPO / "weights" / "llama-tiny"
 SECTIONS = ("recompute", "hf", "bandwidth", "compile")
 # torch.compile settings of the compile section. CPU: inductor's own C++ matrix-vector kernels
-# (max_autotune picks them over MKL when faster) with the weights frozen as constants. CUDA: CUDA
-# graphs, since a small model's eager decode step is bound by kernel launches.
-COMPILE_DEFAULTS = {"cpu": {"options": {"max_autotune": True, "freezing": True}},
-                    "cuda": {"mode": "reduce-overhead"}}
+# (max-autotune picks them over MKL when faster), with the weights frozen as constants
+# (inductor's freezing, set by the section on CPU). CUDA: CUDA graphs, since a small model's eager
+# decode step is bound by kernel launches.
+COMPILE_DEFAULTS = {"cpu": {"mode": "max-autotune"}, "cuda": {"mode": "reduce-overhead"}}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -408,10 +408,18 @@ def section_hf(args, device, dtype) -> dict:
             agree = sum(x == y for x, y in zip(a, b))
             ours_generate(ours, prompt[:, :64], 4, args.sinks, args.cache_size)  # warm-up
             hf_generate(hf, prompt[:, :64], 4)
-            o_runs, h_runs = [], []
-            for _ in range(args.reps):
+            compiled = None
+            if args.hf_compile:  # the same generation with the decode step compiled (section 4's settings)
+                compiled = _compiled_step(ours, device, args)
+                ours_generate(ours, prompt[:, :64], 4, args.sinks, args.cache_size)  # compiles here
+            o_runs, h_runs, c_runs = [], [], []
+            for _ in range(args.reps):  # alternate the engines
+                ours._decode_step = None
                 o_runs.append(ours_generate(ours, prompt, args.new_tokens, args.sinks, args.cache_size))
                 h_runs.append(hf_generate(hf, prompt, args.new_tokens))
+                if compiled is not None:
+                    ours._decode_step = compiled
+                    c_runs.append(ours_generate(ours, prompt, args.new_tokens, args.sinks, args.cache_size))
             o_tps = median([r["decode_tokens"] / r["decode_s"] for r in o_runs])
             h_tps = median([r["decode_tokens"] / r["decode_s"] for r in h_runs])
             o_pre = median([r["prefill_s"] for r in o_runs])
@@ -426,11 +434,18 @@ def section_hf(args, device, dtype) -> dict:
                        short_prompt_agreement=f"{agree}/16",
                        ours_runs=[{k: v for k, v in r.items() if k != "tokens"} for r in o_runs],
                        hf_runs=[{k: v for k, v in r.items() if k != "tokens"} for r in h_runs])
+            if c_runs:
+                c_tps = median([r["decode_tokens"] / r["decode_s"] for r in c_runs])
+                row.update(compiled_decode_tok_s=c_tps, compiled_speedup=c_tps / h_tps,
+                           compiled_runs=[{k: v for k, v in r.items() if k != "tokens"} for r in c_runs])
             rows.append(row)
             print(f"  {name:5s} decode: minillm {o_tps:8.1f} tok/s  transformers {h_tps:8.1f} tok/s  "
                   f"x{o_tps / h_tps:5.2f}   prefill {o_pre:.2f} s vs {h_pre:.2f} s   "
                   f"(greedy tokens equal on a short prompt: {agree}/16)", flush=True)
+            if c_runs:
+                print(f"        minillm compiled decode {c_tps:8.1f} tok/s: x{c_tps / h_tps:5.2f} transformers", flush=True)
             del ours, hf
+            torch._dynamo.reset()
             gc.collect()
     return {"rows": rows, "prompt": args.prompt, "new_tokens": args.new_tokens, "sinks": args.sinks,
             "cache_size": args.cache_size}
@@ -539,26 +554,36 @@ def section_compile(args, device, dtype) -> dict:
     return {"rows": rows}
 
 
+def _compiled_step(model, device, args):
+    """model.compile_decode() with the section-4 settings; returns the compiled step (lazy: it
+    compiles on its first call)."""
+    kwargs = args.compile_kwargs if args.compile_kwargs is not None else COMPILE_DEFAULTS.get(device.type, {})
+    # CPU: the weights frozen as constants, so inductor may lay them out for its own kernels.
+    torch._inductor.config.freezing = device.type == "cpu"
+    model.compile_decode(**kwargs)
+    return model._decode_step
+
+
 @torch.inference_mode()
 def _compile_one(args, name, device, dtype, kwargs) -> dict:
     model, source = bench_model(name, dtype, device)
     S = args.cache_size
     cache = full_cache(model, S)
-    for buf in (cache.k, cache.v, cache.raw_sink_k):  # CUDA graphs need fixed addresses
-        if buf is not None:
-            torch._dynamo.mark_static_address(buf)
+    if device.type == "cuda":  # CUDA graphs need the cache at fixed addresses
+        for buf in (cache.k, cache.v, cache.raw_sink_k):
+            if buf is not None:
+                torch._dynamo.mark_static_address(buf)
     decode_steps(model, cache, 2)
     tok = torch.tensor([[3]], device=device)
     want = model(tok, cache=cache)
     cache.tokens_seen -= 1  # the same step again: it rewrites the same slot with the same K/V
-    model.compile_decode(**kwargs)
+    compiled_fn = _compiled_step(model, device, args)
     t0 = time.perf_counter()
     got = model(tok, cache=cache)
     sync(device)
     compile_s = time.perf_counter() - t0
     err = ((got.double() - want.double()).abs().max() / want.double().abs().max()).item()
     decode_steps(model, cache, 3)  # any last recompile (or CUDA graph recording) happens here
-    compiled_fn = model._decode_step
     e_times, c_times = [], []
     for _ in range(args.reps):  # alternate eager and compiled on the same model and cache
         model._decode_step = None
@@ -568,7 +593,9 @@ def _compile_one(args, name, device, dtype, kwargs) -> dict:
     e, cm = median(e_times), median(c_times)
     print(f"  {name:5s} S={S}: eager {e * 1e3:.2f} ms/token, compiled {cm * 1e3:.2f} ms/token: x{e / cm:.2f} "
           f"(first call {compile_s:.0f} s; logits rel err vs eager {err:.1e}; {kwargs})", flush=True)
+    nbytes = decode_bytes(model, S)
     return dict(model=name, source=source, S=S, eager_ms=e * 1e3, compiled_ms=cm * 1e3, gain=e / cm,
+                bytes_per_step=nbytes, eager_gb_s=nbytes / e / 1e9, compiled_gb_s=nbytes / cm / 1e9,
                 compile_s=compile_s, rel_err_vs_eager=err, compile_kwargs=kwargs,
                 eager_reps_ms=[x * 1e3 for x in e_times], compiled_reps_ms=[x * 1e3 for x in c_times])
 
@@ -589,11 +616,14 @@ def print_tables(result: dict) -> None:
             print(f"| {r['model']} | {r['S']} | {r['stream_ms']:.2f} | {r['recompute_ms']:.1f} | {r['speedup']:.0f}x "
                   f"| {_fmt_mb(r['stream_mem_mb'])} | {_fmt_mb(r['recompute_mem_mb'])} |")
     if "hf" in s and "rows" in s["hf"]:
-        print("\n| model | minillm decode tok/s | transformers decode tok/s | ratio | prefill s (minillm / transformers) |")
-        print("|---|---:|---:|---:|---:|")
+        print("\n| model | minillm decode tok/s | transformers decode tok/s | ratio | minillm compiled tok/s | ratio "
+              "| prefill s (minillm / transformers) |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
         for r in s["hf"]["rows"]:
+            comp = (f"{r['compiled_decode_tok_s']:.1f} | {r['compiled_speedup']:.2f}x" if "compiled_decode_tok_s" in r
+                    else "- | -")
             print(f"| {r['model']} | {r['ours_decode_tok_s']:.1f} | {r['hf_decode_tok_s']:.1f} | {r['speedup']:.2f}x "
-                  f"| {r['ours_prefill_s']:.2f} / {r['hf_prefill_s']:.2f} |")
+                  f"| {comp} | {r['ours_prefill_s']:.2f} / {r['hf_prefill_s']:.2f} |")
     if "bandwidth" in s and "rows" in s["bandwidth"]:
         print("\n| model | S | MB per step | ms per step | achieved GB/s | read bandwidth GB/s | fraction |")
         print("|---|---:|---:|---:|---:|---:|---:|")
@@ -601,13 +631,16 @@ def print_tables(result: dict) -> None:
             print(f"| {r['model']} | {r['S']} | {r['bytes_per_step'] / 1e6:.0f} | {r['step_ms']:.2f} | "
                   f"{r['achieved_gb_s']:.1f} | {r['read_bw_gb_s']:.1f} | {100 * r['fraction']:.0f}% |")
     if "compile" in s and "rows" in s["compile"]:
-        print("\n| model | S | eager ms/token | compiled ms/token | gain |")
-        print("|---|---:|---:|---:|---:|")
+        bw = s.get("bandwidth", {}).get("read_bw_gb_s")
+        print("\n| model | S | eager ms/token | compiled ms/token | gain | compiled GB/s" + (" | of read bandwidth |" if bw else " |"))
+        print("|---|---:|---:|---:|---:|---:|" + ("---:|" if bw else ""))
         for r in s["compile"]["rows"]:
             if "error" in r:
-                print(f"| {r['model']} | | | failed: {r['error'][:80]} | |")
+                print(f"| {r['model']} | | | failed: {r['error'][:80]} | | |" + (" |" if bw else ""))
             else:
-                print(f"| {r['model']} | {r['S']} | {r['eager_ms']:.2f} | {r['compiled_ms']:.2f} | {r['gain']:.2f}x |")
+                frac = f" {100 * r['compiled_gb_s'] / bw:.0f}% |" if bw else ""
+                print(f"| {r['model']} | {r['S']} | {r['eager_ms']:.2f} | {r['compiled_ms']:.2f} | {r['gain']:.2f}x "
+                      f"| {r['compiled_gb_s']:.1f} |{frac}")
     for name, sec in s.items():
         if "error" in sec:
             print(f"\n{name}: FAILED: {sec['error']}")
@@ -638,10 +671,14 @@ def plot(result: dict, path: Path) -> None:
     ax = axes[1]
     rows = s.get("hf", {}).get("rows", [])
     x = range(len(rows))
-    ax.bar([i - 0.2 for i in x], [r["ours_decode_tok_s"] for r in rows], 0.4, label="minillm (4+1020 cache)")
-    ax.bar([i + 0.2 for i in x], [r["hf_decode_tok_s"] for r in rows], 0.4, label="transformers generate")
+    ax.bar([i - 0.27 for i in x], [r["ours_decode_tok_s"] for r in rows], 0.27, label="minillm (4+1020 cache)")
+    ax.bar([i for i in x], [r.get("compiled_decode_tok_s", 0) for r in rows], 0.27, label="minillm, compiled step")
+    ax.bar([i + 0.27 for i in x], [r["hf_decode_tok_s"] for r in rows], 0.27, label="transformers generate")
     for i, r in zip(x, rows):
-        ax.annotate(f"{r['speedup']:.2f}x", (i - 0.2, r["ours_decode_tok_s"]), ha="center", va="bottom", fontsize=8)
+        ax.annotate(f"{r['speedup']:.2f}x", (i - 0.27, r["ours_decode_tok_s"]), ha="center", va="bottom", fontsize=8)
+        if "compiled_speedup" in r:
+            ax.annotate(f"{r['compiled_speedup']:.2f}x", (i, r["compiled_decode_tok_s"]), ha="center", va="bottom",
+                        fontsize=8)
     ax.set(xticks=list(x), yscale="log", ylabel="decode tokens/s",
            title=f"greedy, {s.get('hf', {}).get('prompt', '?')}-token prompt")
     ax.set_xticklabels([r["model"] for r in rows])
@@ -685,6 +722,8 @@ def parse_args(argv=None):
     p.add_argument("--hf-models", default="tiny,134M")
     p.add_argument("--bw-models", default="134M")
     p.add_argument("--compile-models", default="tiny,134M")
+    p.add_argument("--hf-compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="hf section: also time minillm with its decode step compiled")
     p.add_argument("--compile-kwargs", default=None,
                    help="torch.compile keyword arguments as JSON; default: on CPU "
                         f"{json.dumps(COMPILE_DEFAULTS['cpu'])}, on CUDA {json.dumps(COMPILE_DEFAULTS['cuda'])}")

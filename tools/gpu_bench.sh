@@ -24,11 +24,12 @@ LOG="$OUT/bench.log"
 
 if [ "${SMOKE:-0}" = 1 ]; then
     args=(--device cpu --dtype bfloat16 --threads 1 --models smoke --sizes 64,256 --cache-size 64
-          --prompt 128 --new-tokens 16 --steps 5 --bw-gib 0.25 --compile-kwargs '{"mode": "reduce-overhead"}')
+          --prompt 128 --new-tokens 16 --steps 5 --bw-gib 0.25 --no-hf-compile
+          --compile-kwargs '{"mode": "reduce-overhead"}')
     BUDGET=${BUDGET:-150}
 else
     args=(--device cuda --dtype bfloat16 --recompute-models 134M,7B --sizes 1024,4096
-          --bw-models 134M,7B --hf-models 134M --compile-models 134M --steps 20 --bw-gib 4)
+          --bw-models 134M,7B --hf-models 134M --no-hf-compile --compile-models 134M --steps 20 --bw-gib 4)
     BUDGET=${BUDGET:-120}
 fi
 LIMIT=${LIMIT:-210}
