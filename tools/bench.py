@@ -694,7 +694,13 @@ def plot(result: dict, path: Path) -> None:
             bw = next(b["read_bw_gb_s"] for b in rows if b["model"] == r["model"]) * 1e9
             labels += [f"{r['model']}\ntransformers"]
             vals += [r["hf_bytes_per_step"] * r["hf_decode_tok_s"] / bw]
-    ax.bar(labels, [100 * v for v in vals], color=["C0" if "minillm" in lb else "C1" for lb in labels])
+    for r in s.get("compile", {}).get("rows", []):
+        if "compiled_gb_s" in r and r["model"] in [b["model"] for b in rows]:
+            bw = next(b["read_bw_gb_s"] for b in rows if b["model"] == r["model"])
+            labels += [f"{r['model']}\nminillm compiled"]
+            vals += [r["compiled_gb_s"] / bw]
+    ax.bar(labels, [100 * v for v in vals],
+           color=["C1" if "compiled" in lb else "C0" if "minillm" in lb else "C2" for lb in labels])
     ax.axhline(100, color="k", lw=0.8)
     ax.set(ylabel="% of measured read bandwidth", title="decode vs the memory-bandwidth bound")
     m = result["machine"]
