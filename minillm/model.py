@@ -42,7 +42,7 @@ class RMSNorm(nn.Module):
         if x.dtype == torch.float32:  # one call instead of six; the same arithmetic (bit-identical on CPU)
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         dtype = x.dtype
-        x = x.float()
+        x = x.to(torch.promote_types(dtype, torch.float32))  # float32 at least; float64 stays exact
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
 
