@@ -72,9 +72,9 @@ def make_plan(config: ModelConfig, n: int, cache: SinkCache | None, device, dtyp
     manual = want_probs or config.zero_sink
 
     if cache is not None and n == 1 and not manual:  # decode fast path: slot arithmetic in Python ints
-        sinks, window, S = cache.sinks, cache.window, cache.capacity
+        sinks, S = cache.sinks, cache.capacity
         plan = Plan(n=1, decode=True, n_valid=min(t0 + 1, S))
-        slot = t0 if t0 < sinks else sinks + (t0 - sinks) % window
+        slot = cache.slot_of(t0)
         # Tensors, so a compiled step is the same graph every step; made by arange, which on CUDA
         # is a kernel launch, where torch.tensor([x]) would be a synchronising host-to-device copy.
         t = torch.arange(t0, t0 + 1, device=device)

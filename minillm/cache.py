@@ -89,9 +89,11 @@ class SinkCache:
         """k[:, :, :, :sinks] = keys (layers, B, KV, sinks, hd), in place when compiled too."""
         self.k[:, :, :, self._sink_ids] = keys
 
-    def slot_of(self, positions: torch.Tensor) -> torch.Tensor:
-        """The slot that stream position(s) j are written to."""
-        ring = self.sinks + (positions - self.sinks).remainder(self.window)
+    def slot_of(self, positions: int | torch.Tensor) -> int | torch.Tensor:
+        """The slot that stream position(s) j are written to (a Python int for an int: decode)."""
+        ring = self.sinks + (positions - self.sinks) % self.window  # floor mod, ints and tensors alike
+        if isinstance(positions, int):
+            return positions if positions < self.sinks else ring
         return torch.where(positions < self.sinks, positions, ring)
 
     def slot_positions(self, tokens_seen: int | None = None, device=None) -> torch.Tensor:
