@@ -18,6 +18,7 @@ token (the paper's §3.3): it is prepended to every stream, before BOS, and neve
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable, Iterator, Sequence
 
 import torch
@@ -30,6 +31,14 @@ def sink_prefix(config) -> list[int]:
     return [] if config.sink_token_id is None else [int(config.sink_token_id)]
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def stream_tensor(model, ids: Sequence[int] | torch.Tensor) -> tuple[torch.Tensor, int]:
     """(1, L) int64 tensor on the model's device: sink prefix + ids; and the prefix length."""
     if isinstance(ids, torch.Tensor):
@@ -37,9 +46,22 @@ def stream_tensor(model, ids: Sequence[int] | torch.Tensor) -> tuple[torch.Tenso
             ids = ids[0]
         if ids.dim() != 1:
             raise MiniLLMError(f"ids must be a 1-D sequence of token ids, got shape {tuple(ids.shape)}")
+        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+            raise MiniLLMError(f"ids must be integer token ids, got a {ids.dtype} tensor")
         ids = ids.tolist()
+    elif isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
+        raise MiniLLMError(f"ids must be a sequence of token ids (encode text with the tokenizer first), "
+                           f"got {type(ids).__name__}")
+    out = []
+    for i in ids:  # 1.5 or "3" is never silently truncated or parsed
+        try:
+            if isinstance(i, bool):
+                raise TypeError
+            out.append(operator.index(i))
+        except TypeError:
+            raise MiniLLMError(f"ids must be integer token ids, got {i!r} ({type(i).__name__})") from None
     prefix = sink_prefix(model.config)
-    ids = prefix + [int(i) for i in ids]
+    ids = prefix + out
     bad = [i for i in ids if not 0 <= i < model.config.vocab_size]
     if bad:
         raise MiniLLMError(f"token id {bad[0]} is out of range for the model's vocabulary of "
@@ -48,12 +70,67 @@ def stream_tensor(model, ids: Sequence[int] | torch.Tensor) -> tuple[torch.Tenso
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    if not temperature >= 0:  # also refuses NaN
-        raise MiniLLMError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
+    if not _is_real(temperature) or not temperature >= 0:  # also refuses NaN and strings
+        raise MiniLLMError(f"temperature must be a number >= 0 (0 is greedy), got {temperature!r}")
+    if top_k is not None and (not _is_int(top_k) or top_k < 0):
         raise MiniLLMError(f"top_k must be an integer >= 0 (0 or None: off), got {top_k!r}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise MiniLLMError(f"top_p must be in (0, 1], got {top_p}")
+    if top_p is not None and (not _is_real(top_p) or not 0 < top_p <= 1):
+        raise MiniLLMError(f"top_p must be a number in (0, 1], got {top_p!r}")
+
+
+SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # what torch.Generator.manual_seed accepts
+
+
+def check_seed(seed) -> int:
+    if not _is_int(seed) or not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise MiniLLMError(f"seed must be an integer in [-2**63, 2**64 - 1], got {seed!r}")
+    return seed
+
+
+class NonFiniteError(MiniLLMError):
+    """The model produced NaN or infinite logits (broken weights, a config that overflows, float16)."""
+
+
+def where_nonfinite(model, ids: torch.Tensor) -> str:
+    """The first place a dense forward over `ids` (1, T) goes non-finite: "the embedding",
+    "layer i", "the final norm" or "the output head"; "" if it stays finite. Only run after a
+    failure, so it costs nothing on the normal path."""
+    found: list[str] = []
+    hooks = []
+
+    def watch(name):
+        def hook(module, inputs, output):
+            out = output[0] if isinstance(output, tuple) else output
+            if not found and isinstance(out, torch.Tensor) and not bool(torch.isfinite(out).all()):
+                found.append(name)
+        return hook
+
+    parts = [("the embedding", model.embed)] + [(f"layer {i}", b) for i, b in enumerate(model.layers)]
+    parts.append(("the final norm", model.norm))
+    for name, module in parts:
+        hooks.append(module.register_forward_hook(watch(name)))
+    try:
+        with torch.no_grad():
+            logits = model(ids)
+        if not found and not bool(torch.isfinite(logits).all()):
+            found.append("the output head")
+    except Exception:  # a diagnosis must never hide the original error
+        pass
+    finally:
+        for h in hooks:
+            h.remove()
+    return found[0] if found else ""
+
+
+def check_finite(logits: torch.Tensor, model, ids: torch.Tensor | None, what: str) -> None:
+    """Raise NonFiniteError naming `what` (the step) and, if it can be found, the layer."""
+    if bool(torch.isfinite(logits).all()):
+        return
+    kind = "NaN" if bool(torch.isnan(logits).any()) else "infinite"
+    where = where_nonfinite(model, ids[:, -64:]) if ids is not None else ""
+    raise NonFiniteError(f"{kind} logits at {what}{f' (first non-finite output: {where})' if where else ''}; "
+                         f"the weights or config produce non-finite numbers (in float16, try "
+                         f"--dtype bfloat16 or float32)")
 
 
 def sample(logits: torch.Tensor, *, temperature: float = 0.8, top_k: int | None = None,
@@ -62,16 +139,21 @@ def sample(logits: torch.Tensor, *, temperature: float = 0.8, top_k: int | None 
     """One token id from a (V,) row of logits.
 
     temperature 0 is greedy (argmax). Otherwise softmax(logits / temperature), restricted to the
-    `top_k` most likely ids and then to the smallest set whose probability reaches `top_p`.
-    Ids >= `vocab_size` (padding rows of a model vocabulary larger than its tokenizer's) are
-    never produced.
+    `top_k` most likely ids and then to the smallest set whose probability reaches `top_p`; a
+    temperature so small that logits / temperature overflows is the limit, greedy. Ids >=
+    `vocab_size` (padding rows of a model vocabulary larger than its tokenizer's) are never
+    produced. Non-finite logits raise NonFiniteError.
     """
     logits = logits.float()
     if vocab_size is not None and vocab_size < logits.shape[-1]:
         logits = logits[:vocab_size]  # ids past the tokenizer's vocabulary cannot be decoded
+    if not bool(torch.isfinite(logits).all()):
+        raise NonFiniteError("sample: the logits are not all finite")
     if temperature == 0:
         return int(torch.argmax(logits))
-    logits = logits / temperature
+    # Subtracting the max first keeps logits / temperature finite for any temperature > 0: the
+    # top logit becomes 0 and the rest at most 0 (-inf once they underflow, which is exact).
+    logits = (logits - logits.max()) / temperature
     if top_k and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -82,6 +164,21 @@ def sample(logits: torch.Tensor, *, temperature: float = 0.8, top_k: int | None 
         drop = (torch.cumsum(sorted_p, dim=-1) - sorted_p) >= top_p
         probs = probs.scatter(0, order, sorted_p.masked_fill(drop, 0.0))
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def prefill(model, ids: torch.Tensor, cache) -> torch.Tensor:
+    """Feed a prompt (1, T) of any length through `cache`; return the last position's logits (V,).
+
+    The prompt goes in chunks of `model.max_chunk` tokens, each asking the model for its last
+    position's logits only (`logits_to_keep=1`): memory is the cache plus one chunk's
+    activations, however long the prompt (a (T, vocab) logits tensor would be 128 KB per token
+    at a 32k vocabulary). Chunking never changes the result (the streaming contract)."""
+    step = max(1, int(getattr(model, "max_chunk", 1024)))
+    logits = None
+    with torch.no_grad():
+        for p0 in range(0, ids.shape[1], step):
+            logits = model(ids[:, p0 : p0 + step], cache=cache, logits_to_keep=1)
+    return logits[0, -1]
 
 
 def generate(model, prompt_ids: Sequence[int] | torch.Tensor, *, max_new_tokens: int | None = 256,
@@ -100,8 +197,20 @@ def generate(model, prompt_ids: Sequence[int] | torch.Tensor, *, max_new_tokens:
     - Sampling draws from `generator`, or from a new one seeded with `seed`.
     """
     check_sampling(temperature, top_k, top_p)
-    if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or max_new_tokens < 0):
-        raise MiniLLMError(f"max_new_tokens must be >= 0 or None, got {max_new_tokens!r}")
+    if max_new_tokens is not None and (not _is_int(max_new_tokens) or max_new_tokens < 0):
+        raise MiniLLMError(f"max_new_tokens must be an integer >= 0 or None, got {max_new_tokens!r}")
+    if vocab_size is not None and (not _is_int(vocab_size) or vocab_size < 1):
+        raise MiniLLMError(f"vocab_size must be an integer >= 1 or None, got {vocab_size!r}")
+    if generator is None:
+        check_seed(seed)
+    elif not isinstance(generator, torch.Generator):
+        raise MiniLLMError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    if isinstance(eos_ids, (str, bytes)):
+        raise MiniLLMError(f"eos_ids must be a collection of token ids, got {type(eos_ids).__name__}")
+    try:
+        eos = frozenset() if ignore_eos else frozenset(int(i) for i in eos_ids)
+    except (TypeError, ValueError):
+        raise MiniLLMError(f"eos_ids must be a collection of integer token ids, got {eos_ids!r}") from None
     if cache is None:
         cache = model.new_cache(batch_size=1, sinks=sinks, window=window)
     ids, _ = stream_tensor(model, prompt_ids)
@@ -111,10 +220,10 @@ def generate(model, prompt_ids: Sequence[int] | torch.Tensor, *, max_new_tokens:
         raise MiniLLMError("the prompt is empty (no token ids to start from)")
     if generator is None:
         generator = torch.Generator(device=model.device).manual_seed(seed)
-    eos = frozenset() if ignore_eos else frozenset(int(i) for i in eos_ids)
     limit = vocab_size
-    with torch.no_grad():  # per call, not around the yields: grad mode is thread state
-        logits = model(ids, cache=cache)[0, -1]
+    start = cache.tokens_seen
+    logits = prefill(model, ids, cache)
+    check_finite(logits[:limit], model, ids, f"the prompt's last token (stream position {cache.tokens_seen - 1})")
     step = torch.empty((1, 1), dtype=torch.long, device=model.device)  # reused every step
     n = 0
     while max_new_tokens is None or n < max_new_tokens:
@@ -127,6 +236,9 @@ def generate(model, prompt_ids: Sequence[int] | torch.Tensor, *, max_new_tokens:
         step.fill_(token)
         with torch.no_grad():
             logits = model(step, cache=cache)[0, -1]
+        check_finite(logits[:limit], model, step, f"generation step {n + 1} (stream position "
+                                                  f"{cache.tokens_seen - 1}, {cache.tokens_seen - start} "
+                                                  f"tokens into this call)")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ One `Block` with a few flags covers them (as in litgpt):
 The family files in `minillm/models/` only parse configs and name weights.
 
 `Model.forward(input_ids)` is the dense causal forward. With `cache=`, it streams the chunk through
-the fixed-shape sink+window cache (see attention.py for the contract and cache.py for the slots).
+the fixed-shape sink+window cache (docs/streaming.md: the contract, the slots, a worked example).
 
 Speed (docs/performance.md): a one-token step is bound by reading the weights, so on CPU the
 Linear weights are stored column-major (`_fit_layout`), and `compile_decode()` compiles the
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import attend, decode_attend, make_plan, rotate_sinks
+from .attention import DecodePlan, attend, decode_attend, make_plan, rotate_sinks
 from .cache import SinkCache
 from .config import ModelConfig
 from .errors import MiniLLMError
@@ -94,7 +94,7 @@ class Attention(nn.Module):
         qkv = self.wqkv(x)
         if c.clip_qkv is not None:
             qkv = qkv.clamp(-c.clip_qkv, c.clip_qkv)
-        if plan.decode:  # n == 1: (B, 1, (H + 2KV) hd) is already laid out as (B, H + 2KV, 1, hd)
+        if isinstance(plan, DecodePlan):  # n == 1: (B, 1, (H + 2KV) hd) is already laid out as (B, H + 2KV, 1, hd)
             out = decode_attend(c, qkv.view(B, -1, 1, c.head_dim), plan, cache, self.layer)
             return self.wo(out.reshape(B, 1, self.q_size))
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -188,11 +188,24 @@ class Model(nn.Module):
 
     def new_cache(self, batch_size: int = 1, sinks: int = 4, window: int = 1020, dtype=None,
                   device=None) -> SinkCache:
-        """A fixed-shape cache of capacity S = sinks + window (the new token included)."""
+        """A fixed-shape cache of capacity S = sinks + window (the new token included).
+
+        `dtype` and `device` default to the model's (a dtype may be given as a string). A cache
+        that does not fit in the device's available memory is refused up front, with its size."""
+        from . import parse_device, parse_dtype
+        from .limits import cache_bytes, check_fits
+
         c = self.config
+        for name, value, low in (("batch_size", batch_size, 1), ("sinks", sinks, 0), ("window", window, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise MiniLLMError(f"new_cache: {name} must be an integer >= {low}, got {value!r}")
+        dtype = self.dtype if dtype is None else parse_dtype(dtype)
+        device = self.device if device is None else parse_device(device)
+        check_fits(cache_bytes(c, batch_size, sinks, window, torch.finfo(dtype).bits // 8), device,
+                   f"new_cache: a KV cache of {batch_size} x {sinks + window} keys (sinks {sinks} + window {window})")
         return SinkCache(num_layers=c.num_layers, batch_size=batch_size, num_kv_heads=c.num_kv_heads,
-                         head_dim=c.head_dim, sinks=sinks, window=window, dtype=dtype or self.dtype,
-                         device=device or self.device, owner_id=self.uid,
+                         head_dim=c.head_dim, sinks=sinks, window=window, dtype=dtype,
+                         device=device, owner_id=self.uid,
                          keep_raw_sinks=c.positions == "rope")
 
     def _check(self, input_ids: torch.Tensor, cache: SinkCache | None) -> None:
@@ -201,6 +214,12 @@ class Model(nn.Module):
                                f"{tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__}")
         if input_ids.dtype not in (torch.int64, torch.int32):
             raise MiniLLMError(f"input_ids must hold integer token ids, got {input_ids.dtype}")
+        if input_ids.device != self.device:
+            raise MiniLLMError(f"device mismatch: input_ids are on {input_ids.device}, the model on {self.device}")
+        V = self.config.vocab_size
+        if bool(((input_ids < 0) | (input_ids >= V)).any()):  # one reduction; the embedding would fail obscurely
+            bad = input_ids[(input_ids < 0) | (input_ids >= V)][0].item()
+            raise MiniLLMError(f"input_ids: token id {bad} is out of range for the model's vocabulary of {V}")
         if cache is None:
             if self.wpe is not None and input_ids.shape[1] > self.config.max_position_embeddings:
                 raise MiniLLMError(f"input of {input_ids.shape[1]} tokens exceeds this checkpoint's learned "
@@ -259,10 +278,11 @@ class Model(nn.Module):
         inv_freq, slopes = self._positional_tables(input_ids.device)
         plan = make_plan(self.config, n, cache, input_ids.device, self.dtype, inv_freq, slopes,
                          want_probs=attn_probs is not None)
-        step = self._decode_step if plan.decode and self._decode_step is not None else self._step
+        decode = isinstance(plan, DecodePlan)
+        step = self._decode_step if decode and self._decode_step is not None else self._step
         logits = step(input_ids, plan, cache, attn_probs, logits_to_keep)
-        if cache is not None:
-            cache.tokens_seen += n
+        if cache is not None:  # every layer has written its keys (SinkCache.write)
+            cache.advance(n)
         return logits
 
     def _step(self, input_ids, plan, cache, attn_probs, logits_to_keep=0):
@@ -270,7 +290,7 @@ class Model(nn.Module):
         x = self.embed(input_ids)
         if self.wpe is not None:
             x = x + self.wpe(torch.arange(input_ids.shape[1], device=x.device))
-        if plan.decode and plan.sink_rot is not None:
+        if isinstance(plan, DecodePlan) and plan.sink_rot is not None:
             rotate_sinks(plan, cache)
         for block in self.layers:
             x = block(x, plan, cache, attn_probs)

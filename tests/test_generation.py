@@ -134,12 +134,12 @@ class Scripted:
                                  window=window, dtype=torch.float32, device="cpu", owner_id=0,
                                  keep_raw_sinks=False)
 
-    def __call__(self, ids, cache):
+    def __call__(self, ids, cache, logits_to_keep=0):
         self.fed += ids[0].tolist()
         cache.tokens_seen += ids.shape[1]
         logits = torch.zeros(1, ids.shape[1], self.config.vocab_size)
         logits[0, -1, next(self.script)] = 1.0  # scripts end with EOS
-        return logits
+        return logits[:, -logits_to_keep:] if logits_to_keep else logits
 
 
 TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{{ eos_token }}\n{% endfor %}"
