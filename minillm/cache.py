@@ -1,6 +1,7 @@
 """SinkCache: the fixed-shape sink + window KV cache of StreamingLLM.
 
-Capacity S = sinks + window counts every key a token attends to, itself included (DESIGN.md §1).
+Capacity S = sinks + window counts every key a token attends to, itself included (the contract
+and a worked example of the slots are in docs/streaming.md).
 Per layer the buffers are (B, n_kv_heads, S, head_dim), allocated once:
 
     slot:   0 .. sinks-1           sinks .. S-1
@@ -9,7 +10,8 @@ Per layer the buffers are (B, n_kv_heads, S, head_dim), allocated once:
 Token j goes to slot j while j < sinks, and to ring slot sinks + (j - sinks) % window after that,
 overwriting the token that leaves the window. Eviction is that one overwrite: O(1), and nothing is
 ever reallocated, concatenated or grown. Which token sits in which slot is a pure function of
-`tokens_seen`, so the only bookkeeping is that one integer.
+`tokens_seen` (`slot_positions`), so the only bookkeeping is that one integer; it advances in one
+place, `advance`, after a forward has written its keys with `write`.
 
 Keys are stored RoPE-rotated at their stream position. For a window key j and query t the
 distance t - j is then exactly the cache-relative one; only the sinks need another position, so
@@ -17,6 +19,8 @@ their un-rotated keys are also kept (`raw_sink_k`) and rotated into the query's 
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -27,6 +31,47 @@ def _check_int(name: str, value, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise MiniLLMError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return value
+
+
+def slot_of(positions: int | torch.Tensor, sinks: int, window: int) -> int | torch.Tensor:
+    """The slot that stream position(s) j are written to (a Python int for an int: decode)."""
+    ring = sinks + (positions - sinks) % window  # floor mod, ints and tensors alike
+    if isinstance(positions, int):
+        return positions if positions < sinks else ring
+    return torch.where(positions < sinks, positions, ring)
+
+
+def slot_positions(tokens_seen: torch.Tensor | int, sinks: int, window: int, device=None) -> torch.Tensor:
+    """(B, S) int64: the stream position each slot holds after tokens_seen[b] tokens, -1 if empty.
+
+    tokens_seen is (B,), or an int for all rows ((1, S) then, with no host-to-device copy)."""
+    if isinstance(tokens_seen, torch.Tensor):
+        device = tokens_seen.device
+        t = tokens_seen.to(torch.int64)[:, None]  # (B, 1)
+    else:
+        t = tokens_seen
+    slots = torch.arange(sinks + window, device=device)[None, :]  # (1, S)
+    sink_pos = torch.where(slots < t, slots, -1)
+    # Ring slot r = sinks + k holds the latest j = sinks + k + m*window with j < t.
+    k = slots - sinks
+    filled = t - sinks  # tokens that ever went to the ring
+    latest = sinks + k + window * torch.div(filled - 1 - k, window, rounding_mode="floor")
+    ring_pos = torch.where(k < filled, latest, -1)
+    return torch.where(slots < sinks, sink_pos, ring_pos)
+
+
+@dataclass
+class CacheWrite:
+    """Where one forward's new keys and values go; made by the plan, applied by SinkCache.write.
+
+    A chunk writes its columns `src` to slots `dst` (sinks, then only the last `window` ring tokens:
+    earlier ones would be overwritten within the same chunk). A decode step (`src` None) writes its
+    one token to slot `dst` (1,). Sinks also keep their un-rotated key at raw slot i: columns
+    `raw_src` (None: the one token) to `raw_dst`; `raw_dst` None when there is nothing to keep."""
+    dst: torch.Tensor
+    src: torch.Tensor | None = None
+    raw_dst: torch.Tensor | None = None
+    raw_src: torch.Tensor | None = None
 
 
 class SinkCache:
@@ -76,6 +121,25 @@ class SinkCache:
         if self.raw_sink_k is not None:
             self.raw_sink_k.zero_()
 
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, raw_k: torch.Tensor, w: CacheWrite) -> None:
+        """Persist one forward's keys at `layer`: k (rotated) and v, and raw_k (un-rotated) for sinks.
+
+        k, v, raw_k (B, KV, n, hd). The only place a forward writes the cache; `advance` follows."""
+        if w.src is None:  # one token: in place, also under torch.compile
+            if w.raw_dst is not None:
+                self.put_token(self.raw_sink_k, layer, w.raw_dst, raw_k)
+            self.put_token(self.k, layer, w.dst, k)
+            self.put_token(self.v, layer, w.dst, v)
+            return
+        self.k[layer].index_copy_(2, w.dst, k[:, :, w.src])  # into the fixed buffers
+        self.v[layer].index_copy_(2, w.dst, v[:, :, w.src])
+        if w.raw_dst is not None:
+            self.raw_sink_k[layer].index_copy_(2, w.raw_dst, raw_k[:, :, w.raw_src])
+
+    def advance(self, n: int) -> None:
+        """n more tokens have been written at every layer: the one place tokens_seen moves."""
+        self.tokens_seen += n
+
     def put_token(self, buf: torch.Tensor, layer: int, slot: torch.Tensor, x: torch.Tensor) -> None:
         """buf[layer][:, :, slot] = x, for one token's x (B, KV, 1, hd); buf is k, v or raw_sink_k."""
         if torch.compiler.is_compiling():
@@ -91,19 +155,9 @@ class SinkCache:
 
     def slot_of(self, positions: int | torch.Tensor) -> int | torch.Tensor:
         """The slot that stream position(s) j are written to (a Python int for an int: decode)."""
-        ring = self.sinks + (positions - self.sinks) % self.window  # floor mod, ints and tensors alike
-        if isinstance(positions, int):
-            return positions if positions < self.sinks else ring
-        return torch.where(positions < self.sinks, positions, ring)
+        return slot_of(positions, self.sinks, self.window)
 
     def slot_positions(self, tokens_seen: int | None = None, device=None) -> torch.Tensor:
         """(S,) int64: the stream position held by each slot after `tokens_seen` tokens, -1 if empty."""
         t = self.tokens_seen if tokens_seen is None else tokens_seen
-        slots = torch.arange(self.capacity, device=device or self.device)
-        sink_pos = torch.where(slots < t, slots, -1)
-        # Ring slot r = sinks + k holds the latest j = sinks + k + m*window with j < t.
-        k = slots - self.sinks
-        filled = t - self.sinks  # tokens that ever went to the ring
-        latest = self.sinks + k + self.window * torch.div(filled - 1 - k, self.window, rounding_mode="floor")
-        ring_pos = torch.where(k < filled, latest, -1)
-        return torch.where(slots < self.sinks, sink_pos, ring_pos)
+        return slot_positions(t, self.sinks, self.window, device=device or self.device)[0]

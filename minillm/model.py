@@ -8,7 +8,7 @@ One `Block` with a few flags covers them (as in litgpt):
 The family files in `minillm/models/` only parse configs and name weights.
 
 `Model.forward(input_ids)` is the dense causal forward. With `cache=`, it streams the chunk through
-the fixed-shape sink+window cache (see attention.py for the contract and cache.py for the slots).
+the fixed-shape sink+window cache (docs/streaming.md: the contract, the slots, a worked example).
 
 Speed (docs/performance.md): a one-token step is bound by reading the weights, so on CPU the
 Linear weights are stored column-major (`_fit_layout`), and `compile_decode()` compiles the
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import attend, decode_attend, make_plan, rotate_sinks
+from .attention import DecodePlan, attend, decode_attend, make_plan, rotate_sinks
 from .cache import SinkCache
 from .config import ModelConfig
 from .errors import MiniLLMError
@@ -94,7 +94,7 @@ class Attention(nn.Module):
         qkv = self.wqkv(x)
         if c.clip_qkv is not None:
             qkv = qkv.clamp(-c.clip_qkv, c.clip_qkv)
-        if plan.decode:  # n == 1: (B, 1, (H + 2KV) hd) is already laid out as (B, H + 2KV, 1, hd)
+        if isinstance(plan, DecodePlan):  # n == 1: (B, 1, (H + 2KV) hd) is already laid out as (B, H + 2KV, 1, hd)
             out = decode_attend(c, qkv.view(B, -1, 1, c.head_dim), plan, cache, self.layer)
             return self.wo(out.reshape(B, 1, self.q_size))
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -278,10 +278,11 @@ class Model(nn.Module):
         inv_freq, slopes = self._positional_tables(input_ids.device)
         plan = make_plan(self.config, n, cache, input_ids.device, self.dtype, inv_freq, slopes,
                          want_probs=attn_probs is not None)
-        step = self._decode_step if plan.decode and self._decode_step is not None else self._step
+        decode = isinstance(plan, DecodePlan)
+        step = self._decode_step if decode and self._decode_step is not None else self._step
         logits = step(input_ids, plan, cache, attn_probs, logits_to_keep)
-        if cache is not None:
-            cache.tokens_seen += n
+        if cache is not None:  # every layer has written its keys (SinkCache.write)
+            cache.advance(n)
         return logits
 
     def _step(self, input_ids, plan, cache, attn_probs, logits_to_keep=0):
@@ -289,7 +290,7 @@ class Model(nn.Module):
         x = self.embed(input_ids)
         if self.wpe is not None:
             x = x + self.wpe(torch.arange(input_ids.shape[1], device=x.device))
-        if plan.decode and plan.sink_rot is not None:
+        if isinstance(plan, DecodePlan) and plan.sink_rot is not None:
             rotate_sinks(plan, cache)
         for block in self.layers:
             x = block(x, plan, cache, attn_probs)
