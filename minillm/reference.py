@@ -7,15 +7,17 @@ One token at a time, per layer:
   4. rotate the L cached keys to positions 0..L-1 and the query to L-1 (RoPE), or bias the scores
      by those positions (ALiBi), and attend.
 
-Nothing here is fast, and nothing is shared with the engine's attention code (only the weights,
-norms and MLPs): it is the oracle the property tests compare the engine against.
+Nothing here is fast, and nothing is shared with the engine's attention or position code: this
+file computes its own RoPE angles and ALiBi slopes, transcribed from each family's published code,
+and shares only the weights, norms and MLPs. It is the oracle the property tests compare the
+engine against (docs/streaming.md states the contract both follow).
 """
 
 from __future__ import annotations
 
-import torch
+import math
 
-from .positions import alibi_bias, alibi_slopes, apply_rope, rope_cos_sin, rope_inv_freq
+import torch
 
 
 @torch.no_grad()
@@ -61,6 +63,34 @@ def _project(attn, h):
             v.view(B, 1, c.num_kv_heads, c.head_dim).transpose(1, 2))
 
 
+def _rope(x, positions, rotary_dim: int, theta: float):
+    """Rotate the first rotary_dim dims of x (..., L, hd) by RoPE at `positions` (L,), rotate-half
+    form (GPT-NeoX / Llama in transformers): angles p * theta^(-2i/d) in float64, then x's dtype."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim)
+    angles = positions.to(torch.float64)[:, None] * inv_freq[None, :]  # (L, rotary_dim/2)
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    half = rotary_dim // 2
+    x1, x2, rest = x[..., :half], x[..., half:rotary_dim], x[..., rotary_dim:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1)
+
+
+def _alibi_slopes(kind: str, heads: int, alibi_bias_max: float) -> torch.Tensor:
+    """(heads,) float32 slopes, as each family's checkpoint was trained with."""
+    if kind == "mpt":  # MosaicML's gen_slopes: 1 / 2^(k * max / n), k = 1..n, n the next power of two
+        n = 2 ** math.ceil(math.log2(heads))
+        slopes = 1.0 / torch.pow(2, torch.arange(1, n + 1, dtype=torch.float32) * (alibi_bias_max / n))
+        return slopes if n == heads else torch.cat([slopes[1::2], slopes[::2]])[:heads]
+    # Bloom's build_alibi_tensor (Falcon-rw): base^k for the closest power of two n <= heads, with
+    # base = 2^(-8/n); then odd powers of 2^(-4/n) for the remaining heads.
+    n = 2 ** math.floor(math.log2(heads))
+    slopes = torch.pow(torch.tensor(2 ** (-8 / n), dtype=torch.float32), torch.arange(1, n + 1, dtype=torch.int32))
+    if n < heads:
+        extra = torch.pow(torch.tensor(2 ** (-4 / n), dtype=torch.float32),
+                          torch.arange(1, 2 * (heads - n), 2, dtype=torch.int32))
+        slopes = torch.cat([slopes, extra])
+    return slopes
+
+
 def _attend(c, q, key_list, value_list):
     K = torch.cat(key_list, dim=2)  # (B, KV, L, hd), in stream order
     V = torch.cat(value_list, dim=2)
@@ -69,14 +99,17 @@ def _attend(c, q, key_list, value_list):
     groups = c.num_heads // c.num_kv_heads
     K, V = K.repeat_interleave(groups, dim=1), V.repeat_interleave(groups, dim=1)
     if c.positions == "rope":
-        inv_freq = rope_inv_freq(c.rotary_dim, c.rope_theta)
-        cos, sin = rope_cos_sin(positions, inv_freq, q.dtype)
-        K = apply_rope(K, cos, sin)
-        q = apply_rope(q, cos[-1:], sin[-1:])
-    scores = (q @ K.transpose(-1, -2)) * c.scale  # (B, H, 1, L)
+        K = _rope(K, positions, c.rotary_dim, c.rope_theta)
+        q = _rope(q, positions[-1:], c.rotary_dim, c.rope_theta)
+    scores = q @ K.transpose(-1, -2)  # (B, H, 1, L)
     if c.positions == "alibi":
-        slopes = alibi_slopes(c.alibi, c.num_heads, c.alibi_bias_max)
-        scores = scores + alibi_bias(c.alibi, slopes, positions[-1:], positions, c.scale, q.dtype)
+        slopes = _alibi_slopes(c.alibi, c.num_heads, c.alibi_bias_max)[:, None, None].to(q.device)  # (H, 1, 1)
+        if c.alibi == "mpt":  # -slope x distance to the query, added to the scaled scores
+            scores = scores * c.scale + (slopes * (positions - (L - 1))).to(q.dtype)
+        else:  # Falcon: bfloat16 slope x key position, rounded to bfloat16, added before the scale
+            scores = (scores + (slopes.bfloat16() * positions).to(q.dtype)) * c.scale
+    else:
+        scores = scores * c.scale
     scores = scores.to(torch.promote_types(scores.dtype, torch.float32))  # float32 at least
     if c.zero_sink:  # SoftMax-off-by-one: exp(s_i) / (1 + sum_j exp(s_j))
         probs = torch.exp(scores - scores.amax(-1, keepdim=True).clamp(min=0))
