@@ -1,7 +1,7 @@
 """Positions: RoPE (full or partial, rotate-half form) and ALiBi (MPT's and Falcon/Bloom's forms).
 
 Everything here is a pure function of integer positions. The streaming engine decides *which*
-positions (cache-relative, see DESIGN.md section 1); these functions only turn them into angles
+positions (cache-relative, see docs/streaming.md); these functions only turn them into angles
 and biases.
 
 RoPE angles are computed in float64 from integer positions, then rounded once to the compute

@@ -1,7 +1,9 @@
 """SinkCache bookkeeping and the bad inputs that streaming refuses.
 
-- `slot_of` / `slot_positions` against a brute-force simulation of the slot writes, and against
-  the contract's key set K_t (DESIGN.md §1), for every (sinks, window, T) in a grid.
+- `slot_of` / `slot_positions` against a simulation that shares no formula with them: the paper's
+  list cache (append, then evict the oldest non-sink) with each new token written into the first
+  empty slot or else into the slot of the token it evicts; and against the contract's key set K_t
+  (docs/streaming.md), for every (sinks, window, T) in a grid.
 - Bad input gets a MiniLLMError (a ValueError) that names the parameter, and leaves the cache as
   it was: bad sinks/window/batch_size, batch size, dtype and device mismatches, another model's
   cache, something that is not a cache.
@@ -17,16 +19,31 @@ from minillm.cache import SinkCache
 from util import random_model, tiny_config
 
 
-def simulate(sinks: int, window: int, T: int) -> list[int]:
-    """Which stream position each slot holds after T tokens (-1: empty), by replaying the writes."""
-    slots = [-1] * (sinks + window)
+def simulate(sinks: int, window: int, T: int) -> tuple[list[int], list[int]]:
+    """Replay T tokens through the paper's list cache, giving each token a slot as it arrives.
+
+    Returns (which stream position each slot holds after T tokens, -1 if empty; the slot each
+    token 0..T-1 was written to). No ring formula: a token takes the first empty slot, else the
+    slot of the token the list cache evicts for it (the oldest that is not a sink)."""
+    S = sinks + window
+    held: list[int] = []  # the paper's cache, in stream order
+    slots = [-1] * S
+    written = []
     for j in range(T):
-        slots[j if j < sinks else sinks + (j - sinks) % window] = j
-    return slots
+        held.append(j)
+        if len(held) > S:
+            evicted = held.pop(sinks)  # the oldest non-sink
+            slot = slots.index(evicted)
+        else:
+            slot = slots.index(-1)
+        slots[slot] = j
+        written.append(slot)
+        assert sorted(p for p in slots if p >= 0) == held  # the slots hold the list cache's keys
+    return slots, written
 
 
 def key_set(sinks: int, window: int, t: int) -> set[int]:
-    """K_t of DESIGN.md §1: the keys token t attends to."""
+    """K_t (docs/streaming.md): the keys token t attends to."""
     if t < sinks + window:
         return set(range(t + 1))
     return set(range(sinks)) | set(range(t - window + 1, t + 1))
@@ -43,7 +60,7 @@ def test_slots_match_brute_force(sinks, window):
     cache = make_cache(sinks, window)
     S = sinks + window
     for T in range(0, 4 * S + 3):
-        want = simulate(sinks, window, T)
+        want, _ = simulate(sinks, window, T)
         assert cache.slot_positions(T).tolist() == want, T
         cache.tokens_seen = T  # slot_positions() defaults to the cache's own count
         assert cache.slot_positions().tolist() == want
@@ -51,9 +68,9 @@ def test_slots_match_brute_force(sinks, window):
         # The slots hold exactly the keys the last token attended to.
         if T:
             assert {p for p in want if p >= 0} == key_set(sinks, window, T - 1)
-    positions = torch.arange(0, 5 * S)
-    brute = [j if j < sinks else sinks + (j - sinks) % window for j in positions.tolist()]
-    assert cache.slot_of(positions).tolist() == brute
+    _, written = simulate(sinks, window, 5 * S)
+    assert cache.slot_of(torch.arange(0, 5 * S)).tolist() == written
+    assert [cache.slot_of(j) for j in range(5 * S)] == written  # the int form, used by decode
 
 
 def test_reset_zeroes_and_keeps_buffers():

@@ -1,4 +1,4 @@
-"""Property tests of the streaming contract (DESIGN.md §1, issue 3), across every model variant.
+"""Property tests of the streaming contract (docs/streaming.md; issue 3), across every model variant.
 
 Properties (Hypothesis draws the model size, sinks 0..8, window 1..64, batch 1..3, the tokens, the
 chunk partition and the dtype):
