@@ -50,7 +50,7 @@ MAP_TOKENS = 128  # Figure 2 shows the first tokens of the text
 # --------------------------------------------------------------------------------------------
 # Quoted, never computed: Xiao et al., "Efficient Streaming Language Models with Attention Sinks",
 # ICLR 2024, arXiv:2309.17453. Their "x+y" caches evict after the forward, so their cell "4+1020"
-# holds one key more than ours (DESIGN.md §1); the comparison is of shape, not of digits.
+# holds one key more than ours (docs/streaming.md); the comparison is of shape, not of digits.
 PAPER = {  # as printed in the paper (strings, so that 5.40 stays 5.40)
     "fig1": {"model": "Llama-2-13B", "dense": "5641", "window": "5158", "recompute": "5.43", "streaming": "5.40"},
     "table1": {"model": "Llama-2-13B", "text": "first PG19 test book (65K tokens)",
@@ -526,7 +526,7 @@ def write_results(out: Path, results: list[dict], train: dict, attempt1_train: d
       f"positions then stay well inside what each model was trained on, so any failure of window "
       f"attention is the eviction of the first tokens, not position extrapolation, while the "
       f"{args.tokens:,}-token text is still {args.tokens // S}x the cache.")
-    w(f"- **Modes** (DESIGN.md §1): *window* is 0+{S}; *streaming* is 4+{S - 4}; *recompute* re-runs "
+    w(f"- **Modes** (docs/streaming.md): *window* is 0+{S}; *streaming* is 4+{S - 4}; *recompute* re-runs "
       f"the model from scratch over the last {S} tokens for each scored token, on every "
       f"{args.stride}th token (seeded offset) to keep it affordable, and every other mode is reported on "
       f"exactly those tokens too; *dense* attends to everything with absolute positions, over the "
