@@ -14,11 +14,12 @@ from pathlib import Path
 import torch
 
 from .cache import SinkCache
-from .config import ModelConfig, from_hf_config, load_config
+from .config import ConfigWarning, ModelConfig
 from .errors import MiniLLMError
 from . import evaluate
 from .generation import generate
 from .model import Model
+from .models import from_hf_config, load_config
 
 __version__ = "0.1.0"
 
@@ -53,21 +54,34 @@ def parse_device(device) -> torch.device:
     return dev
 
 
-def load(name_or_path: str | Path, dtype=torch.float32, device="cpu") -> Model:
-    """Load a Hugging Face checkpoint (a local directory or a hub repo id) without transformers."""
+def load(name_or_path: str | Path, dtype=torch.float32, device="cpu", *, strict: bool = False) -> Model:
+    """Load a checkpoint without transformers: a local directory or hub repo id (config.json +
+    safetensors), or a `.gguf` file (dequantized into `dtype`; needs `pip install "minillm[gguf]"`).
+
+    Config keys minillm does not know give one ConfigWarning naming them; `strict=True` makes
+    that an error. Keys that would change the forward pass are refused by name either way."""
     from .checkpoint import load_model
+    from .gguf_file import is_gguf
     from .hub import resolve_model_dir
 
+    if not isinstance(strict, bool):
+        raise MiniLLMError(f"load: strict must be True or False, got {strict!r}")
     dtype, device = parse_dtype(dtype), parse_device(device)
+    if is_gguf(name_or_path):
+        from .gguf_file import load_model as load_gguf
+
+        model = load_gguf(name_or_path, dtype, device, strict=strict)
+        model.source = str(name_or_path)
+        return model
     directory = resolve_model_dir(name_or_path)
-    config = load_config(directory)
+    config = load_config(directory, strict=strict)
     model = load_model(directory, config, dtype, device)
     model.source = str(name_or_path)
     return model
 
 
 def load_tokenizer(name_or_path: str | Path):
-    """tokenizer.json (tokenizers) or tokenizer.model (sentencepiece): .encode(str) / .decode(ids)."""
+    """tokenizer.json (tokenizers), tokenizer.model (sentencepiece) or a .gguf file: .encode / .decode."""
     from .tokenizer import load_tokenizer as _load
 
     return _load(name_or_path)
@@ -80,6 +94,6 @@ def save_pretrained(model: Model, directory: str | Path, dtype=None) -> Path:
     return _save(model, directory, None if dtype is None else parse_dtype(dtype))
 
 
-__all__ = ["Model", "ModelConfig", "SinkCache", "MiniLLMError", "load", "load_tokenizer", "save_pretrained",
+__all__ = ["Model", "ModelConfig", "ConfigWarning", "SinkCache", "MiniLLMError", "load", "load_tokenizer", "save_pretrained",
            "generate", "evaluate",
            "from_hf_config", "load_config", "parse_dtype", "parse_device", "__version__"]

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from .config import ModelConfig, to_hf_config
-from .errors import MiniLLMError
-from .models import FAMILIES
+from .config import ModelConfig
+from .errors import MiniLLMError, first_line
+from .models import FAMILIES, to_hf_config
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -90,7 +90,7 @@ class _Tensors:
                 handle = safe_open(str(f), framework="pt", device="cpu")
                 names = list(handle.keys())
             except Exception as e:  # safetensors raises its own error type for corrupt headers
-                raise MiniLLMError(f"{f.name}: not a valid safetensors file ({_one_line(e)})") from None
+                raise MiniLLMError(f"{f.name}: not a valid safetensors file ({first_line(e)})") from None
             self.handles[f] = handle
             for name in names:
                 self.where[name] = f
@@ -98,23 +98,30 @@ class _Tensors:
     def names(self) -> set[str]:
         return set(self.where)
 
+    def describe(self, name: str) -> str:
+        return name
+
     def get(self, name: str) -> torch.Tensor:
         f = self.where[name]
         try:
             return self.handles[f].get_tensor(name)
         except Exception as e:
-            raise MiniLLMError(f"{f.name}: cannot read tensor {name} ({_one_line(e)})") from None
+            raise MiniLLMError(f"{f.name}: cannot read tensor {name} ({first_line(e)})") from None
 
-
-def _one_line(e: Exception) -> str:
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 def load_model(directory: Path, config: ModelConfig, dtype: torch.dtype, device: torch.device):
-    """Build the model on the meta device and assign the checkpoint's tensors."""
+    """A safetensors checkpoint directory -> the model (see `load_tensors`)."""
+    return load_tensors(_Tensors(checkpoint_files(directory)), config, dtype, device)
+
+
+def load_tensors(tensors, config: ModelConfig, dtype: torch.dtype, device: torch.device):
+    """Build the model on the meta device and assign a tensor source's tensors, strictly.
+
+    `tensors` has `names()` (Hugging Face names), `get(name)` and `describe(name)` (the name as the
+    file spells it, for errors): safetensors files here, a GGUF file in `gguf_file.py`."""
     from .model import Model
 
-    tensors = _Tensors(checkpoint_files(directory))
     names = tensors.names()
     family = FAMILIES[config.family]
     adjust = getattr(family, "adjust_to_checkpoint", None)
@@ -134,12 +141,16 @@ def load_model(directory: Path, config: ModelConfig, dtype: torch.dtype, device:
             if name not in names:
                 raise MiniLLMError(f"checkpoint is missing tensor {name} (for {ours})")
         loaded = [tensors.get(name) for name in parts]
+        for name, t in zip(parts, loaded):
+            if not t.dtype.is_floating_point:  # an integer or bool tensor cast to float is garbage
+                raise MiniLLMError(f"tensor {tensors.describe(name)} has dtype {str(t.dtype).removeprefix('torch.')}, "
+                                   "expected a floating-point weight")
         t = loaded[0] if len(loaded) == 1 else torch.cat(loaded, dim=0)
         if ".attn.wqkv." in ours and perm is not None and t.shape[0] == perm.numel():
             t = t[perm]
         if tuple(t.shape) != tuple(shape):
-            raise MiniLLMError(f"tensor {' + '.join(parts)} has shape {tuple(t.shape)}, expected "
-                               f"{tuple(shape)} for this config")
+            raise MiniLLMError(f"tensor {' + '.join(map(tensors.describe, parts))} has shape {tuple(t.shape)}, "
+                               f"expected {tuple(shape)} for this config")
         state[ours] = t.to(device=device, dtype=dtype)
         used.update(parts)
 
@@ -148,8 +159,8 @@ def load_model(directory: Path, config: ModelConfig, dtype: torch.dtype, device:
         ignored.append(re.compile(re.escape(pairs["lm_head.weight"])))
     for name in sorted(names - used):
         if not any(p.fullmatch(name) for p in ignored):
-            raise MiniLLMError(f"unexpected tensor {name} in checkpoint (not used by a {config.family} "
-                               "model with this config)")
+            raise MiniLLMError(f"unexpected tensor {tensors.describe(name)} in checkpoint (not used by a "
+                               f"{config.family} model with this config)")
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
 

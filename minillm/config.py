@@ -5,18 +5,24 @@ One small frozen dataclass describes every family. Its fields name what the forw
 Each family file in `minillm/models/` turns its own `config.json` shapes into a ModelConfig, and
 back again for saving.
 
-Strictness: a key that could change the forward pass is either understood or refused by name.
-Keys that cannot change the forward pass (ids, dtypes, dropout, bookkeeping) are ignored. Any
-other key is refused too, so a new option is never silently dropped.
+The policy for keys, checkable as data (tests/test_config.py enumerates transformers' own config
+parameters against it):
+- a key a family parses (its `PARSED`) is type- and range-checked where it is read;
+- a key that changes the forward pass and is not implemented (`REFUSED_KEYS`, a family's
+  `REFUSED`) is refused by name whenever it holds a non-neutral value, strict or not;
+- a key that cannot change the forward pass (`NEUTRAL_KEYS`, a family's `NEUTRAL`) is read past;
+- any other key gets one ConfigWarning naming it per load, and the load goes on; with
+  `strict=True` (the CLI's --strict-config) it is an error instead.
+
+The dispatch on `model_type` lives in `minillm/models/__init__.py`; this module imports no family.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
+import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from .errors import MiniLLMError
@@ -53,7 +59,7 @@ class ModelConfig:
     # Positions.
     positions: str = "rope"  # "rope" | "alibi"
     rope_theta: float = 10000.0
-    rotary_dim: int = 0  # rotated dims per head (partial rotary); 0 means head_dim
+    rotary_dim: int | None = None  # rotated dims per head (partial rotary); None means head_dim
     alibi: str = ""  # "mpt" (distance to the query) | "bloom" (Falcon: slope x key position)
     alibi_bias_max: float = 8.0
     learned_pos_emb: bool = False  # MPT `wpe`: absolute positions, cannot stream past max
@@ -68,18 +74,26 @@ class ModelConfig:
     zero_sink: bool = False  # SoftMax-off-by-one: an implicit key with zero score and value
 
     def __post_init__(self) -> None:
-        if self.rotary_dim == 0:
+        if self.rotary_dim is None:
             object.__setattr__(self, "rotary_dim", self.head_dim)
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
-                     "head_dim", "intermediate_size"):
-            if getattr(self, name) <= 0:
-                raise MiniLLMError(f"config: {name} must be positive, got {getattr(self, name)}")
+                     "head_dim", "intermediate_size", "max_position_embeddings"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise MiniLLMError(f"config: {name} must be a positive integer, got {value!r}")
         if self.num_heads % self.num_kv_heads:
             raise MiniLLMError(f"config: num_heads={self.num_heads} is not a multiple of "
                                f"num_kv_heads={self.num_kv_heads}")
-        if self.positions == "rope" and (self.rotary_dim % 2 or self.rotary_dim > self.head_dim):
-            raise MiniLLMError(f"config: rotary_dim={self.rotary_dim} must be even and "
+        if self.positions == "rope" and (not isinstance(self.rotary_dim, int) or self.rotary_dim < 2
+                                         or self.rotary_dim % 2 or self.rotary_dim > self.head_dim):
+            raise MiniLLMError(f"config: rotary_dim={self.rotary_dim} must be even, >= 2 and "
                                f"<= head_dim={self.head_dim}")
+        positive = {"norm_eps": self.norm_eps, "rope_theta": self.rope_theta,
+                    "alibi_bias_max": self.alibi_bias_max, "softmax_scale": self.softmax_scale,
+                    "clip_qkv": self.clip_qkv, "logit_scale": self.logit_scale}
+        for name, value in positive.items():
+            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise MiniLLMError(f"config: {name} must be a finite number > 0, got {value!r}")
 
     @property
     def scale(self) -> float:
@@ -89,59 +103,109 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
-# Keys that cannot change the forward pass, in any family. They are read past, never refused.
-IGNORED_KEYS = frozenset({
-    "_name_or_path", "architectures", "auto_map", "transformers_version", "torch_dtype", "dtype",
-    "model_type", "bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id",
-    "decoder_start_token_id", "id2label", "label2id", "problem_type", "initializer_range",
-    "use_cache", "return_dict", "output_hidden_states", "output_attentions", "torchscript",
-    "is_encoder_decoder", "is_decoder", "chunk_size_feed_forward", "tokenizer_class",
-    "tokenizer_name", "task_specific_params", "finetuning_task", "prefix", "init_device",
-    "init_config", "verbose", "attention_dropout", "hidden_dropout", "resid_pdrop", "emb_pdrop",
-    "attn_pdrop", "embd_pdrop", "classifier_dropout", "pretraining_tp", "attn_impl",
-    "_attn_implementation", "_attn_implementation_autoset", "max_new_tokens", "cross_attention_hidden_size",
-    "add_cross_attention", "tie_encoder_decoder", "pruned_heads", "tf_legacy_loss",
-    "use_bfloat16", "_commit_hash", "quantization_config_null", "layer_types", "use_return_dict",
+class ConfigWarning(UserWarning):
+    """A config key minillm does not know: read past, and named once per load (an error if strict)."""
+
+
+# Keys that cannot change the forward pass, in any family: ids, dtypes, dropout, bookkeeping, and
+# what the tools that trained or converted a checkpoint write beside the model (nanotron's
+# `is_llama_config`, transformers' GGUF conversion's `_model_name_or_path` and `unk_token_id`,
+# transformers.js's block). They are read past, never refused and never warned about.
+NEUTRAL_KEYS = frozenset({
+    "_name_or_path", "_model_name_or_path", "architectures", "auto_map", "transformers_version",
+    "torch_dtype", "dtype", "model_type", "bos_token_id", "eos_token_id", "pad_token_id",
+    "unk_token_id", "sep_token_id", "decoder_start_token_id", "id2label", "label2id",
+    "problem_type", "initializer_range", "use_cache", "return_dict", "output_hidden_states",
+    "output_attentions", "torchscript", "is_encoder_decoder", "is_decoder",
+    "chunk_size_feed_forward", "tokenizer_class", "tokenizer_name", "task_specific_params",
+    "finetuning_task", "prefix", "init_device", "init_config", "verbose", "attention_dropout",
+    "hidden_dropout", "resid_pdrop", "emb_pdrop", "attn_pdrop", "embd_pdrop",
+    "classifier_dropout", "attn_impl", "_attn_implementation", "_attn_implementation_autoset",
+    "max_new_tokens", "cross_attention_hidden_size", "add_cross_attention",
+    "tie_encoder_decoder", "pruned_heads", "tf_legacy_loss", "use_bfloat16", "_commit_hash",
+    "use_return_dict", "is_llama_config", "transformers.js_config",
+    # Llama-1/2's tensor-parallel degree at pretraining: transformers <= 4.x split the same
+    # matmuls into that many slices; the sum is the same function.
+    "pretraining_tp",
 })
+
+# Keys that change the forward pass in a way minillm does not compute. Whenever one holds a value
+# other than its neutral ones it is refused by name, strict or not: never ignored, never a warning.
+REFUSED_KEYS: dict[str, tuple] = {
+    "rope_scaling": (None,),  # scaled RoPE (linear, dynamic, YaRN, llama3): other angles
+    "rope_interleaved": (None, False),  # nanotron's GPT-J-style pairs (2i, 2i+1); minillm rotates halves
+    "quantization_config": (None,),  # quantized weights are read only from GGUF files, dequantized
+    "sliding_window": (None,),  # a model trained with its own window mask
+    "use_sliding_window": (None, False),
+    "attention_chunk_size": (None,),  # chunked local attention (Llama-4)
+    "layer_types": (),  # allowed only as a list of "full_attention" (see check_refused)
+}
 
 
 class ConfigReader:
-    """Reads a config dict, remembering which keys were consumed, so that `finish` can refuse the rest."""
+    """Reads a config dict, remembering which keys were consumed, so `finish` can name the rest.
 
-    def __init__(self, data: dict, family: str, where: str = "config.json"):
+    `keys` is the set of keys the family declares that it reads or refuses (its PARSED | REFUSED):
+    reading any other key is a bug in minillm, caught here, so those declarations stay true and the
+    test that enumerates transformers' config parameters checks the real policy.
+    """
+
+    def __init__(self, data: dict, family: str, where: str = "config.json", *,
+                 keys: frozenset[str] | None = None, neutral: frozenset[str] = frozenset(),
+                 strict: bool | str = False):
+        # strict: True (the user asked), or a reason why unknown keys here are always errors.
         if not isinstance(data, dict):
             raise MiniLLMError(f"{where}: expected a JSON object, got {type(data).__name__}")
         self.data = data
         self.family = family
         self.where = where
+        self.keys = keys
+        self.neutral = NEUTRAL_KEYS | neutral
+        self.strict = strict
         self.used: set[str] = set()
 
-    def has(self, key: str) -> bool:
-        return self.data.get(key) is not None
-
-    def get(self, key: str, default: Any = None, *, required: bool = False, type_=None) -> Any:
+    def _use(self, key: str) -> None:
+        if self.keys is not None and key not in self.keys:
+            raise AssertionError(f"minillm bug: {self.family} reads {key!r} without declaring it")
         self.used.add(key)
+
+    def get(self, key: str, default: Any = None, *, required: bool = False, type_=None,
+            gt: float | None = None, ge: float | None = None, le: float | None = None) -> Any:
+        """The value of `key` (or `default` when absent or null), type- and range-checked.
+
+        Floats must be finite. `gt`/`ge`/`le` bound numbers; the error names the key and value."""
+        self._use(key)
         value = self.data.get(key)
         if value is None:
             if required:
                 raise MiniLLMError(f"{self.where}: missing required key '{key}' for model_type "
                                    f"'{self.family}'")
             return default
+        return self._checked(key, value, type_, gt, ge, le)
+
+    def _checked(self, key, value, type_, gt, ge, le):
         if type_ is not None:
             ok = isinstance(value, type_) and not (type_ in (int, float) and isinstance(value, bool))
             if type_ is float and isinstance(value, int) and not isinstance(value, bool):
                 ok, value = True, float(value)
             if not ok:
                 raise MiniLLMError(f"{self.where}: '{key}' must be {type_.__name__}, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise MiniLLMError(f"{self.where}: '{key}' must be a finite number, got {value!r}")
+        for bound, holds, word in ((gt, lambda v, b: v > b, ">"), (ge, lambda v, b: v >= b, ">="),
+                                   (le, lambda v, b: v <= b, "<=")):
+            if bound is not None and not holds(value, bound):
+                raise MiniLLMError(f"{self.where}: '{key}' must be {word} {bound:g}, got {value!r}")
         return value
 
-    def first(self, *keys: str, default: Any = None, required: bool = False, type_=None) -> Any:
+    def first(self, *keys: str, default: Any = None, required: bool = False, type_=None,
+              gt: float | None = None, ge: float | None = None) -> Any:
         """The first of several alias keys that is present (for example n_head / num_attention_heads)."""
         for key in keys:
-            self.used.add(key)
+            self._use(key)
         for key in keys:
             if self.data.get(key) is not None:
-                return self.get(key, type_=type_)
+                return self.get(key, type_=type_, gt=gt, ge=ge)
         if required:
             raise MiniLLMError(f"{self.where}: missing required key '{keys[0]}' for model_type "
                                f"'{self.family}'")
@@ -149,19 +213,47 @@ class ConfigReader:
 
     def refuse_unless(self, key: str, *allowed: Any) -> None:
         """Refuse an unsupported option by name when it has a non-default value."""
-        self.used.add(key)
+        self._use(key)
         if key in self.data and self.data[key] not in allowed:
             raise MiniLLMError(f"{self.where}: unsupported option {key}={self.data[key]!r} for "
                                f"model_type '{self.family}' (minillm supports {allowed[0]!r})")
 
     def ignore(self, *keys: str) -> None:
-        self.used.update(keys)
+        """Mark declared keys as read when this config's layout makes them meaningless."""
+        for key in keys:
+            self._use(key)
 
-    def finish(self) -> None:
-        unknown = sorted(k for k in self.data if k not in self.used and k not in IGNORED_KEYS)
+    def check_refused(self) -> None:
+        """Refuse, by name, every REFUSED_KEYS entry that would change the forward pass."""
+        for key, neutral in REFUSED_KEYS.items():
+            if key not in self.data:
+                continue
+            self.used.add(key)
+            value = self.data[key]
+            if key == "layer_types":
+                if isinstance(value, list) and all(v == "full_attention" for v in value):
+                    continue
+                kinds = sorted({str(v) for v in value}) if isinstance(value, list) else [repr(value)]
+                raise MiniLLMError(f"{self.where}: unsupported option layer_types with "
+                                   f"{', '.join(kinds)} (minillm supports only full_attention layers)")
+            if value not in neutral:
+                shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+                raise MiniLLMError(f"{self.where}: unsupported option {key}={shown} for model_type "
+                                   f"'{self.family}' (it changes the forward pass; minillm does not "
+                                   "implement it)")
+
+    def finish(self) -> list[str]:
+        """Name the keys nobody read: a one-line ConfigWarning, or an error when strict."""
+        unknown = sorted(k for k in self.data if k not in self.used and k not in self.neutral)
         if unknown:
-            raise MiniLLMError(f"{self.where}: unsupported config key '{unknown[0]}' for model_type "
-                               f"'{self.family}'" + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""))
+            names = ", ".join(repr(k) for k in unknown)
+            if self.strict:
+                why = self.strict if isinstance(self.strict, str) else "strict config checking is on"
+                raise MiniLLMError(f"{self.where}: unknown config key{'s' if len(unknown) > 1 else ''} "
+                                   f"{names} for model_type '{self.family}' ({why})")
+            warnings.warn(f"{self.where}: ignoring unknown config key{'s' if len(unknown) > 1 else ''} "
+                          f"{names} for model_type '{self.family}'", ConfigWarning, stacklevel=4)
+        return unknown
 
 
 def rope_settings(r: ConfigReader, *, theta_keys=("rope_theta",), default_theta: float = 10000.0):
@@ -173,7 +265,7 @@ def rope_settings(r: ConfigReader, *, theta_keys=("rope_theta",), default_theta:
     if scaling is not None:
         raise MiniLLMError(f"{r.where}: unsupported option rope_scaling={scaling!r} (minillm supports "
                            "only unscaled RoPE; positions are cache-relative instead)")
-    theta = r.first(*theta_keys, default=None, type_=float)
+    theta = r.first(*theta_keys, default=None, type_=float, gt=0)
     factor = None
     params = r.get("rope_parameters")
     if params is not None:
@@ -187,9 +279,10 @@ def rope_settings(r: ConfigReader, *, theta_keys=("rope_theta",), default_theta:
             if key not in ("rope_type", "type", "rope_theta", "partial_rotary_factor"):
                 raise MiniLLMError(f"{r.where}: unsupported key rope_parameters.{key}")
         if params.get("rope_theta") is not None:
-            theta = float(params["rope_theta"])
+            theta = r._checked("rope_parameters.rope_theta", params["rope_theta"], float, 0, None, None)
         if params.get("partial_rotary_factor") is not None:
-            factor = float(params["partial_rotary_factor"])
+            factor = r._checked("rope_parameters.partial_rotary_factor", params["partial_rotary_factor"],
+                                float, 0, None, 1)
     return (default_theta if theta is None else theta), factor
 
 
@@ -222,40 +315,3 @@ def extensions_to_hf(c: ModelConfig) -> dict:
         ext["note"] = ("minillm extension: SoftMax-off-by-one. Other engines ignore this flag and "
                        "will compute the wrong attention.")
     return {"minillm": ext} if ext else {}
-
-
-def from_hf_config(data: dict, where: str = "config.json") -> ModelConfig:
-    """Parse a `config.json` dict, dispatching on `model_type`."""
-    from .models import FAMILIES, family_for_model_type
-
-    if not isinstance(data, dict):
-        raise MiniLLMError(f"{where}: expected a JSON object")
-    model_type = data.get("model_type")
-    if model_type is None:
-        raise MiniLLMError(f"{where}: missing 'model_type'")
-    family = family_for_model_type(model_type)
-    if family is None:
-        raise MiniLLMError(f"{where}: unknown model_type '{model_type}' (supported: "
-                           f"{', '.join(sorted(FAMILIES))}, RefinedWeb, RefinedWebModel)")
-    reader = ConfigReader(data, str(model_type), where)
-    config = family.parse(reader)
-    reader.finish()
-    return config
-
-
-def to_hf_config(config: ModelConfig) -> dict:
-    """The `config.json` dict a family's own code (and transformers) would read."""
-    from .models import FAMILIES
-
-    return FAMILIES[config.family].to_hf(config)
-
-
-def load_config(directory: str | Path) -> ModelConfig:
-    path = Path(directory) / "config.json"
-    if not path.is_file():
-        raise MiniLLMError(f"config.json not found in {directory}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MiniLLMError(f"{path}: invalid JSON ({e})") from None
-    return from_hf_config(data, where=str(path))

@@ -8,3 +8,9 @@ argument) is raised as a `MiniLLMError` with a one-line message that names the p
 
 class MiniLLMError(ValueError):
     """Bad input, explained in one line."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (or its type name), for one-line errors."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

@@ -14,7 +14,7 @@ import os
 import re
 from pathlib import Path
 
-from minillm.errors import MiniLLMError
+from minillm.errors import MiniLLMError, first_line
 
 # The only files minillm reads from a repo. Anything else (pytorch_model.bin, onnx, flax, ...) is
 # left on the hub; a repo with only .bin weights can be converted with tools/convert_bin.py.
@@ -101,7 +101,7 @@ def _download(repo_id: str) -> Path:
     try:
         snapshot = huggingface_hub.snapshot_download(repo_id, allow_patterns=HUB_FILES)
     except HFValidationError as e:
-        raise MiniLLMError(f"not a valid hub repo id: {repo_id!r} ({_first_line(e)})") from None
+        raise MiniLLMError(f"not a valid hub repo id: {repo_id!r} ({first_line(e)})") from None
     except GatedRepoError:
         raise MiniLLMError(
             f"hub repo {repo_id} is gated: accept its license on the hub and log in "
@@ -119,7 +119,7 @@ def _download(repo_id: str) -> Path:
         # Anything else from the network or the cache: name the repo and the cause, one line.
         raise MiniLLMError(
             f"cannot fetch hub repo {repo_id} into {constants.HF_HUB_CACHE}"
-            f"{' (HF_HUB_OFFLINE=1)' if offline else ''}: {type(e).__name__}: {_first_line(e)}"
+            f"{' (HF_HUB_OFFLINE=1)' if offline else ''}: {type(e).__name__}: {first_line(e)}"
         ) from None
     return Path(snapshot)
 
@@ -131,7 +131,3 @@ def _not_cached(repo_id: str, offline: bool, cache: str) -> str:
         f"({cache}) and the hub cannot be reached{why}"
     )
 
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__

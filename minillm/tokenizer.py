@@ -1,28 +1,42 @@
-"""Text <-> token ids, from a model directory's tokenizer.json or tokenizer.model.
+"""Text <-> token ids, from a model directory's tokenizer.json or tokenizer.model, or a GGUF file.
 
-`load_tokenizer("dir/or/hub-id")` returns a `Tokenizer` with the few things the engine needs:
-`encode(text) -> list[int]` (with exactly one BOS when the model has one), `decode(ids) -> str`,
-the BOS/EOS ids, and `StreamDecoder` for printing text while tokens are generated.
+`load_tokenizer("dir/or/hub-id/or/x.gguf")` returns a `Tokenizer` with the few things the engine
+needs: `encode(text) -> list[int]`, `decode(ids) -> str`, the BOS/EOS ids, the chat template, and
+`StreamDecoder` for printing text while tokens are generated.
 
-Two backends, one interface:
-- `tokenizer.json`  -> the `tokenizers` library (byte-level BPE for GPT-NeoX/Falcon/MPT, and the
-  sentencepiece-converted files of Llama). Preferred when both files exist.
-- `tokenizer.model` -> `sentencepiece` (original Llama releases).
+`encode(text)` gives the ids transformers' `AutoTokenizer.from_pretrained(dir)(text).input_ids`
+gives (tests/test_tokenizer.py and tests/test_smollm2.py check it). Whether a BOS is added
+follows the tokenizer's own files, never the model type:
+- `tokenizer.json`: its post-processor (a TemplateProcessing that adds `<s>`, or none);
+- `tokenizer.model`: `add_bos_token` / `add_eos_token` in tokenizer_config.json (transformers
+  5.x adds neither when the keys are absent);
+- a GGUF file: its `tokenizer.ggml.add_bos_token`.
+Text that spells a special token (`<|im_start|>`, `</s>`) is that token, as in transformers.
+
+Backends, one interface:
+- `tokenizer.json`  -> the `tokenizers` library (byte-level BPE for GPT-NeoX/Falcon/MPT/SmolLM2,
+  and the sentencepiece-converted files of Llama). Preferred when both files exist.
+- `tokenizer.model` -> `sentencepiece` (original Llama releases), the model's own tokenizer.
+  transformers instead converts it to a `tokenizers` BPE, which agrees on ordinary text but can
+  split differently text that starts with or is only whitespace (see the tests).
+- a GGUF file -> a `tokenizers` byte-level BPE built from its vocab, merges and token types.
 
 Special ids come, in this order, from generation_config.json (what `generate` uses in
 transformers), tokenizer_config.json (token strings), config.json, and finally the sentencepiece
-model itself.
+model itself. The chat template comes from chat_template.jinja (where transformers writes it),
+then tokenizer_config.json, then the GGUF's `tokenizer.chat_template`.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from minillm.errors import MiniLLMError
+from minillm.errors import MiniLLMError, first_line
 from minillm.hub import resolve_model_dir
 
 _REPLACEMENT = "\ufffd"  # what decoders print for an incomplete UTF-8 sequence
@@ -37,17 +51,17 @@ class _HFTokenizers:
 
     name = "tokenizers"
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path | None = None, *, json_text: str | None = None, where: str = ""):
         from tokenizers import Tokenizer as _Tk
 
         try:
-            self.tk = _Tk.from_file(str(path))
+            self.tk = _Tk.from_file(str(path)) if json_text is None else _Tk.from_str(json_text)
         except Exception as e:  # the Rust side raises a bare Exception for any parse error
-            raise MiniLLMError(f"cannot read tokenizer file {path}: {_first_line(e)}") from None
+            raise MiniLLMError(f"cannot read tokenizer {path or where}: {first_line(e)}") from None
         self.vocab_size = self.tk.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, special: bool) -> list[int]:
-        # special=True runs the post-processor, which for Llama files already adds BOS.
+        # special=True runs the post-processor (which adds BOS where the file says so).
         return self.tk.encode(text, add_special_tokens=special).ids
 
     def decode(self, ids: list[int]) -> str:
@@ -71,11 +85,33 @@ class _SentencePiece:
         try:
             self.sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
         except Exception as e:  # RuntimeError / OSError from the C++ parser
-            raise MiniLLMError(f"cannot read tokenizer file {path}: {_first_line(e)}") from None
+            raise MiniLLMError(f"cannot read tokenizer file {path}: {first_line(e)}") from None
         self.vocab_size = self.sp.get_piece_size()
+        # Control and unknown pieces (<s>, </s>, <unk>) spelled in the text are those tokens, as in
+        # transformers; sentencepiece itself would spell them out character by character.
+        self.specials = {self.sp.id_to_piece(i): i for i in range(self.vocab_size)
+                         if self.sp.is_control(i) or self.sp.is_unknown(i)}
+        self._split = (re.compile("(" + "|".join(map(re.escape, sorted(self.specials, key=len, reverse=True))) + ")")
+                       if self.specials else None)
+        self._anchor = self.sp.encode("\n")
 
     def encode(self, text: str, special: bool) -> list[int]:
-        return self.sp.encode(text)  # never adds BOS/EOS itself (Tokenizer does)
+        """Ids of `text`; never adds BOS/EOS itself (Tokenizer does).
+
+        Between special tokens, a piece of text after the first is encoded as a continuation (no
+        dummy-prefix "▁"), which is what transformers' Metaspace(prepend_scheme="first") does."""
+        if self._split is None:
+            return self.sp.encode(text)
+        ids: list[int] = []
+        for k, part in enumerate(p for p in self._split.split(text) if p):
+            if part in self.specials:
+                ids.append(self.specials[part])
+            elif not ids and k == 0:
+                ids += self.sp.encode(part)
+            else:
+                cont = self.sp.encode("\n" + part)
+                ids += cont[len(self._anchor):] if cont[: len(self._anchor)] == self._anchor else self.sp.encode(part)
+        return ids
 
     def decode(self, ids: list[int]) -> str:
         # Control tokens (<s>, </s>) have no surface text in sentencepiece: they decode to "".
@@ -98,12 +134,14 @@ class Tokenizer:
     """A model's tokenizer: encode/decode plus its BOS/EOS ids and chat template.
 
     Attributes:
-        bos_id: id prepended by `encode(add_bos=True)`, or None if the model has no BOS.
+        bos_id: the model's BOS id, or None if it has none.
+        adds_bos: whether `encode(text)` starts with BOS (the tokenizer files decide).
         eos_id: the (first) end-of-sequence id, or None.
         eos_ids: every id that ends generation (generation_config.json may list several).
         vocab_size: number of ids the tokenizer knows (may be < the model's padded vocab).
-        chat_template: the Jinja chat template from tokenizer_config.json, if any.
-        backend: "tokenizers" or "sentencepiece".
+        chat_template: the Jinja chat template (chat_template.jinja, tokenizer_config.json or
+            the GGUF), if any.
+        backend: "tokenizers", "sentencepiece" or "gguf".
     """
 
     def __init__(
@@ -113,14 +151,23 @@ class Tokenizer:
         bos_id: int | None,
         eos_ids: Sequence[int],
         chat_template: str | None = None,
+        sp_add_bos: bool = False,
+        sp_add_eos: bool = False,
+        clean_up_spaces: bool = False,
+        backend_name: str | None = None,
     ):
         self._backend = backend
-        self.backend = backend.name
+        self.backend = backend_name or backend.name
         self.vocab_size: int = backend.vocab_size
         self.bos_id = bos_id
         self.eos_id: int | None = eos_ids[0] if eos_ids else None
         self.eos_ids: frozenset[int] = frozenset(eos_ids)
         self.chat_template = chat_template
+        # sentencepiece has no post-processor: transformers' add_bos_token/add_eos_token say.
+        self._sp_add = (sp_add_bos and bos_id is not None, sp_add_eos and self.eos_id is not None)
+        self.clean_up_spaces = clean_up_spaces
+        probe = self.encode("a")
+        self.adds_bos = bos_id is not None and bool(probe) and probe[0] == bos_id
         # Decoding "a" + ids and cutting "a" off renders ids as they would appear mid-text (used by
         # StreamDecoder, so that e.g. sentencepiece does not strip a word's leading space).
         self._anchor = backend.encode("a", special=False)
@@ -140,7 +187,23 @@ class Tokenizer:
         tok_cfg = _read_json(d / "tokenizer_config.json")
         model_cfg = _read_json(d / "config.json")
         bos, eos = _special_ids(backend, gen_cfg, tok_cfg, model_cfg, d)
-        return cls(backend, bos_id=bos, eos_ids=eos, chat_template=_chat_template(tok_cfg))
+        flags = {}
+        if backend.name == "sentencepiece":
+            flags = {"sp_add_bos": tok_cfg.get("add_bos_token") is True,
+                     "sp_add_eos": tok_cfg.get("add_eos_token") is True}
+        return cls(backend, bos_id=bos, eos_ids=eos, chat_template=_chat_template(d, tok_cfg),
+                   clean_up_spaces=tok_cfg.get("clean_up_tokenization_spaces") is True, **flags)
+
+    @classmethod
+    def from_gguf(cls, path: str | os.PathLike) -> Tokenizer:
+        """Build the tokenizer a GGUF file describes (vocab, merges, token types, special ids)."""
+        from .gguf_file import GGUFFile, tokenizer_json
+
+        f = path if isinstance(path, GGUFFile) else GGUFFile(path)
+        text, settings = tokenizer_json(f)
+        backend = _HFTokenizers(json_text=text, where=f.path.name)
+        return cls(backend, bos_id=settings["bos_id"], eos_ids=settings["eos_ids"],
+                   chat_template=settings["chat_template"], backend_name="gguf")
 
     def __repr__(self) -> str:
         return (
@@ -148,18 +211,27 @@ class Tokenizer:
             f"bos_id={self.bos_id}, eos_ids={sorted(self.eos_ids)})"
         )
 
-    def encode(self, text: str, add_bos: bool = True) -> list[int]:
-        """Token ids of `text`, starting with exactly one BOS if `add_bos` and the model has one.
+    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+        """Token ids of `text`.
 
-        `encode("")` is `[bos_id]` (or `[]`); callers decide what an empty prompt means.
+        add_bos=None (the default): exactly what the tokenizer's own files do, as transformers'
+        `tokenizer(text).input_ids` (a BOS where they add one, none where they do not).
+        add_bos=True: exactly one BOS in front (when the model has a BOS), whatever the files say.
+        add_bos=False: no special tokens added at all (a continuation of a stream).
         """
         if not isinstance(text, str):
             raise MiniLLMError(f"encode expects a str, got {type(text).__name__}")
-        # With add_bos, let the tokenizer's own post-processor run (Llama's tokenizer.json adds
-        # <s> there), then add BOS only if it did not: never zero, never two.
-        ids = self._backend.encode(text, special=add_bos)
+        if add_bos is not None and not isinstance(add_bos, bool):
+            raise MiniLLMError(f"encode: add_bos must be True, False or None, got {add_bos!r}")
+        ids = self._backend.encode(text, special=add_bos is not False)
+        if add_bos is not False and self._backend.name == "sentencepiece":
+            add_b, add_e = self._sp_add
+            if add_b:
+                ids = [self.bos_id, *ids]
+            if add_e:
+                ids = [*ids, self.eos_id]
         if add_bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
-            ids = [self.bos_id, *ids]
+            ids = [self.bos_id, *ids]  # never zero, never two
         return ids
 
     def decode(self, ids: Iterable[int]) -> str:
@@ -173,7 +245,8 @@ class Tokenizer:
                 raise MiniLLMError(
                     f"token id {i} is out of range for a vocabulary of {self.vocab_size}"
                 )
-        return self._backend.decode(ids)
+        text = self._backend.decode(ids)
+        return _clean_up_tokenization(text) if self.clean_up_spaces else text
 
     def decoder(self, *, start_of_text: bool = True) -> StreamDecoder:
         """A fresh StreamDecoder over this tokenizer (see there)."""
@@ -241,7 +314,11 @@ class StreamDecoder:
 
 
 def load_tokenizer(name_or_path: str | os.PathLike) -> Tokenizer:
-    """The tokenizer of a local model directory or a hub repo id (fetched into the hub cache)."""
+    """The tokenizer of a local model directory, a hub repo id (fetched into the hub cache) or a GGUF file."""
+    from .gguf_file import is_gguf
+
+    if is_gguf(name_or_path):
+        return Tokenizer.from_gguf(name_or_path)
     return Tokenizer.from_dir(resolve_model_dir(name_or_path))
 
 
@@ -256,7 +333,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise MiniLLMError(f"cannot read {path}: {_first_line(e)}") from None
+        raise MiniLLMError(f"cannot read {path}: {first_line(e)}") from None
     if not isinstance(data, dict):
         raise MiniLLMError(f"cannot read {path}: expected a JSON object")
     return data
@@ -310,14 +387,29 @@ def _special_ids(
     return (bos[0] if bos else None), first("eos", sp_eos)
 
 
-def _chat_template(tok_cfg: dict[str, Any]) -> str | None:
+def _chat_template(d: Path, tok_cfg: dict[str, Any]) -> str | None:
+    """chat_template.jinja (transformers >= 4.47 writes it there), else tokenizer_config.json's
+    chat_template: a string, or a list of named templates of which "default" is used."""
+    jinja = d / "chat_template.jinja"
+    if jinja.is_file():
+        try:
+            return jinja.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise MiniLLMError(f"cannot read {jinja}: {first_line(e)}") from None
     t = tok_cfg.get("chat_template")
     if isinstance(t, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
         named = {x.get("name"): x.get("template") for x in t if isinstance(x, dict)}
         t = named.get("default")
-    return t if isinstance(t, str) else None
+    if t is not None and not isinstance(t, str):
+        raise MiniLLMError(f"{d / 'tokenizer_config.json'}: chat_template must be a string or a list of "
+                           f"named templates, got {type(t).__name__}")
+    return t
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+def _clean_up_tokenization(text: str) -> str:
+    """transformers' `clean_up_tokenization` (for tokenizer_config's clean_up_tokenization_spaces)."""
+    for a, b in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                 (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+        text = text.replace(a, b)
+    return text
+

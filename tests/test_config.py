@@ -15,7 +15,8 @@ import json
 
 import pytest
 
-from minillm.config import ModelConfig, from_hf_config, to_hf_config
+from minillm.config import ModelConfig
+from minillm.models import from_hf_config, to_hf_config
 from minillm.errors import MiniLLMError
 from util import VARIANTS, tiny_config
 

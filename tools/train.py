@@ -19,7 +19,9 @@ Split: every book except frankenstein.txt and katrine.txt trains; those two are 
   ../shared/NOTES-sinks.md); --sink-token puts the learnable <sink> before it.
 
 Training state (model, AdamW moments, step, RNG) is saved as safetensors + JSON, never a pickle,
-and --resume continues bit-exactly on CPU. The run is deterministic given --seed on CPU (batches
+and --resume continues bit-exactly on CPU. Every file is written atomically (temporary file, fsync,
+rename), state.json last, so a run killed at any moment, even inside a save, resumes from the
+last complete save (see save_state). The run is deterministic given --seed on CPU (batches
 come from a CPU generator, so they are the same on every device). With --time-limit the run fits
 its step count to the time after a short calibration (logged, so `--steps N` reproduces it) and
 always stops, saves and exports before the limit.
@@ -197,7 +199,10 @@ def cmd_data(args) -> int:
                 tokenizer_sha256=tokenizer_digest(tok_dir))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out), metadata=meta)
+    tmp = out.with_name(out.name + ".tmp")  # atomically, like every file this tool writes
+    save_file(tensors, str(tmp), metadata=meta)
+    _fsync_file(tmp)
+    os.replace(tmp, out)
     print(f"data: {len(tensors['train']):,} train and {len(tensors['heldout']):,} held-out tokens -> {out}")
     return 0
 
@@ -348,6 +353,18 @@ def opt_params(opt) -> list:
 
 
 def save_state(directory: Path, model, opt, sampler, best, info: dict) -> None:
+    """Write the training state so that a process killed at ANY moment (SIGKILL included, during
+    this function too) leaves a directory that --resume reads as one complete saved step.
+
+    - The tensors go to a new file with a unique name (`state-<step>-<nonce>.safetensors`), written
+      under a temporary name, fsynced and renamed into place; nothing refers to it yet.
+    - state.json, written last (temporary file, fsync, os.replace, directory fsync), names that file
+      and its step. os.replace is atomic, so state.json is always the old or the new one, and the
+      file it names is complete, because it was in place before state.json was.
+    - Only then are older tensors files and leftover temporaries removed.
+    TRAIN_PAUSE_IN_SAVE=<stage> (tests only) announces that stage on stderr and stops there, so
+    that a test can land a SIGKILL inside the save at a chosen point (tests/test_train.py).
+    """
     from safetensors.torch import save_file
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -358,25 +375,75 @@ def save_state(directory: Path, model, opt, sampler, best, info: dict) -> None:
         for key, value in opt.state.get(p, {}).items():
             t[f"optim.{i}.{key}"] = value.detach().cpu().contiguous()
     t["rng.sampler"] = sampler.g.get_state()
-    # Tensors first, then the JSON that names their step: a run killed in between leaves a
-    # mismatch that resume refuses, never a silently mixed state.
-    save_file(t, str(directory / "state.safetensors.tmp"), metadata={"step": str(info["step"])})
-    os.replace(directory / "state.safetensors.tmp", directory / "state.safetensors")
-    write_json(directory / "state.json.tmp", info)
-    os.replace(directory / "state.json.tmp", directory / "state.json")
+    step = info["step"]
+    name = f"state-{step:09d}-{os.getpid()}-{time.time_ns()}.safetensors"
+    _save_stage("begin", step)
+    tmp = directory / (name + ".tmp")
+    save_file(t, str(tmp), metadata={"step": str(step)})
+    _save_stage("tensors-written", step)
+    _fsync_file(tmp)
+    os.replace(tmp, directory / name)
+    _fsync_dir(directory)
+    _save_stage("tensors-in-place", step)
+    write_json(directory / "state.json", {**info, "tensors": name}, stage=lambda s: _save_stage(s, step))
+    _save_stage("json-in-place", step)
+    for old in directory.iterdir():  # superseded tensors files and temporaries of killed saves
+        if old.name != name and (old.name.endswith(".tmp") or
+                                 (old.name.startswith("state") and old.name.endswith(".safetensors"))):
+            old.unlink(missing_ok=True)
+    _save_stage("done", step)
+
+
+def _save_stage(stage: str, step: int) -> None:
+    if os.environ.get("TRAIN_PAUSE_IN_SAVE") == stage:
+        print(f"save-stage {stage} step {step}", file=sys.stderr, flush=True)
+        time.sleep(600)  # the crash test kills the process here
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename in `directory` durable (POSIX); a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def state_tensors_path(directory: Path) -> Path:
+    """The tensors file that `directory`/state.json names (state.safetensors for older states)."""
+    info = json.loads((Path(directory) / "state.json").read_text(encoding="utf-8"))
+    return Path(directory) / info.get("tensors", "state.safetensors")
 
 
 def load_state(directory: Path, args, model, opt, sampler) -> tuple[dict, dict | None]:
     from safetensors import safe_open
 
-    js, st = directory / "state.json", directory / "state.safetensors"
-    if not js.is_file() or not st.is_file():
+    js = directory / "state.json"
+    if not js.is_file():
         fail(f"--resume: no training state in {directory}")
     try:
         info = json.loads(js.read_text(encoding="utf-8"))
+        st = directory / info.get("tensors", "state.safetensors")
+        if "/" in info.get("tensors", "") or not st.is_file():
+            fail(f"--resume: {js.name} in {directory} names a missing tensors file {st.name}")
         with safe_open(str(st), framework="pt") as f:
             step = (f.metadata() or {}).get("step")
             t = {k: f.get_tensor(k) for k in f.keys()}
+    except MiniLLMError:
+        raise
     except Exception as e:  # JSON or safetensors errors from a damaged file
         fail(f"--resume: cannot read the training state in {directory} ({type(e).__name__})")
     if step != str(info.get("step")):
@@ -617,8 +684,19 @@ def device_name(device: torch.device) -> str:
     return str(device)
 
 
-def write_json(path: Path, data) -> None:
-    Path(path).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+def write_json(path: Path, data, stage=None) -> None:
+    """Atomically: a temporary file in the same directory, fsync, os.replace, directory fsync.
+    A reader (or a run killed meanwhile) sees the old file or the new one, never a part of one."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(json.dumps(data, indent=2) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    if stage is not None:
+        stage("json-written")
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
 
 
 # ----------------------------------------------------------------------------------------------

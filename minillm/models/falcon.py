@@ -39,6 +39,18 @@ LAYER_PREFIX = "transformer.h.{i}."
 IGNORED = (r"transformer\.h\.\d+\.self_attention\.(rotary_emb\.inv_freq|maybe_rotary\.inv_freq)",)
 
 
+# The config policy, as data (see minillm/config.py).
+PARSED = frozenset({
+    "model_type", "vocab_size", "hidden_size", "num_attention_heads", "n_head", "num_hidden_layers",
+    "n_layer", "num_kv_heads", "n_head_kv", "new_decoder_architecture", "multi_query", "parallel_attn",
+    "num_ln_in_parallel_attn", "activation", "alibi", "bias", "ffn_hidden_size",
+    "max_position_embeddings", "layer_norm_epsilon", "tie_word_embeddings", "rope_theta",
+    "rope_scaling", "rope_parameters", "minillm",
+})
+REFUSED = frozenset({"apply_residual_connection_post_layernorm"})
+NEUTRAL = frozenset()
+
+
 def _norm_layout(c: ModelConfig) -> str:
     if not c.parallel_residual:
         return "sequential"
@@ -57,21 +69,21 @@ def weight_map(c: ModelConfig) -> dict:
 
 def parse(r: ConfigReader) -> ModelConfig:
     legacy = r.get("model_type")
-    hidden = r.get("hidden_size", required=True, type_=int)
-    heads = r.first("num_attention_heads", "n_head", required=True, type_=int)
+    hidden = r.get("hidden_size", required=True, type_=int, ge=1)
+    heads = r.first("num_attention_heads", "n_head", required=True, type_=int, ge=1)
     if hidden % heads:
         raise MiniLLMError(f"{r.where}: hidden_size={hidden} is not a multiple of the {heads} heads")
     if legacy == "RefinedWeb":  # Falcon-40B's original config: always the new decoder layout
         new_decoder = True
         r.ignore("new_decoder_architecture")
-        kv = r.first("n_head_kv", "num_kv_heads", required=True, type_=int)
+        kv = r.first("n_head_kv", "num_kv_heads", required=True, type_=int, ge=1)
         multi_query = False
         r.ignore("multi_query")
     else:
         default_mq = legacy == "falcon"  # transformers' FalconConfig defaults to multi_query=True
         new_decoder = r.get("new_decoder_architecture", False, type_=bool)
         multi_query = r.get("multi_query", default_mq, type_=bool)
-        kv_key = r.first("num_kv_heads", "n_head_kv", default=heads, type_=int)
+        kv_key = r.first("num_kv_heads", "n_head_kv", default=heads, type_=int, ge=1)
         kv = kv_key if new_decoder else (1 if multi_query else heads)
     parallel = r.get("parallel_attn", True, type_=bool)
     n_ln = r.get("num_ln_in_parallel_attn", None, type_=int)
@@ -96,16 +108,16 @@ def parse(r: ConfigReader) -> ModelConfig:
     bias = r.get("bias", False, type_=bool)
     return ModelConfig(
         family="falcon",
-        vocab_size=r.get("vocab_size", required=True, type_=int),
+        vocab_size=r.get("vocab_size", required=True, type_=int, ge=1),
         hidden_size=hidden,
-        num_layers=r.first("num_hidden_layers", "n_layer", required=True, type_=int),
+        num_layers=r.first("num_hidden_layers", "n_layer", required=True, type_=int, ge=1),
         num_heads=heads,
         num_kv_heads=kv,
         head_dim=hidden // heads,
-        intermediate_size=r.get("ffn_hidden_size", 4 * hidden, type_=int),
-        max_position_embeddings=r.get("max_position_embeddings", 2048, type_=int),
+        intermediate_size=r.get("ffn_hidden_size", 4 * hidden, type_=int, ge=1),
+        max_position_embeddings=r.get("max_position_embeddings", 2048, type_=int, ge=1),
         norm="layernorm",
-        norm_eps=r.get("layer_norm_epsilon", 1e-5, type_=float),
+        norm_eps=r.get("layer_norm_epsilon", 1e-5, type_=float, gt=0),
         activation="gelu",
         parallel_residual=parallel,
         shared_norm=shared,

@@ -35,34 +35,56 @@ ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "ge
                "relu": "relu", "silu": "silu"}
 
 
-def weight_map(c: ModelConfig) -> dict:
+# The config policy, as data (see minillm/config.py).
+PARSED = frozenset({
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+    "hidden_act", "max_position_embeddings", "layer_norm_eps", "use_parallel_residual",
+    "attention_bias", "tie_word_embeddings", "rotary_pct", "rotary_emb_base", "rope_theta",
+    "rope_scaling", "rope_parameters", "minillm",
+})
+REFUSED = frozenset()
+NEUTRAL = frozenset()
+
+
+def weight_map(c: ModelConfig | None = None) -> dict:  # one layout for every GPT-NeoX config
     return {"global": GLOBAL, "layer": LAYER, "layer_prefix": LAYER_PREFIX}
 
 
 def parse(r: ConfigReader) -> ModelConfig:
-    hidden = r.get("hidden_size", required=True, type_=int)
-    heads = r.get("num_attention_heads", required=True, type_=int)
+    hidden = r.get("hidden_size", required=True, type_=int, ge=1)
+    heads = r.get("num_attention_heads", required=True, type_=int, ge=1)
+    if hidden % heads:
+        raise MiniLLMError(f"{r.where}: hidden_size={hidden} is not a multiple of num_attention_heads={heads}")
     act = r.get("hidden_act", "gelu")
     if act not in ACTIVATIONS:
         raise MiniLLMError(f"{r.where}: unsupported option hidden_act={act!r} for gpt_neox")
     theta, factor = rope_settings(r, theta_keys=("rotary_emb_base", "rope_theta"))
-    pct = r.get("rotary_pct", None, type_=float)
+    pct = r.get("rotary_pct", None, type_=float, gt=0, le=1)
+    key = "partial_rotary_factor" if factor is not None else "rotary_pct"
     if factor is None:
         factor = 1.0 if pct is None else pct
     head_dim = hidden // heads
+    rotary_dim = int(head_dim * factor)  # transformers' rounding
+    if rotary_dim < 2:
+        # transformers then rotates nothing at all; a rotary-free GPT-NeoX is not a model minillm runs.
+        raise MiniLLMError(f"{r.where}: unsupported option {key}={factor} (it leaves {rotary_dim} of "
+                           f"{head_dim} dims per head rotated; minillm needs at least 2)")
+    if rotary_dim % 2:
+        raise MiniLLMError(f"{r.where}: unsupported option {key}={factor} (it rotates an odd number of "
+                           f"dims, {rotary_dim}, per head)")
     bias = r.get("attention_bias", True, type_=bool)
     return ModelConfig(
         family="gpt_neox",
-        vocab_size=r.get("vocab_size", required=True, type_=int),
+        vocab_size=r.get("vocab_size", required=True, type_=int, ge=1),
         hidden_size=hidden,
-        num_layers=r.get("num_hidden_layers", required=True, type_=int),
+        num_layers=r.get("num_hidden_layers", required=True, type_=int, ge=1),
         num_heads=heads,
         num_kv_heads=heads,
         head_dim=head_dim,
-        intermediate_size=r.get("intermediate_size", 4 * hidden, type_=int),
-        max_position_embeddings=r.get("max_position_embeddings", 2048, type_=int),
+        intermediate_size=r.get("intermediate_size", 4 * hidden, type_=int, ge=1),
+        max_position_embeddings=r.get("max_position_embeddings", 2048, type_=int, ge=1),
         norm="layernorm",
-        norm_eps=r.get("layer_norm_eps", 1e-5, type_=float),
+        norm_eps=r.get("layer_norm_eps", 1e-5, type_=float, gt=0),
         activation=ACTIVATIONS[act],
         parallel_residual=r.get("use_parallel_residual", True, type_=bool),
         qkv_bias=bias,
@@ -72,7 +94,7 @@ def parse(r: ConfigReader) -> ModelConfig:
         qkv_layout="interleaved",
         positions="rope",
         rope_theta=theta,
-        rotary_dim=int(head_dim * factor),
+        rotary_dim=rotary_dim,
         **minillm_extensions(r),
     )
 

@@ -28,13 +28,24 @@ LAYER_PREFIX = "model.layers.{i}."
 IGNORED = (r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",)
 
 
-def weight_map(c: ModelConfig) -> dict:
+# The config policy, as data (see minillm/config.py).
+PARSED = frozenset({
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "rms_norm_eps",
+    "attention_bias", "mlp_bias", "tie_word_embeddings", "rope_theta", "rope_scaling",
+    "rope_parameters", "minillm",
+})
+REFUSED = frozenset()
+NEUTRAL = frozenset()
+
+
+def weight_map(c: ModelConfig | None = None) -> dict:  # one layout for every Llama config
     return {"global": GLOBAL, "layer": LAYER, "layer_prefix": LAYER_PREFIX}
 
 
 def parse(r: ConfigReader) -> ModelConfig:
-    hidden = r.get("hidden_size", required=True, type_=int)
-    heads = r.get("num_attention_heads", required=True, type_=int)
+    hidden = r.get("hidden_size", required=True, type_=int, ge=1)
+    heads = r.get("num_attention_heads", required=True, type_=int, ge=1)
     act = r.get("hidden_act", "silu")
     if act != "silu":
         raise MiniLLMError(f"{r.where}: unsupported option hidden_act={act!r} for llama (needs 'silu')")
@@ -43,16 +54,16 @@ def parse(r: ConfigReader) -> ModelConfig:
         raise MiniLLMError(f"{r.where}: unsupported option partial_rotary_factor={factor} for llama")
     return ModelConfig(
         family="llama",
-        vocab_size=r.get("vocab_size", required=True, type_=int),
+        vocab_size=r.get("vocab_size", required=True, type_=int, ge=1),
         hidden_size=hidden,
-        num_layers=r.get("num_hidden_layers", required=True, type_=int),
+        num_layers=r.get("num_hidden_layers", required=True, type_=int, ge=1),
         num_heads=heads,
-        num_kv_heads=r.get("num_key_value_heads", heads, type_=int),
-        head_dim=r.get("head_dim", hidden // heads, type_=int),
-        intermediate_size=r.get("intermediate_size", required=True, type_=int),
-        max_position_embeddings=r.get("max_position_embeddings", 2048, type_=int),
+        num_kv_heads=r.get("num_key_value_heads", heads, type_=int, ge=1),
+        head_dim=r.get("head_dim", hidden // heads, type_=int, ge=1),
+        intermediate_size=r.get("intermediate_size", required=True, type_=int, ge=1),
+        max_position_embeddings=r.get("max_position_embeddings", 2048, type_=int, ge=1),
         norm="rmsnorm",
-        norm_eps=r.get("rms_norm_eps", 1e-6, type_=float),
+        norm_eps=r.get("rms_norm_eps", 1e-6, type_=float, gt=0),
         norm_bias=False,
         activation="swiglu",
         qkv_bias=r.get("attention_bias", False, type_=bool),

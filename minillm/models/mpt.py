@@ -7,7 +7,7 @@ of them; the tests check the rest against hand-computed references.
 
 from __future__ import annotations
 
-from ..config import IGNORED_KEYS, ConfigReader, ModelConfig, extensions_to_hf, minillm_extensions
+from ..config import NEUTRAL_KEYS, ConfigReader, ModelConfig, extensions_to_hf, minillm_extensions
 from ..errors import MiniLLMError
 
 MODEL_TYPES = ("mpt",)
@@ -37,11 +37,22 @@ LAYER_PREFIX = "transformer.blocks.{i}."
 IGNORED = ()
 WPE = "transformer.wpe.weight"
 
-ATTN_KEYS = {"alibi", "alibi_bias_max", "clip_qkv", "softmax_scale", "qk_ln", "attn_type", "prefix_lm",
-             "attn_uses_sequence_id", "attn_impl", "attn_pdrop", "rope", "sliding_window_size"}
+# The config policy, as data (see minillm/config.py); ATTN_* for the nested attn_config block.
+PARSED = frozenset({
+    "d_model", "n_heads", "n_layers", "expansion_ratio", "max_seq_len", "vocab_size",
+    "layer_norm_epsilon", "learned_pos_emb", "attn_config", "logit_scale", "no_bias", "norm_type",
+    "tie_word_embeddings", "ffn_config", "minillm",
+})
+REFUSED = frozenset({"use_pad_tok_in_ffn"})
+# embedding_fraction scales only the gradient through the embedding; the forward value is unchanged.
+NEUTRAL = frozenset({"embedding_fraction"})
+ATTN_PARSED = frozenset({"alibi_bias_max", "clip_qkv", "softmax_scale"})
+ATTN_REFUSED = frozenset({"qk_ln", "attn_type", "prefix_lm", "attn_uses_sequence_id", "rope",
+                          "sliding_window_size", "alibi"})
+ATTN_NEUTRAL = frozenset({"attn_impl", "attn_pdrop"})
 
 
-def weight_map(c: ModelConfig) -> dict:
+def weight_map(c: ModelConfig | None = None) -> dict:  # one layout for every MPT config
     return {"global": GLOBAL, "layer": LAYER, "layer_prefix": LAYER_PREFIX}
 
 
@@ -49,7 +60,10 @@ def _attn_config(r: ConfigReader) -> dict:
     attn = r.get("attn_config", {})
     if not isinstance(attn, dict):
         raise MiniLLMError(f"{r.where}: 'attn_config' must be an object")
-    sub = ConfigReader(attn, "mpt", f"{r.where} attn_config")
+    # Unknown keys inside attn_config are refused even when not strict: every MosaicML attention
+    # option changes the attention, so there is no neutral unknown.
+    sub = ConfigReader(attn, "mpt", f"{r.where} attn_config", keys=ATTN_PARSED | ATTN_REFUSED,
+                       neutral=ATTN_NEUTRAL, strict="every attn_config option changes the attention")
     sub.refuse_unless("qk_ln", False)
     sub.refuse_unless("attn_type", "multihead_attention")
     sub.refuse_unless("prefix_lm", False)
@@ -57,23 +71,22 @@ def _attn_config(r: ConfigReader) -> dict:
     sub.refuse_unless("rope", False)
     sub.refuse_unless("sliding_window_size", -1)
     sub.refuse_unless("alibi", True)
-    sub.ignore("attn_impl", "attn_pdrop")
     out = {
-        "alibi_bias_max": sub.get("alibi_bias_max", 8.0, type_=float),
-        "clip_qkv": sub.get("clip_qkv", None, type_=float),
-        "softmax_scale": sub.get("softmax_scale", None, type_=float),
+        "alibi_bias_max": sub.get("alibi_bias_max", 8.0, type_=float, gt=0),
+        "clip_qkv": sub.get("clip_qkv", None, type_=float, gt=0),
+        "softmax_scale": sub.get("softmax_scale", None, type_=float, gt=0),
     }
-    sub.finish()  # boilerplate that transformers nests in sub-configs is in IGNORED_KEYS
+    sub.finish()  # boilerplate that transformers nests in sub-configs is in NEUTRAL_KEYS
     return out
 
 
 def parse(r: ConfigReader) -> ModelConfig:
-    d_model = r.get("d_model", required=True, type_=int)
-    heads = r.get("n_heads", required=True, type_=int)
+    d_model = r.get("d_model", required=True, type_=int, ge=1)
+    heads = r.get("n_heads", required=True, type_=int, ge=1)
     if d_model % heads:
         raise MiniLLMError(f"{r.where}: d_model={d_model} is not a multiple of n_heads={heads}")
     attn = _attn_config(r)
-    ratio = r.get("expansion_ratio", 4, type_=float)
+    ratio = r.get("expansion_ratio", 4, type_=float, gt=0)
     norm_type = r.get("norm_type", "low_precision_layernorm")
     if norm_type not in ("low_precision_layernorm", "layernorm"):
         raise MiniLLMError(f"{r.where}: unsupported option norm_type={norm_type!r} for mpt")
@@ -82,26 +95,26 @@ def parse(r: ConfigReader) -> ModelConfig:
         logit_scale = d_model ** -0.5
     elif logit_scale is not None and (isinstance(logit_scale, bool) or not isinstance(logit_scale, (int, float))):
         raise MiniLLMError(f"{r.where}: unsupported option logit_scale={logit_scale!r} for mpt")
+    elif logit_scale is not None:
+        r._checked("logit_scale", logit_scale, float, 0, None, None)
     ffn = r.get("ffn_config")
     if ffn is not None and (not isinstance(ffn, dict) or ffn.get("ffn_type", "mptmlp") != "mptmlp"
-                            or set(ffn) - {"ffn_type", "fc_type"} - IGNORED_KEYS):
+                            or set(ffn) - {"ffn_type", "fc_type"} - NEUTRAL_KEYS):
         raise MiniLLMError(f"{r.where}: unsupported option ffn_config={ffn!r} for mpt")
     r.refuse_unless("use_pad_tok_in_ffn", True, False)
-    # embedding_fraction scales only the gradient through the embedding; the forward value is unchanged.
-    r.ignore("embedding_fraction")
     no_bias = r.get("no_bias", True, type_=bool)
     return ModelConfig(
         family="mpt",
-        vocab_size=r.get("vocab_size", required=True, type_=int),
+        vocab_size=r.get("vocab_size", required=True, type_=int, ge=1),
         hidden_size=d_model,
-        num_layers=r.get("n_layers", required=True, type_=int),
+        num_layers=r.get("n_layers", required=True, type_=int, ge=1),
         num_heads=heads,
         num_kv_heads=heads,
         head_dim=d_model // heads,
         intermediate_size=int(ratio * d_model),
-        max_position_embeddings=r.get("max_seq_len", 2048, type_=int),
+        max_position_embeddings=r.get("max_seq_len", 2048, type_=int, ge=1),
         norm="layernorm",
-        norm_eps=r.get("layer_norm_epsilon", 1e-5, type_=float),
+        norm_eps=r.get("layer_norm_epsilon", 1e-5, type_=float, gt=0),
         norm_bias=not no_bias,
         activation="gelu",
         qkv_bias=not no_bias,

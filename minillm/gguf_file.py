@@ -1,0 +1,357 @@
+"""GGUF files (llama.cpp's format): a config, dequantized tensors under Hugging Face names, a tokenizer.
+
+A GGUF file holds everything a checkpoint directory holds, in one file: the hyper-parameters and
+the tokenizer as metadata under llama.cpp's key names, and the weights, often quantized. minillm
+turns each part into what the rest of the engine already reads, so nothing downstream knows the
+file was a GGUF:
+- the metadata becomes a `config.json`-shaped dict, parsed by the family's own parser (same range
+  checks, same refusals, unknown keys warned about);
+- each tensor is dequantized by ggml's own reference code (the `gguf` package's `dequantize`) into
+  the requested dtype, renamed to its Hugging Face name, and llama.cpp's Q/K row permutation is
+  undone; the strict loader in `checkpoint.py` then checks every name and shape as for safetensors;
+- the vocabulary, merges, token types and special ids become a `tokenizers` tokenizer.
+
+The file is read with the `gguf` package (`pip install "minillm[gguf]"`), never by hand. All the
+name and key mappings below are data.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import ConfigWarning
+from .errors import MiniLLMError, first_line
+
+# ----------------------------------------------------------------------------------------------
+# The mappings, per GGUF architecture (`general.architecture`).
+
+ARCHITECTURES: dict[str, dict[str, Any]] = {
+    "llama": {
+        "model_type": "llama",
+        # "{arch}.<key>" metadata -> config.json key
+        "config": {
+            "block_count": "num_hidden_layers",
+            "context_length": "max_position_embeddings",
+            "embedding_length": "hidden_size",
+            "feed_forward_length": "intermediate_size",
+            "attention.head_count": "num_attention_heads",
+            "attention.head_count_kv": "num_key_value_heads",
+            "attention.key_length": "head_dim",
+            "rope.freq_base": "rope_theta",
+            "attention.layer_norm_rms_epsilon": "rms_norm_eps",
+            "vocab_size": "vocab_size",
+        },
+        # Metadata that cannot change the forward pass once the above is read.
+        "neutral": {"attention.value_length", "rope.dimension_count"},
+        # Metadata that changes it and is refused unless it holds one of these values.
+        "refused": {
+            "rope.scaling.type": ("none",),
+            "rope.scaling.factor": (1.0, 0.0),
+            "expert_count": (0,),
+            "expert_used_count": (0,),
+            "attention.sliding_window": (0,),
+        },
+        # GGUF tensor name -> Hugging Face name ({i}: the block)
+        "tensors": {
+            "token_embd.weight": "model.embed_tokens.weight",
+            "output_norm.weight": "model.norm.weight",
+            "output.weight": "lm_head.weight",
+            "blk.{i}.attn_norm.weight": "model.layers.{i}.input_layernorm.weight",
+            "blk.{i}.ffn_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
+            "blk.{i}.attn_q.weight": "model.layers.{i}.self_attn.q_proj.weight",
+            "blk.{i}.attn_k.weight": "model.layers.{i}.self_attn.k_proj.weight",
+            "blk.{i}.attn_v.weight": "model.layers.{i}.self_attn.v_proj.weight",
+            "blk.{i}.attn_output.weight": "model.layers.{i}.self_attn.o_proj.weight",
+            "blk.{i}.ffn_gate.weight": "model.layers.{i}.mlp.gate_proj.weight",
+            "blk.{i}.ffn_up.weight": "model.layers.{i}.mlp.up_proj.weight",
+            "blk.{i}.ffn_down.weight": "model.layers.{i}.mlp.down_proj.weight",
+        },
+        # Tensors whose rows llama.cpp's converter permuted, and the config key of their head count.
+        "permuted": {
+            "blk.{i}.attn_q.weight": "num_attention_heads",
+            "blk.{i}.attn_k.weight": "num_key_value_heads",
+        },
+        # Tensors that are recomputed here (llama.cpp's precomputed RoPE frequencies).
+        "ignored": (r"rope_freqs\.weight",),
+    },
+}
+
+# llama.cpp's `tokenizer.ggml.pre` names the pre-tokenizer its merges were learned with.
+# Each entry is a `tokenizers` pre_tokenizer description (JSON), as a tokenizer.json would hold.
+_BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+PRE_TOKENIZERS: dict[str, dict] = {
+    "default": _BYTE_LEVEL,
+    "gpt2": _BYTE_LEVEL,
+    # SmolLM, StarCoder: every digit on its own, then GPT-2's split (llama.cpp groups them so).
+    "smollm": {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, _BYTE_LEVEL]},
+    "starcoder": {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, _BYTE_LEVEL]},
+    "llama-bpe": {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": _LLAMA3_SPLIT}, "behavior": "Isolated", "invert": False},
+        {**_BYTE_LEVEL, "use_regex": False}]},
+}
+PRE_TOKENIZERS["llama3"] = PRE_TOKENIZERS["llama-bpe"]
+
+# llama.cpp's token types (tokenizer.ggml.token_type).
+TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
+
+
+def is_gguf(path: str | Path) -> bool:
+    return str(path).lower().endswith(".gguf")
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading the file.
+
+
+class GGUFFile:
+    """One open GGUF file: its metadata (`meta`, plain Python values) and its tensors."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise MiniLLMError(f"GGUF file not found: {self.path}")
+        try:
+            from gguf import GGUFReader
+        except ImportError:
+            raise MiniLLMError('reading GGUF files needs the gguf package: pip install "minillm[gguf]"') from None
+        try:
+            self.reader = GGUFReader(str(self.path), "r")
+        except Exception as e:  # truncated or corrupt: numpy/struct errors, an unknown tensor type, ...
+            raise MiniLLMError(f"{self.path.name}: not a readable GGUF file ({first_line(e)})") from None
+        self.meta: dict[str, Any] = {}
+        for key, field in self.reader.fields.items():
+            if key.startswith("GGUF."):
+                continue
+            try:
+                self.meta[key] = field.contents()
+            except Exception as e:
+                raise MiniLLMError(f"{self.path.name}: unreadable metadata {key} ({first_line(e)})") from None
+        self.tensors = {t.name: t for t in self.reader.tensors}
+        self.architecture = self.meta.get("general.architecture")
+        if self.architecture not in ARCHITECTURES:
+            raise MiniLLMError(f"{self.path.name}: unsupported GGUF architecture {self.architecture!r} "
+                               f"(minillm reads: {', '.join(sorted(ARCHITECTURES))})")
+        self.spec = ARCHITECTURES[self.architecture]
+
+    def hf_config(self) -> dict:
+        """The metadata as a config.json dict for the family's parser (which range-checks it)."""
+        arch, spec = self.architecture, self.spec
+        prefix = f"{arch}."
+        config: dict[str, Any] = {"model_type": spec["model_type"]}
+        unknown = []
+        for key, value in self.meta.items():
+            if not key.startswith(prefix):
+                continue  # general.* is bookkeeping; tokenizer.* is read by the tokenizer
+            name = key[len(prefix):]
+            if name in spec["config"]:
+                config[spec["config"][name]] = value
+            elif name in spec["refused"]:
+                if value not in spec["refused"][name]:
+                    raise MiniLLMError(f"{self.path.name}: unsupported option {key}={value!r} (it changes "
+                                       "the forward pass; minillm does not implement it)")
+            elif name not in spec["neutral"]:
+                unknown.append(key)
+        if unknown:
+            warnings.warn(f"{self.path.name}: ignoring unknown GGUF metadata {', '.join(map(repr, sorted(unknown)))}",
+                          ConfigWarning, stacklevel=3)
+        tokens = self.meta.get("tokenizer.ggml.tokens")
+        if "vocab_size" not in config and tokens is not None:
+            config["vocab_size"] = len(tokens)
+        hd = config.get("head_dim") or _div(config.get("hidden_size"), config.get("num_attention_heads"))
+        rot = self.meta.get(f"{arch}.rope.dimension_count")
+        if rot is not None and hd is not None and rot != hd:
+            raise MiniLLMError(f"{self.path.name}: unsupported option {arch}.rope.dimension_count={rot} "
+                               f"(partial rotary; head_dim is {hd})")
+        config["tie_word_embeddings"] = "output.weight" not in self.tensors
+        for ours, key in (("bos_token_id", "tokenizer.ggml.bos_token_id"), ("eos_token_id", "tokenizer.ggml.eos_token_id")):
+            if key in self.meta:
+                config[ours] = self.meta[key]
+        return config
+
+    def tensor_names(self) -> dict[str, str]:
+        """Hugging Face name -> GGUF name, for every tensor in the file (unknown ones refused)."""
+        out = {}
+        ignored = [re.compile(p) for p in self.spec["ignored"]]
+        patterns = [(re.compile(re.escape(g).replace(r"\{i\}", r"(\d+)") + "$"), g, h)
+                    for g, h in self.spec["tensors"].items()]
+        for name in self.tensors:
+            if any(p.fullmatch(name) for p in ignored):
+                continue
+            for pattern, _, hf in patterns:
+                m = pattern.match(name)
+                if m:
+                    out[hf.format(i=m.group(1)) if m.groups() else hf] = name
+                    break
+            else:
+                raise MiniLLMError(f"{self.path.name}: unexpected tensor {name} (not part of a "
+                                   f"{self.architecture} model minillm knows)")
+        return out
+
+
+def _div(a, b):
+    return a // b if isinstance(a, int) and isinstance(b, int) and b else None
+
+
+class GGUFTensors:
+    """The checkpoint-tensor source for `checkpoint.load_tensors`: HF names, dequantized on demand."""
+
+    def __init__(self, f: GGUFFile, config: dict, dtype: torch.dtype):
+        self.file = f
+        self.dtype = dtype
+        self.config = config
+        self.hf_to_gguf = f.tensor_names()
+        permuted = {}
+        for pattern, key in f.spec["permuted"].items():
+            rx = re.compile(re.escape(pattern).replace(r"\{i\}", r"\d+") + "$")
+            permuted[rx] = config[key] if config.get(key) is not None else config["num_attention_heads"]
+        self.permuted = permuted
+
+    def names(self) -> set[str]:
+        return set(self.hf_to_gguf)
+
+    def describe(self, hf_name: str) -> str:
+        g = self.hf_to_gguf.get(hf_name)
+        return f"{g} ({hf_name})" if g else hf_name
+
+    def where(self) -> str:
+        return self.file.path.name
+
+    def get(self, hf_name: str) -> torch.Tensor:
+        from gguf import GGMLQuantizationType, quants
+
+        name = self.hf_to_gguf[hf_name]
+        t = self.file.tensors[name]
+        try:
+            qtype = GGMLQuantizationType(int(t.tensor_type))
+            data = quants.dequantize(t.data, qtype)
+        except (ValueError, NotImplementedError, KeyError) as e:
+            raise MiniLLMError(f"{self.file.path.name}: cannot dequantize tensor {name} of type "
+                               f"{getattr(t.tensor_type, 'name', t.tensor_type)} ({first_line(e)})") from None
+        shape = tuple(int(n) for n in reversed(t.shape.tolist()))  # GGUF lists dims fastest first
+        if data.size != int(t.n_elements):
+            raise MiniLLMError(f"{self.file.path.name}: tensor {name} holds {data.size} values, "
+                               f"its header says {int(t.n_elements)}")
+        # float32 is exact for every ggml type (each stores at most float32 precision); float64 widens
+        # it exactly, and lower precisions round once.
+        w = torch.from_numpy(data.reshape(shape).astype("float32", copy=True)).to(self.dtype)  # a copy: the file is mapped read-only
+        for rx, heads in self.permuted.items():
+            if rx.match(name):
+                w = unpermute_qk(w, heads)
+        return w
+
+
+def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Undo llama.cpp's convert_hf_to_gguf `permute` of a Q or K projection's rows.
+
+    llama.cpp rotates interleaved pairs (GPT-J style); to get that from Hugging Face's rotate-half
+    layout its converter reorders each head's rows from [first half; second half] into pairs,
+    (n_head, 2, hd/2) -> (n_head, hd/2, 2). This is the inverse."""
+    out = w.shape[0]
+    if out % n_head or (out // n_head) % 2:
+        raise MiniLLMError(f"a Q/K projection with {out} rows cannot hold {n_head} heads of even size")
+    return w.reshape(n_head, out // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# The tokenizer.
+
+
+def tokenizer_json(f: GGUFFile) -> tuple[str, dict]:
+    """(tokenizer.json text, tokenizer settings) from the file's metadata.
+
+    Settings: bos/eos ids, add_bos, chat_template. Only byte-level BPE (`tokenizer.ggml.model`
+    "gpt2") is built; sentencepiece vocabularies are refused by name."""
+    import json
+
+    m = f.meta
+    kind = m.get("tokenizer.ggml.model")
+    if kind is None:
+        raise MiniLLMError(f"{f.path.name}: has no tokenizer (no tokenizer.ggml.model metadata)")
+    if kind != "gpt2":
+        raise MiniLLMError(f"{f.path.name}: unsupported GGUF tokenizer tokenizer.ggml.model={kind!r} "
+                           "(minillm builds byte-level BPE, 'gpt2'; use the checkpoint's own tokenizer files)")
+    tokens = m.get("tokenizer.ggml.tokens")
+    merges = m.get("tokenizer.ggml.merges")
+    if not tokens or merges is None:
+        raise MiniLLMError(f"{f.path.name}: tokenizer.ggml.tokens or tokenizer.ggml.merges is missing")
+    types = m.get("tokenizer.ggml.token_type") or [TOKEN_NORMAL] * len(tokens)
+    if len(types) != len(tokens):
+        raise MiniLLMError(f"{f.path.name}: {len(types)} token types for {len(tokens)} tokens")
+    pre = m.get("tokenizer.ggml.pre", "default")
+    if pre not in PRE_TOKENIZERS:
+        raise MiniLLMError(f"{f.path.name}: unsupported GGUF pre-tokenizer tokenizer.ggml.pre={pre!r} "
+                           f"(minillm knows: {', '.join(sorted(PRE_TOKENIZERS))})")
+    n = len(tokens)
+
+    def special_id(key):
+        v = m.get(f"tokenizer.ggml.{key}")
+        if v is None:
+            return None
+        if not isinstance(v, int) or not 0 <= v < n:
+            raise MiniLLMError(f"{f.path.name}: tokenizer.ggml.{key}={v!r} is not in the vocabulary of {n}")
+        return v
+
+    bos, eos = special_id("bos_token_id"), special_id("eos_token_id")
+    eot = special_id("eot_token_id")
+    add_bos = bool(m.get("tokenizer.ggml.add_bos_token", False))
+    if add_bos and bos is None:
+        raise MiniLLMError(f"{f.path.name}: tokenizer.ggml.add_bos_token is true but there is no bos_token_id")
+    added = [{"id": i, "content": tok, "single_word": False, "lstrip": False, "rstrip": False,
+              "normalized": False, "special": ty == TOKEN_CONTROL}
+             for i, (tok, ty) in enumerate(zip(tokens, types)) if ty in (TOKEN_CONTROL, TOKEN_USER_DEFINED)]
+    post = None
+    if add_bos:
+        post = {"type": "TemplateProcessing",
+                "single": [{"SpecialToken": {"id": tokens[bos], "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+                "pair": [{"SpecialToken": {"id": tokens[bos], "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                         {"Sequence": {"id": "B", "type_id": 1}}],
+                "special_tokens": {tokens[bos]: {"id": tokens[bos], "ids": [bos], "tokens": [tokens[bos]]}}}
+    vocab = {}
+    for i, tok in enumerate(tokens):
+        vocab.setdefault(tok, i)
+    if len(vocab) != n:
+        raise MiniLLMError(f"{f.path.name}: the vocabulary lists {n - len(vocab)} token(s) twice")
+    doc = {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
+        "normalizer": None, "pre_tokenizer": PRE_TOKENIZERS[pre], "post_processor": post,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+                  "ignore_merges": False, "vocab": vocab, "merges": [mg.split(" ") for mg in merges]},
+    }
+    settings = {"bos_id": bos, "eos_ids": [i for i in (eos, eot) if i is not None], "add_bos": add_bos,
+                "chat_template": m.get("tokenizer.chat_template")}
+    return json.dumps(doc, ensure_ascii=False), settings
+
+
+# ----------------------------------------------------------------------------------------------
+# The model.
+
+
+def load_model(path: str | Path, dtype: torch.dtype, device: torch.device, *, strict: bool = False):
+    """A GGUF file -> the model, dequantized into `dtype` and loaded as strictly as safetensors."""
+    from .checkpoint import load_tensors
+    from .models import from_hf_config
+
+    f = GGUFFile(path)
+    with warnings.catch_warnings():
+        if strict:
+            warnings.simplefilter("error", ConfigWarning)
+        try:
+            hf = f.hf_config()
+        except ConfigWarning as w:
+            raise MiniLLMError(f"{w} (strict config checking is on)") from None
+    config = from_hf_config(hf, where=f"{f.path.name} metadata", strict=strict)
+    tokens = f.meta.get("tokenizer.ggml.tokens")
+    embd = f.tensors.get("token_embd.weight")
+    if tokens is not None and embd is not None and len(tokens) != int(embd.shape[-1]):
+        raise MiniLLMError(f"{f.path.name}: the vocabulary has {len(tokens)} tokens but token_embd.weight "
+                           f"has {int(embd.shape[-1])} rows")
+    return load_tensors(GGUFTensors(f, hf, dtype), config, dtype, device)
