@@ -11,6 +11,11 @@ new token included), as in the library's `new_cache(sinks=N, window=S-N)`.
 
 Bad input is one line on stderr (`minillm: error: ...`) and exit code 2; Ctrl-C exits with 130
 and no traceback (`ppl` first prints what it scored so far).
+
+Text rule: every text (`--prompt`, `--prompt-file`, `--text`, chat turns from a file or stdin)
+must be valid UTF-8. Invalid bytes or lone surrogates are refused, naming where and the offset;
+nothing is silently replaced. Outputs (`--json`, `--plot`, `--png`) are checked before the work,
+never overwrite an input, and are written atomically (a temporary file renamed into place).
 """
 
 from __future__ import annotations
@@ -18,15 +23,22 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import re
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 from . import __version__
 from .errors import MiniLLMError
+from .limits import MAX_THREADS
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "weights" / "llama-tiny"
 DEFAULT_CACHE_SIZE = 1024  # capped at the checkpoint's trained context unless given
+MAX_SEED = (1 << 64) - 1  # torch.Generator.manual_seed takes at most 64 bits
+TEXT_RULE = ("Text must be valid UTF-8: invalid bytes or lone surrogates are refused with their "
+             "offset, never replaced.")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -36,16 +48,34 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"minillm: error: {' '.join(message.split())}\n")
 
 
-def _int_at_least(low: int):
+def _int_at_least(low: int, high: int | None = None, high_why: str = ""):
+    """An argparse type: an integer >= low (and <= high, if given; `high_why` says why)."""
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text[:40]!r}") from None
         if value < low:
             raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"must be <= {high}{high_why}, got {text[:40]}")
         return value
     return parse
+
+
+def _device_name(text: str) -> str:
+    """An argparse type: cpu, cuda, cuda:N or mps (checked before torch sees it)."""
+    if not re.fullmatch(r"cpu|mps|cuda(:\d{1,4})?", text.strip().lower()):
+        raise argparse.ArgumentTypeError(f"unknown device {text[:40]!r} (use cpu, cuda, cuda:N or mps)")
+    return text.strip().lower()
+
+
+def _dtype_name(text: str) -> str:
+    from . import DTYPES
+
+    if text.lower().removeprefix("torch.") not in DTYPES:
+        raise argparse.ArgumentTypeError(f"unknown dtype {text[:40]!r} (use float32, bfloat16, float16 or float64)")
+    return text
 
 
 def _float_in(low: float, high: float = math.inf, low_open: bool = False):
@@ -65,9 +95,11 @@ def _common(cache_flags: bool = True) -> argparse.ArgumentParser:
     p = _Parser(add_help=False)
     p.add_argument("model", nargs="?", metavar="MODEL",
                    help="checkpoint directory or hub repo id (default: the shipped weights/llama-tiny)")
-    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16 or float64")
-    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or mps")
-    p.add_argument("--threads", type=_int_at_least(1), help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--dtype", type=_dtype_name, default="float32",
+                   help="float32 (default), bfloat16, float16 or float64")
+    p.add_argument("--device", type=_device_name, default="cpu", help="cpu (default), cuda, cuda:N or mps")
+    p.add_argument("--threads", type=_int_at_least(1, MAX_THREADS, " (more threads than that only crash OpenMP)"),
+                   help=f"torch CPU threads, at most {MAX_THREADS} (default: torch's choice)")
     if cache_flags:
         p.add_argument("--sinks", type=_int_at_least(0), default=4, help="attention-sink tokens kept (default 4)")
         p.add_argument("--cache-size", type=_int_at_least(1), metavar="S",
@@ -77,12 +109,13 @@ def _common(cache_flags: bool = True) -> argparse.ArgumentParser:
 
 
 def _sampling(p: argparse.ArgumentParser, max_new_help: str) -> None:
-    p.add_argument("--max-new-tokens", type=_int_at_least(0), default=256, metavar="N", help=max_new_help)
+    p.add_argument("--max-new-tokens", type=_int_at_least(-1), default=256, metavar="N", help=max_new_help)
     p.add_argument("--temperature", type=_float_in(0), default=0.8, help="0 is greedy (default 0.8)")
     p.add_argument("--top-k", type=_int_at_least(0), default=0, help="sample from the k most likely (0: off)")
     p.add_argument("--top-p", type=_float_in(0, 1, low_open=True), default=0.95,
                    help="nucleus sampling mass (default 0.95; 1: off)")
-    p.add_argument("--seed", type=_int_at_least(0), default=0, help="sampling seed (default 0)")
+    p.add_argument("--seed", type=_int_at_least(0, MAX_SEED, " (64 bits)"), default=0,
+                   help="sampling seed, 0 to 2**64-1 (default 0)")
     p.add_argument("--ignore-eos", action="store_true", help="keep going past an end-of-sequence token")
 
 
@@ -90,29 +123,32 @@ def build_parser() -> argparse.ArgumentParser:
     from .evaluate import DENSE_MAX_TOKENS, MODES
 
     parser = _Parser(prog="minillm",
-                     description="StreamingLLM in pure PyTorch: attention sinks + a rolling KV window.")
+                     description="StreamingLLM in pure PyTorch: attention sinks + a rolling KV window. " + TEXT_RULE)
     parser.add_argument("--version", action="version", version=f"minillm {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     g = sub.add_parser("generate", parents=[_common()], help="generate text, streaming",
-                       description="Generate text through a fixed-size sink+window cache, printing it as it comes.")
+                       description="Generate text through a fixed-size sink+window cache, printing it as it "
+                                   "comes. A prompt of any length is read in constant memory. " + TEXT_RULE)
     src = g.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt", metavar="TEXT", help="the prompt")
+    src.add_argument("--prompt", metavar="TEXT", help="the prompt (valid UTF-8; anything else is refused)")
     src.add_argument("--prompt-file", metavar="F", help="read the prompt from a UTF-8 file")
-    _sampling(g, "tokens to generate (default 256; 0: endless, until Ctrl-C)")
+    _sampling(g, "tokens to generate (default 256; 0: none; -1: endless, until Ctrl-C)")
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("chat", parents=[_common()], help="multi-turn chat over one streaming cache",
                        description="A conversation over one persistent streaming cache. Turns come from a "
-                                   "JSONL file ({\"turn\": \"...\"} per line) or, interactively, from stdin.")
+                                   "JSONL file ({\"turn\": \"...\"} per line) or, interactively, from stdin. "
+                                   + TEXT_RULE)
     c.add_argument("--prompts", metavar="F.jsonl", help="JSONL file of user turns (default: read stdin)")
     c.add_argument("--no-template", action="store_true",
                    help="use the plain 'USER: ... ASSISTANT:' format even if the checkpoint has a chat template")
-    _sampling(c, "tokens per reply at most (default 256; 0: until EOS)")
+    _sampling(c, "tokens per reply at most (default 256; 0: none; -1: until EOS)")
     c.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("ppl", parents=[_common()], help="long-text perplexity",
-                       description="Perplexity of long text (files concatenated, Gutenberg boilerplate stripped).")
+                       description="Perplexity of long text (files concatenated, Gutenberg boilerplate stripped). "
+                                   + TEXT_RULE)
     p.add_argument("--text", nargs="+", required=True, metavar="FILE", help="UTF-8 text file(s)")
     p.add_argument("--mode", nargs="+", choices=MODES, default=["streaming"], metavar="MODE",
                    help=f"one or more of {', '.join(MODES)} (default streaming)")
@@ -120,20 +156,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stride", type=_int_at_least(1), metavar="K",
                    help="recompute scores every K-th token from a seeded random offset; every mode "
                         "then also reports ppl_strided over that subset")
-    p.add_argument("--seed", type=_int_at_least(0), default=0, help="seed of the stride offset (default 0)")
+    p.add_argument("--seed", type=_int_at_least(0, MAX_SEED, " (64 bits)"), default=0,
+                   help="seed of the stride offset (default 0)")
     p.add_argument("--exact-loop", action="store_true",
                    help="feed one token at a time (the reference) instead of the parallel evaluation")
     p.add_argument("--dense-max-tokens", type=_int_at_least(1), default=DENSE_MAX_TOKENS, metavar="N",
                    help=f"refuse dense mode past N tokens: its cache grows with the text (default {DENSE_MAX_TOKENS})")
-    p.add_argument("--json", metavar="OUT", help="write the results as JSON")
-    p.add_argument("--plot", metavar="OUT.png", help="plot running log-PPL against tokens (needs matplotlib)")
+    p.add_argument("--json", metavar="OUT", help="write the results as JSON (checked before the work)")
+    p.add_argument("--plot", metavar="OUT.png",
+                   help="plot running log-PPL against tokens, as .png, .pdf or .svg (needs matplotlib)")
     p.set_defaults(func=cmd_ppl)
 
     a = sub.add_parser("attn", parents=[_common(cache_flags=False)], help="attention maps and sink scores",
                        description="Per-layer attention maps (heads averaged) of a dense forward over the first "
                                    "tokens of a text, and the per-layer attention-sink score.")
     a.add_argument("--text", nargs="+", required=True, metavar="FILE", help="UTF-8 text file(s)")
-    a.add_argument("--png", required=True, metavar="OUT", help="where to draw the maps (needs matplotlib)")
+    a.add_argument("--png", required=True, metavar="OUT",
+                   help="where to draw the maps, as .png, .pdf or .svg (needs matplotlib)")
     a.add_argument("--tokens", type=_int_at_least(2), default=128, metavar="T",
                    help="tokens to map, from the start (default 128)")
     a.add_argument("--min-query", type=_int_at_least(0), metavar="Q",
@@ -151,10 +190,108 @@ def _warn(message: str) -> None:
     print(f"minillm: warning: {message}", file=sys.stderr)
 
 
-def _check_output(path: str | None, what: str) -> None:
-    """Fail before the work, not after it, when an output file cannot be written."""
-    if path is not None and not Path(path).resolve().parent.is_dir():
-        raise MiniLLMError(f"{what}: directory {Path(path).parent} does not exist")
+FIGURE_FORMATS = (".png", ".pdf", ".svg")
+
+
+def _check_outputs(outputs: dict[str, str | None], inputs: list[str], model_dir: str | None = None,
+                   figures: tuple[str, ...] = ()) -> None:
+    """Fail before the work, not after it, when an output cannot be written: its directory must
+    exist and take a new file (probed with a real temporary file), the path must not be a
+    directory or a non-regular file (/dev/full, a FIFO), figures need an explicit supported
+    extension, no two outputs may share a path, and no output may be one of the inputs (a text
+    file, the prompts, or a file of the model's directory)."""
+    seen: dict[str, str] = {}
+    protected = {os.path.realpath(p): p for p in inputs}
+    if model_dir is not None and os.path.isdir(model_dir):
+        for name in os.listdir(model_dir):
+            protected[os.path.realpath(os.path.join(model_dir, name))] = os.path.join(model_dir, name)
+    for flag, path in outputs.items():
+        if path is None:
+            continue
+        if not path or not path.strip():
+            raise MiniLLMError(f"{flag}: the output path is empty")
+        if "\0" in path:
+            raise MiniLLMError(f"{flag}: the output path contains a NUL byte")
+        real = os.path.realpath(path)
+        if path.endswith(os.sep) or os.path.isdir(path):
+            raise MiniLLMError(f"{flag} {path} is a directory; give a file name")
+        if os.path.exists(path) and not os.path.isfile(path):
+            raise MiniLLMError(f"{flag} {path} is not a regular file (a device or a pipe); give a file name")
+        if flag in figures:
+            ext = os.path.splitext(path)[1].lower()
+            if ext not in FIGURE_FORMATS:
+                raise MiniLLMError(f"{flag} {path}: unsupported figure format {ext or '(no extension)'}; "
+                                   f"use {', '.join(FIGURE_FORMATS)}")
+        if real in protected:
+            raise MiniLLMError(f"{flag} {path} is an input of this run ({protected[real]}); it is never overwritten")
+        if real in seen:
+            raise MiniLLMError(f"{flag} and {seen[real]} are the same file {path}; give each its own")
+        seen[real] = flag
+        if os.path.exists(path) and not os.access(path, os.W_OK):
+            raise MiniLLMError(f"{flag} {path} is not writable")
+        directory = os.path.dirname(real)
+        if not os.path.isdir(directory):
+            raise MiniLLMError(f"{flag} {path}: directory {os.path.dirname(path) or '.'} does not exist")
+        try:  # the one sure test: make (and remove) a file where the output will go
+            fd, probe = tempfile.mkstemp(dir=directory, prefix=".minillm-probe-")
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            raise MiniLLMError(f"{flag} {path}: cannot write in {os.path.dirname(path) or '.'} "
+                               f"({e.strerror or e})") from None
+
+
+def _write_atomic(path: str, flag: str, write) -> None:
+    """`write(tmp_path)` into a temporary file next to `path`, then rename it over `path`: a
+    failure (a full disk, Ctrl-C) leaves the old file, never a half-written one."""
+    real = os.path.realpath(path)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(real), prefix=f".{os.path.basename(real)}.",
+                               suffix=".tmp")
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; an output gets the usual permissions
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, real)
+    except OSError as e:
+        raise MiniLLMError(f"cannot write {flag} {path}: {e.strerror or e}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _write_json(path: str, flag: str, data: dict) -> None:
+    text = json.dumps(data, indent=1, allow_nan=False) + "\n"
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+    _write_atomic(path, flag, write)
+
+
+def _save_figure(plt, fig, path: str, flag: str, dpi: int) -> None:
+    fmt = os.path.splitext(path)[1].lower().lstrip(".")
+    try:
+        _write_atomic(path, flag, lambda tmp: fig.savefig(tmp, dpi=dpi, format=fmt))
+    finally:
+        plt.close(fig)
+
+
+def check_text(text: str, where: str) -> str:
+    """The text rule: `text` must be valid UTF-8. A lone surrogate (what Python makes of invalid
+    bytes in argv or a surrogateescape stream, or a "\\ud800" JSON escape) is refused, naming
+    `where`, the offset and the byte; nothing is replaced."""
+    for i, ch in enumerate(text):
+        if "\ud800" <= ch <= "\udfff":
+            if "\udc80" <= ch <= "\udcff":  # surrogateescape: an undecodable byte
+                raise MiniLLMError(f"{where} is not valid UTF-8: byte 0x{ord(ch) - 0xDC00:02x} at character "
+                                   f"{i} cannot be decoded")
+            raise MiniLLMError(f"{where} contains a lone surrogate U+{ord(ch):04X} at character {i}, "
+                               f"which is not valid UTF-8 text")
+    return text
 
 
 def _need_matplotlib(flag: str):
@@ -200,6 +337,12 @@ def _cache_shape(args, model) -> tuple[int, int]:
     if S <= args.sinks:
         raise MiniLLMError(f"--cache-size must exceed --sinks (got --cache-size {S}, --sinks {args.sinks}): "
                            f"the window needs at least one slot")
+    import torch
+
+    from .limits import cache_bytes, check_fits
+
+    check_fits(cache_bytes(model.config, 1, args.sinks, S - args.sinks, torch.finfo(model.dtype).bits // 8),
+               model.device, f"--cache-size {S}: a KV cache of {S} keys")
     if S > trained:
         _warn(f"--cache-size {S} exceeds the checkpoint's trained context ({trained} positions); "
               f"positions past it were never trained")
@@ -207,8 +350,17 @@ def _cache_shape(args, model) -> tuple[int, int]:
 
 
 def _flush_print(text: str) -> None:
-    sys.stdout.write(text)
-    sys.stdout.flush()
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise
+    except (OSError, ValueError) as e:  # /dev/full, a closed or failing stdout
+        raise MiniLLMError(f"cannot write to stdout: {getattr(e, 'strerror', None) or e}") from None
+
+
+def _max_new(args) -> int | None:
+    return None if args.max_new_tokens == -1 else args.max_new_tokens
 
 
 # ----------------------------------------------------------------------------------------------
@@ -219,7 +371,10 @@ def cmd_generate(args) -> int:
     from .generation import generate
     from .text import read_text
 
-    prompt = args.prompt if args.prompt is not None else read_text(args.prompt_file, gutenberg=False)
+    if args.prompt is not None:
+        prompt = check_text(args.prompt, "--prompt")
+    else:
+        prompt = read_text(args.prompt_file, gutenberg=False)
     if not prompt:
         raise MiniLLMError("the prompt is empty")
     model, tok = _load(args)
@@ -228,7 +383,7 @@ def cmd_generate(args) -> int:
     decoder = tok.decoder(start_of_text=False)  # the output continues the prompt
     n, interrupted, start = 0, False, time.perf_counter()
     try:
-        for token in generate(model, ids, max_new_tokens=args.max_new_tokens or None,
+        for token in generate(model, ids, max_new_tokens=_max_new(args),
                               temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
                               seed=args.seed, sinks=sinks, window=window, eos_ids=tok.eos_ids,
                               ignore_eos=args.ignore_eos, vocab_size=tok.vocab_size):
@@ -264,10 +419,10 @@ def read_turns(path: str) -> list[str]:
         except json.JSONDecodeError as e:
             raise MiniLLMError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
         if isinstance(obj, dict) and isinstance(obj.get("turn"), str):
-            turns.append(obj["turn"])
+            turns.append(check_text(obj["turn"], f"{path}:{lineno}: the turn"))
         elif isinstance(obj, dict) and isinstance(obj.get("turns"), list) and all(
                 isinstance(t, str) for t in obj["turns"]):
-            turns.extend(obj["turns"])
+            turns.extend(check_text(t, f"{path}:{lineno}: turn {k + 1}") for k, t in enumerate(obj["turns"]))
         else:
             raise MiniLLMError(f'{path}:{lineno}: expected an object like {{"turn": "..."}}')
     if not turns:
@@ -276,15 +431,31 @@ def read_turns(path: str) -> list[str]:
 
 
 def _stdin_turns():
-    interactive = sys.stdin.isatty()
+    """Turns from stdin, one per line (the text rule applies: invalid UTF-8 is refused)."""
+    stdin = sys.stdin
+    if stdin is None:  # a closed stdin: no turns
+        return
+    if hasattr(stdin, "reconfigure"):  # undecodable bytes arrive as surrogates, for check_text
+        try:
+            stdin.reconfigure(errors="surrogateescape")
+        except (ValueError, OSError):
+            pass
+    try:
+        interactive = stdin.isatty()
+    except (ValueError, OSError):
+        return
+    lineno = 0
     while True:
         try:
-            line = input("USER: ") if interactive else sys.stdin.readline()
+            line = input("USER: ") if interactive else stdin.readline()
         except EOFError:
             return
+        except (OSError, ValueError) as e:  # a closed or failing stdin
+            raise MiniLLMError(f"cannot read stdin: {getattr(e, 'strerror', None) or e}") from None
         if not interactive and not line:
             return
-        line = line.rstrip("\n")
+        lineno += 1
+        line = check_text(line.rstrip("\n"), f"stdin line {lineno}")
         if line.strip():
             yield line, interactive
 
@@ -292,10 +463,10 @@ def _stdin_turns():
 def cmd_chat(args) -> int:
     from .generation import ChatSession
 
-    turns = read_turns(args.prompts) if args.prompts else None
+    turns = read_turns(args.prompts) if args.prompts is not None else None
     model, tok = _load(args)
     sinks, window = _cache_shape(args, model)
-    session = ChatSession(model, tok, sinks=sinks, window=window, max_new_tokens=args.max_new_tokens or None,
+    session = ChatSession(model, tok, sinks=sinks, window=window, max_new_tokens=_max_new(args),
                           temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
                           seed=args.seed, ignore_eos=args.ignore_eos, use_template=not args.no_template)
     source = ((t, False) for t in turns) if turns is not None else _stdin_turns()
@@ -332,15 +503,18 @@ def _finite(x):
     return None if x is None or not math.isfinite(x) else x
 
 
+def _model_dir(args) -> str:
+    return str(DEFAULT_MODEL) if args.model is None else args.model
+
+
 def cmd_ppl(args) -> int:
-    from .evaluate import _check_dense, perplexity
+    from .evaluate import check_dense, perplexity
     from .generation import sink_prefix
     from .text import read_texts
 
     modes = list(dict.fromkeys(args.mode))
+    _check_outputs({"--json": args.json, "--plot": args.plot}, args.text, _model_dir(args), figures=("--plot",))
     plt = _need_matplotlib("--plot") if args.plot else None
-    _check_output(args.json, "--json")
-    _check_output(args.plot, "--plot")
     text = read_texts(args.text)
     model, tok = _load(args)
     sinks, window = _cache_shape(args, model)
@@ -350,7 +524,7 @@ def cmd_ppl(args) -> int:
     if len(ids) < 2:
         raise MiniLLMError(f"the text is {len(ids)} token(s) long; perplexity needs at least 2")
     if "dense" in modes:  # refuse before spending time on the other modes
-        _check_dense(model, len(ids) - 1 + len(sink_prefix(model.config)), args.dense_max_tokens)
+        check_dense(model, len(ids) - 1 + len(sink_prefix(model.config)), args.dense_max_tokens)
     S = sinks + window
     print(f"minillm: {len(ids)} tokens from {len(args.text)} file(s); cache {sinks}+{window} (S={S}); "
           f"modes: {' '.join(modes)}", file=sys.stderr)
@@ -368,9 +542,12 @@ def cmd_ppl(args) -> int:
     strided = args.stride is not None
     head = f"{'mode':<10} {'tokens':>8} {'PPL':>10}" + (f" {'PPL@stride':>10}" if strided else "") + f" {'tokens/s':>10}"
     lines = [head]
-    for mode, r in results.items():
-        row = f"{mode:<10} {r.tokens:>8} {_fmt(r.ppl)}" + (f" {_fmt(r.ppl_strided)}" if strided else "")
-        lines.append(row + f" {r.tokens_per_s:>10.0f}" + ("  (interrupted)" if r.interrupted else ""))
+    for mode, r in results.items():  # "-": nothing scored (never a NaN standing in for it)
+        ppl = r.ppl if r.tokens else None
+        ppl_strided = r.ppl_strided if (strided and int((r.subset & r.scored).sum())) else None
+        rate = f"{r.tokens_per_s:>10.0f}" if r.tokens and r.seconds > 0 else f"{'-':>10}"
+        row = f"{mode:<10} {r.tokens:>8} {_fmt(ppl)}" + (f" {_fmt(ppl_strided)}" if strided else "")
+        lines.append(row + f" {rate}" + ("  (interrupted)" if r.interrupted else ""))
     if strided:
         first = next(iter(results.values()))
         lines.append(f"stride {args.stride}, offset {first.offset}: PPL@stride is over the same "
@@ -390,36 +567,15 @@ def cmd_ppl(args) -> int:
             out["modes"][mode] = d
         if interrupted:
             out["interrupted"] = True
-        Path(args.json).write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
+        _write_json(args.json, "--json", out)
     if plt is not None:
-        _plot_ppl(plt, results, args, S, model.config.max_position_embeddings, len(ids))
+        from .plots import running_ppl_figure
+
+        curves = {f"{mode} (PPL {r.ppl:.2f})": r.nll_curve() for mode, r in results.items() if r.tokens}
+        title = f"{Path(args.model or DEFAULT_MODEL).name}: cache {sinks}+{window}"
+        fig = running_ppl_figure(plt, curves, S, model.config.max_position_embeddings, len(ids), title)
+        _save_figure(plt, fig, args.plot, "--plot", dpi=120)
     return 130 if interrupted else 0
-
-
-def _plot_ppl(plt, results, args, S: int, trained: int, n_tokens: int) -> None:
-    """Running log-PPL against tokens, one line per mode (the paper's Figure 3)."""
-    fig, ax = plt.subplots(figsize=(7, 4))
-    settled = []  # curve values past the first tokens (whose running mean swings wildly) set the y range
-    for (mode, r), style in zip(results.items(), ["-", "--", "-.", ":"]):
-        curve = r.nll_curve()
-        if curve:
-            ax.plot([x for x, _ in curve], [y for _, y in curve], ls=style, label=f"{mode} (PPL {r.ppl:.2f})")
-            settled += [y for x, y in curve if x > min(100, n_tokens // 20)] or [y for _, y in curve]
-    if settled:
-        lo, hi = min(settled), max(settled)
-        ax.set_ylim(lo - 0.1 * (hi - lo) - 0.05, hi + 0.1 * (hi - lo) + 0.05)
-    ax.axvline(S, color="gray", ls=":", lw=1)
-    ax.text(S, ax.get_ylim()[1], f" S={S}", va="top", fontsize=8, color="gray")
-    if trained < n_tokens:
-        ax.axvline(trained, color="gray", ls="--", lw=1)
-        ax.text(trained, ax.get_ylim()[0], f" trained context {trained}", va="bottom", fontsize=8, color="gray")
-    ax.set_xlabel("tokens")
-    ax.set_ylabel("log PPL (running mean NLL)")
-    ax.set_title(f"{Path(args.model or DEFAULT_MODEL).name}: cache {args.sinks}+{S - args.sinks}", fontsize=10)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(args.plot, dpi=120)
-    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -427,13 +583,12 @@ def _plot_ppl(plt, results, args, S: int, trained: int, n_tokens: int) -> None:
 
 
 def cmd_attn(args) -> int:
-    from .evaluate import attention_maps, attention_probs, attention_sink_scores
     from .generation import sink_prefix
+    from .sinks import attention_maps, attention_probs, attention_sink_scores
     from .text import read_texts
 
+    _check_outputs({"--png": args.png, "--json": args.json}, args.text, _model_dir(args), figures=("--png",))
     plt = _need_matplotlib("--png")
-    _check_output(args.png, "--png")
-    _check_output(args.json, "--json")
     text = read_texts(args.text)
     model, tok = _load(args)
     ids = tok.encode(text)
@@ -455,18 +610,13 @@ def cmd_attn(args) -> int:
     _flush_print("\n".join(lines) + "\n")
     if args.json:
         out = {"model": args.model or str(DEFAULT_MODEL), "files": list(args.text), **scores.to_dict()}
-        Path(args.json).write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
-    _plot_maps(plt, maps, scores, args)
-    return 0
-
-
-def _plot_maps(plt, maps, scores, args) -> None:
+        _write_json(args.json, "--json", out)
     from .plots import attention_map_figure
 
     title = f"{Path(args.model or DEFAULT_MODEL).name}: first {maps.shape[1]} tokens"
     fig = attention_map_figure(plt, maps, scores.per_layer, title)
-    fig.savefig(args.png, dpi=110)
-    plt.close(fig)
+    _save_figure(plt, fig, args.png, "--png", dpi=110)
+    return 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -482,8 +632,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     for stream in (sys.stdout, sys.stderr):  # a model can sample bytes a console cannot show
-        if hasattr(stream, "reconfigure"):
-            stream.reconfigure(errors="replace")
+        if stream is not None and hasattr(stream, "reconfigure"):
+            try:
+                stream.reconfigure(errors="replace")
+            except (ValueError, OSError):  # a closed stream
+                pass
     try:
         return args.func(args)
     except MiniLLMError as e:

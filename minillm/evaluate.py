@@ -1,4 +1,4 @@
-"""Long-text perplexity in the paper's four settings, and attention-sink measurements.
+"""Long-text perplexity in the paper's four settings (attention-sink measurements: minillm/sinks.py).
 
 `perplexity(model, ids, mode=..., sinks=4, window=1020)` scores every token of a text: entry i of
 `result.nll` is -log p(ids[i+1] | ids[0..i]) for i in 0..N-2 (BOS, if any, is ids[0] and is
@@ -33,13 +33,13 @@ import math
 import random
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from .errors import MiniLLMError
-from .generation import stream_tensor
+from .generation import NonFiniteError, stream_tensor
 
 MODES = ("streaming", "window", "recompute", "dense")
 MAX_CURVE_POINTS = 1000
@@ -51,7 +51,7 @@ class PerplexityResult:
     """Per-token NLL of one mode over one text, and what it summarises to."""
 
     mode: str
-    nll: torch.Tensor  # (N-1,) float64; nll[i] predicts ids[i+1]; NaN where not (yet) scored
+    nll: torch.Tensor  # (N-1,) float64; nll[i] predicts ids[i+1]; meaningful where `scored`
     sinks: int  # the cache the mode used (window mode: 0 sinks; recompute: S = sinks + window)
     window: int
     subset: torch.Tensor | None = None  # (N-1,) bool: the stride subset, if a stride was given
@@ -59,11 +59,18 @@ class PerplexityResult:
     offset: int | None = None
     seconds: float = 0.0
     interrupted: bool = False  # Ctrl-C: only what was scored before it counts
-    extra: dict = field(default_factory=dict)
+    # (N-1,) bool: which tokens were scored. Kept apart from the values, so that a token scored as
+    # NaN or Inf (on_nonfinite="keep") is never mistaken for one not scored. Unscored nll is NaN.
+    scored: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.scored is None:
+            self.scored = torch.zeros(len(self.nll), dtype=torch.bool)
 
     @property
-    def scored(self) -> torch.Tensor:
-        return ~torch.isnan(self.nll)
+    def nonfinite(self) -> int:
+        """How many scored tokens have a NaN or infinite NLL (0 unless on_nonfinite="keep")."""
+        return int((self.scored & ~torch.isfinite(self.nll)).sum())
 
     @property
     def tokens(self) -> int:
@@ -72,6 +79,7 @@ class PerplexityResult:
 
     @property
     def ppl(self) -> float:
+        """exp(mean NLL) over the scored tokens; NaN if none was scored (check `tokens`)."""
         return _ppl(self.nll[self.scored])
 
     @property
@@ -150,19 +158,31 @@ def _check_ids(ids) -> list[int]:
 def perplexity(model, ids, mode: str = "streaming", sinks: int = 4, window: int = 1020, *,
                stride: int | None = None, seed: int = 0, exact_loop: bool = False, progress: bool = False,
                block: int | None = None, dense_max_tokens: int = DENSE_MAX_TOKENS,
-               recompute_batch: int | None = None, interruptible: bool = False) -> PerplexityResult:
+               recompute_batch: int | None = None, interruptible: bool = False,
+               on_nonfinite: str = "raise") -> PerplexityResult:
     """Score `ids` (one text, BOS included if the model uses one) in one of MODES.
 
     `sinks`/`window` describe the cache (S = sinks + window) for every mode. `exact_loop` feeds
     one token at a time (the reference) instead of blocks. `stride` scores recompute on a subset
     and reports `ppl_strided` for every mode. `progress` draws a tqdm bar (tokens/s) on stderr.
     With `interruptible`, Ctrl-C returns what was scored so far (`result.interrupted`).
+    A NaN or infinite NLL (non-finite logits) raises NonFiniteError naming the token, unless
+    `on_nonfinite="keep"`, which scores it as it is (`result.nonfinite` counts them).
     """
     if mode not in MODES:
         raise MiniLLMError(f"unknown mode {mode!r} (choose from {', '.join(MODES)})")
     for name, value, low in (("sinks", sinks, 0), ("window", window, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise MiniLLMError(f"{name} must be an integer >= {low}, got {value!r}")
+    for name, value in (("block", block), ("recompute_batch", recompute_batch)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise MiniLLMError(f"{name} must be an integer >= 1 or None, got {value!r}")
+    if isinstance(dense_max_tokens, bool) or not isinstance(dense_max_tokens, int) or dense_max_tokens < 1:
+        raise MiniLLMError(f"dense_max_tokens must be an integer >= 1, got {dense_max_tokens!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise MiniLLMError(f"seed must be an integer, got {seed!r}")
+    if on_nonfinite not in ("raise", "keep"):
+        raise MiniLLMError(f"on_nonfinite must be 'raise' or 'keep', got {on_nonfinite!r}")
     ids = _check_ids(ids)
     stream, n_prefix = stream_tensor(model, ids)
     n = len(ids) - 1  # scored positions
@@ -175,8 +195,12 @@ def perplexity(model, ids, mode: str = "streaming", sinks: int = 4, window: int 
         sinks, window = 0, S
     elif mode == "dense":
         sinks, window = 0, stream.shape[1] - 1
-        _check_dense(model, window, dense_max_tokens)
+        check_dense(model, window, dense_max_tokens)
     result = PerplexityResult(mode, nll, sinks, window, subset, stride, offset)
+    scored = result.scored
+
+    def store(p0: int, values: torch.Tensor) -> None:
+        _store(nll, scored, n_prefix, p0, values, bar, None if on_nonfinite == "keep" else mode)
 
     todo = int(subset.sum()) if (mode == "recompute" and subset is not None) else n
     bar = None
@@ -190,12 +214,12 @@ def perplexity(model, ids, mode: str = "streaming", sinks: int = 4, window: int 
         with torch.inference_mode():
             if mode == "recompute":
                 want = torch.arange(n) if subset is None else torch.nonzero(subset).flatten()
-                _recompute_nll(model, stream, n_prefix, S, want + n_prefix, recompute_batch, nll, bar)
+                _recompute_nll(model, stream, n_prefix, S, want + n_prefix, recompute_batch, store)
             elif mode == "dense" and model.wpe is not None:  # learned positions cannot use a cache
-                _store(nll, n_prefix, 0, _nll_rows(model(stream[:, :-1])[0], stream[0, 1:]), bar)
+                store(0, _nll_rows(model(stream[:, :-1])[0], stream[0, 1:]))
             else:
                 _cached_nll(model, stream, n_prefix, sinks, window, exact_loop,
-                            block or block_size(model, sinks + window), nll, bar)
+                            block or block_size(model, sinks + window), store)
     except KeyboardInterrupt:
         if not interruptible:
             raise
@@ -207,7 +231,8 @@ def perplexity(model, ids, mode: str = "streaming", sinks: int = 4, window: int 
     return result
 
 
-def _check_dense(model, tokens: int, cap: int) -> None:
+def check_dense(model, tokens: int, cap: int) -> None:
+    """Refuse dense mode over more than `cap` tokens, naming the KV cache it would need."""
     c = model.config
     elem = torch.finfo(model.dtype).bits // 8
     mib = c.num_layers * 2 * c.num_kv_heads * tokens * c.head_dim * elem / 2**20
@@ -222,17 +247,25 @@ def _nll_rows(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets, reduction="none")
 
 
-def _store(nll: torch.Tensor, n_prefix: int, p0: int, values: torch.Tensor, bar) -> None:
-    """values[j] predicts stream position p0 + j + 1, i.e. nll index p0 + j - n_prefix."""
+def _store(nll: torch.Tensor, scored: torch.Tensor, n_prefix: int, p0: int, values: torch.Tensor, bar,
+           check_mode: str | None) -> None:
+    """values[j] predicts stream position p0 + j + 1, i.e. nll index p0 + j - n_prefix. With
+    `check_mode`, a non-finite value raises NonFiniteError naming the token and the mode."""
     skip = max(0, n_prefix - p0)  # predictions of the sink-prefixed stream's first token
-    values = values[skip:]
+    values = values[skip:].double().cpu()
     i0 = p0 + skip - n_prefix
-    nll[i0 : i0 + len(values)] = values.double().cpu()
+    if check_mode is not None and not bool(torch.isfinite(values).all()):
+        j = int(torch.nonzero(~torch.isfinite(values))[0])
+        raise NonFiniteError(f"{check_mode} mode: the NLL of token {i0 + j + 1} is {float(values[j])} (non-finite "
+                             f"logits); the weights or config produce non-finite numbers (in float16, try "
+                             f"--dtype bfloat16 or float32)")
+    nll[i0 : i0 + len(values)] = values
+    scored[i0 : i0 + len(values)] = True
     if bar is not None:
         bar.update(len(values))
 
 
-def _cached_nll(model, stream, n_prefix, sinks, window, exact_loop, block, nll, bar) -> None:
+def _cached_nll(model, stream, n_prefix, sinks, window, exact_loop, block, store) -> None:
     """Stream the text through a sink+window cache: in blocks (parallel) or one token at a time."""
     last = stream.shape[1] - 1  # the last token is only a target
     targets = stream[0, 1:]
@@ -240,10 +273,12 @@ def _cached_nll(model, stream, n_prefix, sinks, window, exact_loop, block, nll, 
     if not exact_loop:
         for p0 in range(0, last, block):
             p1 = min(p0 + block, last)
-            _store(nll, n_prefix, p0, _nll_rows(model(stream[:, p0:p1], cache=cache)[0], targets[p0:p1]), bar)
+            store(p0, _nll_rows(model(stream[:, p0:p1], cache=cache)[0], targets[p0:p1]))
         return
     # The reference loop, tuned: one model call per token, logits gathered in a preallocated
     # buffer and scored every `rows` steps, so the loop body is the decode step and a copy.
+    # 256 rows amortise the cross-entropy call over many steps while the buffer stays small
+    # (256 x vocab floats: 32 MB at a 32k vocabulary).
     rows = 256
     buf = None
     for p in range(last):
@@ -253,10 +288,10 @@ def _cached_nll(model, stream, n_prefix, sinks, window, exact_loop, block, nll, 
         buf[p % rows] = logits
         if p % rows == rows - 1 or p == last - 1:
             p0 = p - p % rows
-            _store(nll, n_prefix, p0, _nll_rows(buf[: p - p0 + 1], targets[p0 : p + 1]), bar)
+            store(p0, _nll_rows(buf[: p - p0 + 1], targets[p0 : p + 1]))
 
 
-def _recompute_nll(model, stream, n_prefix, S, positions, batch, nll, bar) -> None:
+def _recompute_nll(model, stream, n_prefix, S, positions, batch, store) -> None:
     """For each stream position p in `positions`: a fresh dense forward over the last S tokens
     ending at p (with the sink token, if any, in front of the last S-1), scoring stream[p+1]."""
     targets = stream[0, 1:]
@@ -265,7 +300,7 @@ def _recompute_nll(model, stream, n_prefix, S, positions, batch, nll, bar) -> No
         top = int(early.max()) + 1
         logits = model(stream[:, :top])[0]  # row p: by causality, a fresh forward over 0..p
         for p in early.tolist():  # sorted, so partial results stay a prefix of the order
-            _store(nll, n_prefix, p, _nll_rows(logits[p : p + 1], targets[p : p + 1]), bar)
+            store(p, _nll_rows(logits[p : p + 1], targets[p : p + 1]))
     late = positions[positions >= S]
     if not len(late):
         return
@@ -273,6 +308,10 @@ def _recompute_nll(model, stream, n_prefix, S, positions, batch, nll, bar) -> No
     rows = stream[0].unfold(0, W, 1)  # rows[r] = stream[r : r + W], a view
     c = model.config
     if batch is None:  # keep one batch's logits and activations to a few hundred MB
+        # At most 64 windows (larger batches were no faster on CPU), at most 8192 tokens in all
+        # (b x S, so one batch's attention scores stay small), and at most 2**25 floats (128 MB in
+        # float32) of logits (the forward computes all S positions of each window) plus about four
+        # hidden-size activations per token.
         batch = max(1, min(64, 8192 // S, (1 << 25) // (S * (c.vocab_size + 4 * c.hidden_size))))
     for chunk in late.split(batch):
         ctx = rows[chunk - W + 1]  # (b, W): the windows ending at each p
@@ -281,56 +320,4 @@ def _recompute_nll(model, stream, n_prefix, S, positions, batch, nll, bar) -> No
         logits = model(ctx)[:, -1]  # (b, V): each window's last position predicts stream[p + 1]
         values = _nll_rows(logits, targets[chunk])
         for j, p in enumerate(chunk.tolist()):
-            _store(nll, n_prefix, p, values[j : j + 1], bar)
-
-
-# ----------------------------------------------------------------------------------------------
-# Attention sinks
-
-
-def attention_probs(model, ids, tokens: int | None = None) -> list[torch.Tensor]:
-    """Per layer, the (H, T, T) attention probabilities of a dense forward over the first `tokens`
-    tokens of the stream (the sink token, if any, counts as one)."""
-    stream, _ = stream_tensor(model, ids)
-    if tokens is not None:
-        stream = stream[:, :tokens]
-    probs: list[torch.Tensor] = []
-    with torch.inference_mode():
-        model(stream, attn_probs=probs)
-    return [p[0].float().cpu() for p in probs]
-
-
-def attention_maps(model, ids, tokens: int | None = None, probs=None) -> torch.Tensor:
-    """(layers, T, T): attention probabilities with heads averaged (the paper's Figure 2)."""
-    probs = attention_probs(model, ids, tokens) if probs is None else probs
-    return torch.stack([p.mean(0) for p in probs])
-
-
-@dataclass
-class SinkScores:
-    """How much attention queries far from the start give to token 0, per layer."""
-
-    per_layer: list[float]  # heads averaged
-    strongest_head: list[float]  # the largest per-head mean
-    uniform: float  # the same mean if every query spread its attention evenly
-    min_query: int
-    tokens: int
-
-    def to_dict(self) -> dict:
-        return {"per_layer": self.per_layer, "strongest_head": self.strongest_head, "uniform": self.uniform,
-                "min_query": self.min_query, "tokens": self.tokens}
-
-
-def attention_sink_scores(model, ids, min_query: int | None = None, tokens: int | None = None,
-                          probs=None) -> SinkScores:
-    """Mean attention on token 0 from queries with index >= `min_query` (default: the second half
-    of the first `tokens` tokens), per layer, heads averaged; `uniform` is what even attention
-    would give (the mean of 1/(q+1) over those queries), for comparison."""
-    probs = attention_probs(model, ids, tokens) if probs is None else probs
-    T = probs[0].shape[-1]
-    q0 = T // 2 if min_query is None else min_query
-    if not 0 <= q0 < T:
-        raise MiniLLMError(f"min_query must be in [0, {T - 1}] for {T} tokens, got {q0}")
-    per_head = [p[:, q0:, 0].mean(-1) for p in probs]  # (H,) per layer
-    uniform = (1.0 / torch.arange(q0 + 1, T + 1, dtype=torch.float64)).mean().item()
-    return SinkScores([h.mean().item() for h in per_head], [h.max().item() for h in per_head], uniform, q0, T)
+            store(p, values[j : j + 1])

@@ -1,4 +1,8 @@
-"""Figures shared by the CLI and tools/reproduce.py (matplotlib is an optional extra)."""
+"""Every figure of the CLI and tools/reproduce.py (matplotlib is an optional extra).
+
+Each function takes `plt` (matplotlib.pyplot, imported by the caller with the Agg backend) and
+returns the figure; the caller saves and closes it.
+"""
 
 from __future__ import annotations
 
@@ -33,4 +37,35 @@ def attention_map_figure(plt, maps, per_layer_scores, title: str, cols: int | No
         ax.tick_params(labelsize=7)
     fig.colorbar(im, ax=axes, shrink=0.8, label="attention (heads averaged)")
     fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def running_ppl_figure(plt, curves: dict[str, list], S: int, trained: int, n_tokens: int, title: str):
+    """Running log-PPL against tokens, one line per curve (the paper's Figure 3, one panel).
+
+    `curves` maps a legend label to a [[token_index, running mean NLL], ...] curve
+    (PerplexityResult.nll_curve). The y range follows the curves past their first tokens, whose
+    running mean swings wildly; dotted and dashed lines mark the cache size S and, when the text
+    is longer, the checkpoint's trained context.
+    """
+    fig, ax = plt.subplots(figsize=(7, 4))
+    settled = []
+    for (label, curve), style in zip(curves.items(), ["-", "--", "-.", ":"]):
+        if curve:
+            ax.plot([x for x, _ in curve], [y for _, y in curve], ls=style, label=label)
+            settled += [y for x, y in curve if x > min(100, n_tokens // 20)] or [y for _, y in curve]
+    if settled:
+        lo, hi = min(settled), max(settled)
+        ax.set_ylim(lo - 0.1 * (hi - lo) - 0.05, hi + 0.1 * (hi - lo) + 0.05)
+    ax.axvline(S, color="gray", ls=":", lw=1)
+    ax.text(S, ax.get_ylim()[1], f" S={S}", va="top", fontsize=8, color="gray")
+    if trained < n_tokens:
+        ax.axvline(trained, color="gray", ls="--", lw=1)
+        ax.text(trained, ax.get_ylim()[0], f" trained context {trained}", va="bottom", fontsize=8, color="gray")
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("log PPL (running mean NLL)")
+    ax.set_title(title, fontsize=10)
+    if curves:
+        ax.legend()
+    fig.tight_layout()
     return fig

@@ -105,7 +105,7 @@ def interrupt_after(args, pattern: str, stream: str, timeout: float = 120):
 
 
 def test_generate_endless_until_ctrl_c(tiny_checkpoint):
-    rc, out, err = interrupt_after(["generate", tiny_checkpoint, "--prompt", "Once", "--max-new-tokens", 0,
+    rc, out, err = interrupt_after(["generate", tiny_checkpoint, "--prompt", "Once", "--max-new-tokens", -1,
                                     "--ignore-eos", "--cache-size", 16, "--threads", 1], "", "stdout")
     assert rc == 130 and "Traceback" not in err, err
     assert out.endswith("\n") and "interrupted" in err.strip().splitlines()[-1]
@@ -233,7 +233,7 @@ ERRORS_IN_PROCESS = [
     (["generate", "{ckpt}", "--prompt", "x", "--top-p", "0"], "argument --top-p: must be in (0, 1]"),
     (["ppl", "{ckpt}", "--text", "{files}/a.txt", "--max-tokens", "-3"], "argument --max-tokens: must be >= 2"),
     (["ppl", "{ckpt}", "--text", "{files}/a.txt", "--stride", "x"], "argument --stride: expected an integer, got 'x'"),
-    (["ppl", "{ckpt}", "--text", "{files}", "--json", "{files}/no/dir/x.json"], "--json: directory"),
+    (["ppl", "{ckpt}", "--text", "{files}", "--json", "{files}/no/dir/x.json"], "no/dir does not exist"),
     (["ppl", "{ckpt}", "--text", "{files}"], "is a directory, not a text file"),
     (["ppl", "{ckpt}", "--text", "{files}/book.txt", "--mode", "dense", "--dense-max-tokens", "10"],
      "dense mode over"),

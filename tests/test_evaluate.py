@@ -10,8 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from minillm.errors import MiniLLMError
-from minillm.evaluate import (MAX_CURVE_POINTS, attention_maps, attention_probs, attention_sink_scores,
-                              block_size, perplexity, stride_subset)
+from minillm.evaluate import MAX_CURVE_POINTS, block_size, perplexity, stride_subset
+from minillm.sinks import attention_maps, attention_probs, attention_sink_scores
 from minillm.reference import reference_stream
 from util import random_model, rel_err, tiny_config
 
@@ -69,13 +69,20 @@ def test_dense_equals_dense_forward(variant):
         assert (got.nll - want).abs().max().item() < 1e-4
 
 
-def test_window_mode_is_streaming_without_sinks():
-    model = model_for("mpt")
+@pytest.mark.parametrize("variant", ["mpt", "llama_gqa"])
+def test_window_mode_is_sliding_window_attention(variant):
+    """With one layer, window attention over S keys (no sinks) is exactly a fresh dense forward over
+    the last S tokens, because every key depends only on its own token and the distance: so the
+    cached window mode must equal the recompute mode, computed by separate dense forwards."""
+    model = model_for(variant, torch.float64, layers=1)
     ids = random_ids(80, 6)
     got = perplexity(model, ids, "window", 3, 13)
-    want = perplexity(model, ids, "streaming", 0, 16)
-    assert (got.sinks, got.window) == (0, 16)
-    assert torch.equal(got.nll, want.nll)
+    want = perplexity(model, ids, "recompute", 0, 16)
+    assert (got.sinks, got.window) == (0, 16) and got.tokens == 79
+    assert (got.nll - want.nll).abs().max().item() < 1e-10
+    # ...and the sinks matter: once the text is past S, the 3-sink cache scores differently.
+    streaming = perplexity(model, ids, "streaming", 3, 13)
+    assert torch.equal(streaming.nll[:15], got.nll[:15]) and not torch.equal(streaming.nll, got.nll)
 
 
 def slow_recompute(model, stream, S, n_prefix):
@@ -177,6 +184,7 @@ def test_interrupt_keeps_the_scored_prefix():
     part = perplexity(Interrupting(model, 3), ids, "streaming", 2, 10, block=16, interruptible=True)
     assert part.interrupted and part.tokens == 48
     assert torch.equal(part.nll[:48], full.nll[:48]) and torch.isnan(part.nll[48:]).all()
+    assert part.scored[:48].all() and not part.scored[48:].any() and part.nonfinite == 0
     assert part.ppl == pytest.approx(math.exp(full.nll[:48].mean().item()))
     with pytest.raises(KeyboardInterrupt):
         perplexity(Interrupting(model, 3), ids, "streaming", 2, 10, block=16)
@@ -231,3 +239,19 @@ def test_attention_maps_and_sink_scores():
     with pytest.raises(MiniLLMError, match="min_query"):
         attention_sink_scores(None, None, min_query=16, probs=[sink])
     assert rel_err(attention_maps(model, ids, tokens=20), maps[:, :20, :20]) < 1e-5  # causal prefix
+
+
+def test_nonfinite_logits_are_an_error_or_kept_as_scored():
+    """A NaN weight is a clear error naming the token; with on_nonfinite="keep" the tokens count as
+    scored (NaN), never as "not scored"."""
+    from minillm.generation import NonFiniteError
+
+    model = random_model(tiny_config("llama_gqa"), dtype=torch.float32, seed=3)
+    with torch.no_grad():
+        model.layers[1].mlp.w_out.weight[0, 0] = float("nan")
+    ids = random_ids(40, 12)
+    for mode in ("streaming", "window", "recompute", "dense"):
+        with pytest.raises(NonFiniteError, match="token 1 is nan"):
+            perplexity(model, ids, mode, 2, 10)
+        kept = perplexity(model, ids, mode, 2, 10, on_nonfinite="keep")
+        assert kept.tokens == 39 and kept.nonfinite == 39 and math.isnan(kept.ppl)

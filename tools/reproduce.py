@@ -35,8 +35,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # runs from a checkout without installing
 
 import minillm  # noqa: E402
-from minillm.evaluate import (PerplexityResult, attention_maps, attention_probs,  # noqa: E402
-                              attention_sink_scores, perplexity, stride_subset)
+from minillm.evaluate import PerplexityResult, perplexity, stride_subset  # noqa: E402
+from minillm.sinks import attention_maps, attention_probs, attention_sink_scores  # noqa: E402
 from minillm.text import read_texts  # noqa: E402
 from minillm.plots import attention_map_figure  # noqa: E402
 
