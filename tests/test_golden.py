@@ -10,6 +10,10 @@ reductions differ in order), so argmaxes are compared only where the recorded ma
 THRESHOLD (1e-3 in logits; float32 noise on these logits is ~1e-5). After a flip the free-running
 continuation would diverge, so every step is checked with teacher forcing (the recorded tokens
 fed back), and free-running generation is compared up to the first low-margin step.
+
+The golden was written by minillm; transformers (float32, dense, the same weights) cross-checks it
+on every step that is dense attention (all of the dense run, the first 48 steps of the streaming
+one), teacher-forced and with its own greedy `generate`.
 """
 
 import hashlib
@@ -82,3 +86,50 @@ def test_free_running_generation_matches(model, name):
     if low:  # compare up to (not including) the uncertain step
         got, want = got[: low[0]], want[: low[0]]
     assert got == want
+
+
+# --- an independent oracle: transformers on the same weights -------------------------------
+# The golden was recorded by minillm itself; transformers' Llama, run densely in float32 on the
+# same checkpoint, checks it. The dense run fits its cache, so all of it is dense attention; the
+# streaming run is dense too until its stream reaches the cache size (S = 64), and only those
+# steps are compared.
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    m = transformers.AutoModelForCausalLM.from_pretrained(WEIGHTS, dtype=torch.float32)
+    return m.eval()
+
+
+def _dense_steps(run) -> int:
+    """How many of a run's steps are predicted by a query at stream position < S (nothing evicted)."""
+    return min(run["new_tokens"], run["cache_size"] - len(GOLDEN["prompt_ids"]) + 1)
+
+
+@pytest.mark.parametrize("name", ["dense", "streaming"])
+def test_golden_matches_transformers_teacher_forced(hf_model, name):
+    run = GOLDEN["runs"][name]
+    prompt, steps = GOLDEN["prompt_ids"], _dense_steps(run)
+    assert steps >= 40  # enough of the run is checked
+    with torch.no_grad():
+        logits = hf_model(torch.tensor([prompt + run["tokens"][: steps - 1]])).logits[0, len(prompt) - 1:].double()
+    top = logits.max(-1)
+    for step in range(steps):
+        assert abs(top.values[step].item() - run["top_logits"][step]) < LOGIT_TOL, f"{name} step {step}"
+        if run["margins"][step] > THRESHOLD:
+            assert top.indices[step].item() == run["tokens"][step], f"{name} step {step}: transformers disagrees"
+
+
+def test_golden_matches_transformers_generate(hf_model):
+    """transformers' own greedy generate gives the dense golden's tokens, up to the first step
+    whose margin is too small to be sure of."""
+    run = GOLDEN["runs"]["dense"]
+    low = [i for i, m in enumerate(run["margins"]) if m <= THRESHOLD]
+    upto = low[0] if low else run["new_tokens"]
+    prompt = torch.tensor([GOLDEN["prompt_ids"]])
+    with torch.no_grad():
+        out = hf_model.generate(prompt, max_new_tokens=upto, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert out[0, prompt.shape[1]:].tolist() == run["tokens"][:upto]
