@@ -259,12 +259,9 @@ class ConfigReader:
 def rope_settings(r: ConfigReader, *, theta_keys=("rope_theta",), default_theta: float = 10000.0):
     """(rope_theta, partial_rotary_factor or None) from the classic keys or transformers 5's rope_parameters.
 
-    A rope_scaling block, or any rope_type other than 'default', changes the positions and is refused.
+    Any rope_type other than 'default' changes the positions and is refused (a rope_scaling block
+    is refused before, with the other REFUSED_KEYS).
     """
-    scaling = r.get("rope_scaling")
-    if scaling is not None:
-        raise MiniLLMError(f"{r.where}: unsupported option rope_scaling={scaling!r} (minillm supports "
-                           "only unscaled RoPE; positions are cache-relative instead)")
     theta = r.first(*theta_keys, default=None, type_=float, gt=0)
     factor = None
     params = r.get("rope_parameters")

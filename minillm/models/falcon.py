@@ -45,7 +45,7 @@ PARSED = frozenset({
     "n_layer", "num_kv_heads", "n_head_kv", "new_decoder_architecture", "multi_query", "parallel_attn",
     "num_ln_in_parallel_attn", "activation", "alibi", "bias", "ffn_hidden_size",
     "max_position_embeddings", "layer_norm_epsilon", "tie_word_embeddings", "rope_theta",
-    "rope_scaling", "rope_parameters", "minillm",
+    "rope_parameters", "minillm",
 })
 REFUSED = frozenset({"apply_residual_connection_post_layernorm"})
 NEUTRAL = frozenset()

@@ -40,7 +40,7 @@ PARSED = frozenset({
     "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
     "hidden_act", "max_position_embeddings", "layer_norm_eps", "use_parallel_residual",
     "attention_bias", "tie_word_embeddings", "rotary_pct", "rotary_emb_base", "rope_theta",
-    "rope_scaling", "rope_parameters", "minillm",
+    "rope_parameters", "minillm",
 })
 REFUSED = frozenset()
 NEUTRAL = frozenset()

@@ -32,7 +32,7 @@ IGNORED = (r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",)
 PARSED = frozenset({
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
     "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "rms_norm_eps",
-    "attention_bias", "mlp_bias", "tie_word_embeddings", "rope_theta", "rope_scaling",
+    "attention_bias", "mlp_bias", "tie_word_embeddings", "rope_theta",
     "rope_parameters", "minillm",
 })
 REFUSED = frozenset()
