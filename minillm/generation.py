@@ -151,9 +151,13 @@ def sample(logits: torch.Tensor, *, temperature: float = 0.8, top_k: int | None 
         raise NonFiniteError("sample: the logits are not all finite")
     if temperature == 0:
         return int(torch.argmax(logits))
-    # Subtracting the max first keeps logits / temperature finite for any temperature > 0: the
-    # top logit becomes 0 and the rest at most 0 (-inf once they underflow, which is exact).
-    logits = (logits - logits.max()) / temperature
+    scaled = logits / temperature
+    if not bool(torch.isfinite(scaled).all()):
+        # A tiny temperature (1e-300 rounds to 0 in float32) overflows. In float64 with the max
+        # subtracted first, the top logit becomes 0 and the rest at most 0 (-inf once they
+        # underflow), finite for any temperature > 0: sampling tends to greedy, its exact limit.
+        scaled = (logits.double() - logits.max().double()) / temperature
+    logits = scaled
     if top_k and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
