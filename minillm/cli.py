@@ -98,7 +98,7 @@ def _common(cache_flags: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--dtype", type=_dtype_name, default="float32",
                    help="float32 (default), bfloat16, float16 or float64")
     p.add_argument("--device", type=_device_name, default="cpu", help="cpu (default), cuda, cuda:N or mps")
-    p.add_argument("--threads", type=_int_at_least(1, MAX_THREADS, " (more threads than that only crash OpenMP)"),
+    p.add_argument("--threads", type=_int_at_least(1, MAX_THREADS, " (far more than any machine has cores)"),
                    help=f"torch CPU threads, at most {MAX_THREADS} (default: torch's choice)")
     if cache_flags:
         p.add_argument("--sinks", type=_int_at_least(0), default=4, help="attention-sink tokens kept (default 4)")

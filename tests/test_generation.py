@@ -179,7 +179,8 @@ def test_chat_template_that_does_not_extend_itself_is_rendered_per_turn(tiny_che
     chat = ChatSession(model, tok, temperature=0)
     assert "".join(chat.turn("one")) == " yes"
     list(chat.turn("two"))
-    assert tok.decode(model.fed) == "<s>[one] => yes</s>[two] =>"
+    # The turn on its own, as the template renders it (its own BOS included: the template writes it).
+    assert tok.decode(model.fed) == "<s>[one] => yes</s><s>[two] =>"
 
 
 def test_plain_chat_format(tiny_checkpoint):
@@ -219,3 +220,93 @@ def test_long_conversation_over_a_small_cache(tiny_checkpoint):
         list(chat.turn(f"turn {i}"))
     assert chat.turns == 6 and chat.cache.tokens_seen > 5 * chat.cache.capacity
     assert chat.cache.k.data_ptr() == ptr
+
+
+# ------------------------------------------------------------------------------------------------
+# Long prompts, non-finite numbers, tiny temperatures (issue 11)
+
+
+class LogitsMeter:
+    """Wraps a model and records the shape of every logits tensor its forward returns."""
+
+    def __init__(self, model):
+        self.model, self.shapes = model, []
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def __call__(self, *args, **kwargs):
+        out = self.model(*args, **kwargs)
+        self.shapes.append(tuple(out.shape))
+        return out
+
+
+def test_a_long_prompt_never_materialises_its_logits():
+    """Memory on a long prompt is the cache plus one chunk: no forward returns more than one
+    position's logits, and the chunks are at most max_chunk long. Without the chunked prefill
+    the prompt's forward returns (1, T, V)."""
+    model = random_model(tiny_config("llama_gqa"), dtype=torch.float32)
+    model.max_chunk = 64
+    meter = LogitsMeter(model)
+    prompt = torch.randint(0, 61, (1000,), generator=torch.Generator().manual_seed(3)).tolist()
+    got = list(generate(meter, prompt, max_new_tokens=3, temperature=0, sinks=2, window=30))
+    assert max(s[1] for s in meter.shapes) == 1 and len(meter.shapes) == -(-1000 // 64) + 2
+    cache = model.new_cache(1, 2, 30)
+    logits = model(torch.tensor([prompt]), cache=cache)[0, -1]  # the one-shot prefill, for reference
+    assert got[0] == int(logits.argmax())
+    chat = ChatSession(meter, FakeTok(), sinks=2, window=30, max_new_tokens=2, temperature=0)
+    meter.shapes.clear()
+    list(chat.turn("x" * 500))
+    assert max(s[1] for s in meter.shapes) == 1
+
+
+class FakeTok:
+    """Characters as ids (a-z -> 1..26), enough for a ChatSession over a random model."""
+    bos_id, eos_id, eos_ids, vocab_size, chat_template = 0, None, frozenset(), 61, None
+
+    def encode(self, text, add_bos=True):
+        return ([0] if add_bos else []) + [1 + (ord(c) % 26) for c in text]
+
+    def decode(self, ids):
+        return "".join(chr(96 + i) for i in ids)
+
+    def decoder(self, start_of_text=True):
+        tok = self
+
+        class D:
+            def push(self, i):
+                return tok.decode([i])
+
+            def flush(self):
+                return ""
+        return D()
+
+
+def test_nonfinite_logits_stop_generation_naming_the_step_and_layer():
+    from minillm.generation import NonFiniteError
+
+    model = random_model(tiny_config("llama_gqa"), dtype=torch.float32)
+    with torch.no_grad():
+        model.layers[1].mlp.w_out.weight[0, 0] = float("nan")  # (NaN in q is zeroed by CPU SDPA)
+    for temperature in (0, 0.8, 1e-300):
+        with pytest.raises(NonFiniteError, match=r"NaN logits at the prompt's last token .*layer 1"):
+            list(generate(model, [1, 2, 3], max_new_tokens=4, temperature=temperature))
+    # Non-finite only from the k-th step on: the message names that generation step.
+    model = random_model(tiny_config("llama_gqa"), dtype=torch.float32)
+    with pytest.raises(NonFiniteError, match=r"generation step 2 .*first non-finite output: the embedding"):
+        gen = generate(model, [1, 2, 3], max_new_tokens=4, temperature=0)
+        next(gen)
+        model.embed.weight.data[:] = float("inf")  # the next step's token embeds to inf
+        next(gen)
+
+
+def test_tiny_and_huge_temperatures_sample_validly():
+    logits = torch.randn(50, generator=torch.Generator().manual_seed(0)) * 10
+    g = torch.Generator().manual_seed(1)
+    for t in (1e-300, 5e-324, 1e-40):
+        assert sample(logits, temperature=t, generator=g) == int(logits.argmax())
+        assert sample(logits, temperature=t, top_k=3, top_p=None, generator=g) == int(logits.argmax())
+    draws = {sample(logits, temperature=float("inf"), top_p=None, generator=g) for _ in range(300)}
+    assert len(draws) > 30  # infinite temperature: uniform
+    with pytest.raises(MiniLLMError, match="not all finite"):
+        sample(torch.tensor([0.0, float("nan")]), temperature=0)
