@@ -23,7 +23,7 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 
-from .errors import MiniLLMError
+from .errors import MiniLLMError, first_line
 
 
 def sink_prefix(config) -> list[int]:
@@ -267,7 +267,7 @@ PLAIN_NEXT = "\nUSER: {text}\nASSISTANT:"
 def render_chat_template(template: str, messages: list[dict], *, add_generation_prompt: bool,
                          bos_token: str = "", eos_token: str = "") -> str:
     """Render a Hugging Face chat template (Jinja) the way transformers does: sandboxed,
-    trim_blocks/lstrip_blocks, with `raise_exception` available to the template."""
+    trim_blocks/lstrip_blocks, with `raise_exception` and `strftime_now` available to the template."""
     try:
         import jinja2
         from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -277,45 +277,71 @@ def render_chat_template(template: str, messages: list[dict], *, add_generation_
     def raise_exception(message):
         raise jinja2.exceptions.TemplateError(message)
 
+    def strftime_now(fmt):
+        import datetime
+
+        return datetime.datetime.now().strftime(fmt)
+
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = strftime_now
     try:
         return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
                                                 bos_token=bos_token, eos_token=eos_token)
     except jinja2.TemplateError as e:
-        raise MiniLLMError(f"the checkpoint's chat template failed: {e}") from None
+        raise MiniLLMError(f"the checkpoint's chat template failed: {first_line(e)}") from None
+
+
+# End-of-turn tokens of common chat formats: a reply stops on these too, when the template uses them.
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
 
 
 class ChatSession:
     """A conversation over one persistent streaming cache.
 
     `turn(text)` feeds the user's turn and yields the reply as text pieces (incrementally
-    detokenized). Only the new text is fed each turn: with a chat template, the conversation is
-    rendered and the part beyond what was already fed is taken (only the last exchange is
-    rendered, so a turn costs the same however long the conversation is); if the template does
-    not extend its own earlier output, the turn is rendered on its own.
+    detokenized). Only new tokens are fed each turn. With a chat template, the whole conversation
+    (system prompt, every turn, every reply) is rendered as transformers' `apply_chat_template(...,
+    add_generation_prompt=True)` renders it, and what the cache already holds is cut off the
+    front: the ids fed over a conversation are then the ids transformers would tokenize for it
+    (tests/test_chat.py checks this turn after turn). If a template does not extend its own
+    earlier output (some rewrite earlier turns), the new turn is rendered on its own instead.
+    A reply ends at EOS or at the template's end-of-turn token (`<|im_end|>` for ChatML).
     """
 
     def __init__(self, model, tokenizer, *, sinks: int = 4, window: int = 1020,
                  max_new_tokens: int | None = 256, temperature: float = 0.8, top_k: int | None = None,
                  top_p: float | None = 0.95, seed: int = 0, ignore_eos: bool = False,
-                 use_template: bool = True):
+                 use_template: bool = True, system: str | None = None):
         check_sampling(temperature, top_k, top_p)
+        if system is not None and not isinstance(system, str):
+            raise MiniLLMError(f"system must be a string, got {type(system).__name__}")
         self.model, self.tok = model, tokenizer
         self.cache = model.new_cache(batch_size=1, sinks=sinks, window=window)
-        self.sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                             ignore_eos=ignore_eos, eos_ids=tokenizer.eos_ids, vocab_size=tokenizer.vocab_size)
-        self.generator = torch.Generator(device=model.device).manual_seed(seed)
         self.template = tokenizer.chat_template if use_template else None
+        self.stop_ids = frozenset(tokenizer.eos_ids) | self._end_of_turn_ids()
+        self.sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                             ignore_eos=ignore_eos, eos_ids=self.stop_ids, vocab_size=tokenizer.vocab_size)
+        self.generator = torch.Generator(device=model.device).manual_seed(seed)
         self.bos_text = self._token_text(tokenizer.bos_id)
         self.eos_text = self._token_text(tokenizer.eos_id)
-        self.last_exchange: list[dict] = []  # [user, assistant] of the previous turn (template mode)
-        self.last_rendered = ""  # what that user turn rendered to, generation prompt included
+        self.messages: list[dict] = [{"role": "system", "content": system}] if system is not None else []
+        self.represented = ""  # the rendered text the cache holds (template mode)
         self.unfed: int | None = None  # the reply's last token: generated but not yet in the cache
         self.turns = 0
 
+    def _end_of_turn_ids(self) -> frozenset[int]:
+        if not self.template:
+            return frozenset()
+        found = (self.tok._backend.token_to_id(t) for t in END_OF_TURN if t in self.template)
+        return frozenset(i for i in found if i is not None)
+
     def _token_text(self, token_id: int | None) -> str:
-        return "" if token_id is None else self.tok.decode([token_id])
+        if token_id is None:
+            return ""
+        if hasattr(self.tok, "token_text"):  # the token's string, as transformers' bos_token
+            return self.tok.token_text(token_id)
+        return self.tok.decode([token_id])
 
     def _render(self, messages: list[dict]) -> str:
         return render_chat_template(self.template, messages, add_generation_prompt=True,
@@ -324,39 +350,49 @@ class ChatSession:
     def _new_ids(self, text: str) -> list[int]:
         """The ids to feed for a new user turn (after the previous reply)."""
         first = self.turns == 0
-        ids: list[int] = []
-        ended_with_eos = self.unfed is not None and self.unfed in self.tok.eos_ids
-        if self.unfed is not None:
-            ids.append(self.unfed)
+        ids: list[int] = [] if self.unfed is None else [self.unfed]
+        if self.template is not None and self.unfed is not None and self.unfed in self.stop_ids:
+            ids = []  # the stop token is fed only where the rendered conversation holds it (below)
         if self.template is None:
             if first:
                 return self.tok.encode(PLAIN_FIRST.format(text=text))
             return ids + encode_continuation(self.tok, PLAIN_NEXT.format(text=text))
         user = {"role": "user", "content": text}
-        rendered = self._render(self.last_exchange + [user])
-        delta = None
-        if not first:
-            seen = self.last_rendered + self.last_exchange[1]["content"]
-            if rendered.startswith(seen):
-                delta = rendered[len(seen):]  # closes the reply, then the new turn
-                if ended_with_eos and self.eos_text and delta.startswith(self.eos_text):
-                    delta = delta[len(self.eos_text):]  # the EOS id was generated and is fed above
-        if delta is None:  # first turn, or a template that does not extend itself: this turn alone
-            delta = self._render([user])
-            if self.bos_text and delta.startswith(self.bos_text):
-                delta = delta[len(self.bos_text):]  # BOS goes in as its id (add_bos), once
-        self.last_rendered = self._render([user])
-        return ids + (self.tok.encode(delta) if first else encode_continuation(self.tok, delta))
+        rendered = self._render(self.messages + [user])
+        if first:
+            # The template writes every special token itself (BOS included): transformers
+            # tokenizes its output with add_special_tokens=False, and so do we.
+            self.represented = rendered
+            return self.tok.encode(rendered, add_bos=False)
+        if self.unfed is not None and self.unfed in self.stop_ids:
+            with_stop = self.represented + self._token_text(self.unfed)
+            if rendered.startswith(with_stop):  # the template writes the end-of-turn token: feed it
+                ids, self.represented = [self.unfed], with_stop
+            # else the template renders no stop token after a reply (it ends the reply some other
+            # way): the generated stop token was never fed, and is simply dropped
+        if rendered.startswith(self.represented):
+            delta = rendered[len(self.represented):]  # closes the reply, then the new turn
+        else:  # a template that rewrites earlier turns: the reply's stop token, then this turn on its own
+            ids = [] if self.unfed is None else [self.unfed]
+            alone = self._render(([self.messages[0]] if self.messages[:1] and
+                                  self.messages[0]["role"] == "system" else []) + [user])
+            delta = alone
+        self.represented = rendered
+        return ids + encode_continuation(self.tok, delta) if delta else ids
 
     def turn(self, text: str) -> Iterator[str]:
         """Feed the user's `text`; yield the reply's text as it is generated."""
+        if not isinstance(text, str):
+            raise MiniLLMError(f"a chat turn must be a string, got {type(text).__name__}")
         ids = self._new_ids(text)
         decoder = self.tok.decoder(start_of_text=False)
         pieces: list[str] = []
         self.unfed = None
+        stopped = None
         for token in generate(self.model, ids, cache=self.cache, generator=self.generator, **self.sampling):
             self.unfed = token
-            if token in self.tok.eos_ids and not self.sampling["ignore_eos"]:
+            if token in self.stop_ids and not self.sampling["ignore_eos"]:
+                stopped = token
                 break
             piece = decoder.push(token)
             if piece:
@@ -367,6 +403,9 @@ class ChatSession:
             pieces.append(tail)
             yield tail
         if self.template:
-            self.last_exchange = [{"role": "user", "content": text},
-                                  {"role": "assistant", "content": "".join(pieces)}]
+            reply = "".join(pieces)
+            self.messages += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
+            # What the cache holds beyond the generation prompt: the reply (its stop token is
+            # generated but not fed; the next turn decides, from the template, whether to feed it).
+            self.represented += reply
         self.turns += 1

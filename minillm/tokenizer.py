@@ -70,6 +70,9 @@ class _HFTokenizers:
     def token_to_id(self, token: str) -> int | None:
         return self.tk.token_to_id(token)
 
+    def id_to_token(self, i: int) -> str | None:
+        return self.tk.id_to_token(i)
+
     def default_bos_eos(self) -> tuple[int | None, int | None]:
         return None, None  # tokenizer.json has no notion of BOS/EOS; the configs say
 
@@ -116,6 +119,9 @@ class _SentencePiece:
     def decode(self, ids: list[int]) -> str:
         # Control tokens (<s>, </s>) have no surface text in sentencepiece: they decode to "".
         return self.sp.decode(ids)
+
+    def id_to_token(self, i: int) -> str | None:
+        return self.sp.id_to_piece(i) if 0 <= i < self.vocab_size else None
 
     def token_to_id(self, token: str) -> int | None:
         i = self.sp.piece_to_id(token)
@@ -247,6 +253,15 @@ class Tokenizer:
                 )
         text = self._backend.decode(ids)
         return _clean_up_tokenization(text) if self.clean_up_spaces else text
+
+    def token_text(self, token_id: int | None) -> str:
+        """The token's own string (`<s>`, `<|im_end|>`): what chat templates call bos_token/eos_token."""
+        if token_id is None:
+            return ""
+        text = self._backend.id_to_token(int(token_id))
+        if text is None:
+            raise MiniLLMError(f"token id {token_id} is out of range for a vocabulary of {self.vocab_size}")
+        return text
 
     def decoder(self, *, start_of_text: bool = True) -> StreamDecoder:
         """A fresh StreamDecoder over this tokenizer (see there)."""

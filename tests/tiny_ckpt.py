@@ -1,7 +1,7 @@
 """A tiny checkpoint built by the tests themselves: random Llama weights + a trained byte-level BPE.
 
 `build_tiny_checkpoint(directory)` writes config.json + model.safetensors (minillm.save_pretrained),
-tokenizer.json (a ~300-token byte-level BPE trained in-process with `tokenizers` on ~30 KB of
+tokenizer.json (a ~300-token byte-level BPE, with a BOS post-processor, trained in-process with `tokenizers` on ~30 KB of
 seeded pseudo-English), tokenizer_config.json and generation_config.json (BOS <s> = 0, EOS </s> = 1).
 The model's vocabulary matches the tokenizer's. The `tiny_checkpoint` fixture builds it once per
 test session.
@@ -39,7 +39,7 @@ def training_text(n_chars: int = 30_000, seed: int = 0) -> str:
 
 
 def build_tiny_checkpoint(directory: Path, vocab: int = 300, seed: int = 0) -> Path:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     import minillm
     from util import random_model, tiny_config
@@ -52,6 +52,8 @@ def build_tiny_checkpoint(directory: Path, vocab: int = 300, seed: int = 0) -> P
     trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<s>", "</s>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tk.train_from_iterator(training_text(seed=seed).split("\n"), trainer)
+    # BOS at position 0, said by the file itself (as in weights/): every reader adds it.
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
     tk.save(str(directory / "tokenizer.json"))
     (directory / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
     (directory / "generation_config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": 1}))

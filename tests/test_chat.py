@@ -1,0 +1,180 @@
+"""Chat templates: where they are found, and what a ChatSession feeds, against transformers.
+
+transformers' `apply_chat_template(messages, add_generation_prompt=True)` is the oracle. A
+ChatSession feeds only the new tokens each turn; over a conversation, everything it fed (every
+prompt, every reply token) must be the token ids transformers tokenizes for the whole
+conversation. Replies are scripted (a stand-in model emits fixed tokens) so that the check is
+exact and fast; the templates and tokenizers are real: SmolLM2's own ChatML (from its GGUF and
+its converted directory, in tests/test_smollm2.py), Llama-2's [INST] template with a system
+prompt on two tokenizer kinds, and a list of named templates.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import minillm
+from minillm.generation import ChatSession, encode_continuation
+from util import tiny_config
+
+WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
+
+CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+          "{{ '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\\n' }}"
+          "{% endif %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+# Llama-2-chat's published template.
+LLAMA2 = ("{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+          "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
+          "{% set system_message = false %}{% endif %}{% for message in loop_messages %}"
+          "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+          "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+          "{% if loop.index0 == 0 and system_message != false %}"
+          "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+          "{% else %}{% set content = message['content'] %}{% endif %}{% if message['role'] == 'user' %}"
+          "{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
+          "{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}")
+NAMED = [{"name": "tool_use", "template": "{{ 'tools!' }}"},
+         {"name": "default", "template": "{% for m in messages %}### {{ m['role'] }}:{{ m['content'] }}\n"
+                                         "{% endfor %}{% if add_generation_prompt %}### assistant:{% endif %}"}]
+
+USERS = ["Hello there!", "What is the capital of France?", "  Tell me more, please.  ", "Thanks; bye."]
+
+
+class Scripted:
+    """A stand-in model: emits a fixed list of tokens greedily, and records every id it is fed."""
+
+    def __init__(self, vocab: int, script: list[int]):
+        self.config = tiny_config("llama_gqa", vocab=vocab)
+        self.device = torch.device("cpu")
+        self.script = iter(script)
+        self.fed: list[int] = []
+
+    def new_cache(self, batch_size=1, sinks=4, window=1020):
+        return minillm.SinkCache(num_layers=1, batch_size=1, num_kv_heads=1, head_dim=2, sinks=sinks,
+                                 window=window, dtype=torch.float32, device="cpu", owner_id=0,
+                                 keep_raw_sinks=False)
+
+    def __call__(self, ids, cache, logits_to_keep=0):
+        self.fed += ids[0].tolist()
+        cache.tokens_seen += ids.shape[1]
+        logits = torch.zeros(1, ids.shape[1], self.config.vocab_size)
+        logits[0, -1, next(self.script)] = 1.0
+        return logits[:, -logits_to_keep:] if logits_to_keep else logits
+
+
+def _hf_tokenizer(d: Path):
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoTokenizer.from_pretrained(str(d))
+
+
+def check_conversation(tok, hf, replies: list[str], *, system: str | None = None, stop: int | None = None):
+    """Run len(replies) turns with scripted replies; the fed ids must be transformers' ids of the
+    whole conversation, and each rendering equal to apply_chat_template's."""
+    stop = tok.eos_id if stop is None else stop
+    # What the model would emit for each reply: the tokens of the text that follows the generation
+    # prompt in transformers' rendering of the whole conversation, up to the end-of-turn token.
+    script = []
+    for r in replies:
+        script += encode_continuation(tok, r) + [stop]
+    script += [stop]  # the last turn's reply is empty
+    model = Scripted(tok.vocab_size, script)
+    chat = ChatSession(model, tok, temperature=0, system=system, max_new_tokens=1000)
+    messages = [] if system is None else [{"role": "system", "content": system}]
+    for user, reply in zip(USERS, replies + [""]):
+        got = "".join(chat.turn(user))
+        messages += [{"role": "user", "content": user}]
+        want_text = hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        assert chat.represented.startswith(want_text)
+        messages += [{"role": "assistant", "content": got}]
+        assert got == reply
+    # Everything fed, minus the final stop token (generated, not yet fed), against the oracle.
+    want = hf.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=True, return_dict=False)
+    if isinstance(want, dict) or hasattr(want, "input_ids"):
+        want = want["input_ids"]
+    assert model.fed == list(want)
+    return model.fed
+
+
+def _with_template(src: Path, tmp: Path, template, **extra) -> Path:
+    d = tmp / "tok"
+    shutil.copytree(src, d)
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    cfg.update(chat_template=template, **extra)
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return d
+
+
+def test_llama2_template_with_system_prompt_sentencepiece(tmp_path):
+    d = _with_template(WEIGHTS / "llama-tiny", tmp_path, LLAMA2)
+    tok, hf = minillm.load_tokenizer(d), _hf_tokenizer(d)
+    assert tok.backend == "sentencepiece"
+    # Llama-2 renders a reply as ' ' + content.strip() + ' ' + eos: a reply of " Paris. " is that.
+    fed = check_conversation(tok, hf, [" Hi! ", " Paris. ", " It is large. "], system="Be brief.")
+    assert fed.count(tok.bos_id) == len(USERS)  # one <s> per [INST] block, as the template writes
+
+
+def test_llama2_template_with_system_prompt_byte_level(tmp_path):
+    d = _with_template(WEIGHTS / "pythia-tiny", tmp_path, LLAMA2)
+    tok, hf = minillm.load_tokenizer(d), _hf_tokenizer(d)
+    check_conversation(tok, hf, [" Hi! ", " Paris. ", " It is large. "], system="Be brief.")
+
+
+def _add_chatml_tokens(d: Path) -> tuple[int, int]:
+    """Give a tokenizer.json ChatML's two special tokens, as a ChatML model's vocabulary has."""
+    from tokenizers import AddedToken, Tokenizer
+
+    tk = Tokenizer.from_file(str(d / "tokenizer.json"))
+    names = ("<|im_start|>", "<|im_end|>")
+    tk.add_special_tokens([AddedToken(n, special=True, normalized=False) for n in names])
+    tk.save(str(d / "tokenizer.json"))
+    return tk.token_to_id(names[0]), tk.token_to_id(names[1])
+
+
+def test_chatml_template(tmp_path):
+    d = _with_template(WEIGHTS / "pythia-tiny", tmp_path, CHATML)
+    _, im_end = _add_chatml_tokens(d)
+    tok, hf = minillm.load_tokenizer(d), _hf_tokenizer(d)
+    assert tok.eos_id != im_end  # the reply still stops, at the template's end-of-turn token
+    fed = check_conversation(tok, hf, ["Hi!", "Paris.", "It is large."], stop=im_end)
+    assert fed.count(im_end) == 2 * len(USERS)  # the system prompt, each user turn, each reply but the last
+
+
+def test_named_template_list_uses_default(tmp_path):
+    d = _with_template(WEIGHTS / "pythia-tiny", tmp_path, NAMED)
+    tok, hf = minillm.load_tokenizer(d), _hf_tokenizer(d)
+    assert tok.chat_template == NAMED[1]["template"]
+    check_conversation(tok, hf, [" Hi!", " Paris.", " It is large."])
+
+
+def test_chat_template_jinja_wins_over_tokenizer_config(tmp_path):
+    d = _with_template(WEIGHTS / "pythia-tiny", tmp_path, "{{ 'from tokenizer_config' }}")
+    (d / "chat_template.jinja").write_text(CHATML)
+    assert minillm.load_tokenizer(d).chat_template == CHATML
+    hf = _hf_tokenizer(d)
+    assert hf.chat_template == CHATML  # transformers agrees on the order
+
+
+def test_end_of_turn_token_stops_a_reply(tmp_path):
+    # ChatML's <|im_end|> ends a reply even when the tokenizer's EOS is another token.
+    d = _with_template(WEIGHTS / "pythia-tiny", tmp_path, CHATML)
+    _, new_id = _add_chatml_tokens(d)
+    tok = minillm.load_tokenizer(d)
+    assert tok.eos_id != new_id
+    model = Scripted(tok.vocab_size + 1, encode_continuation(tok, "Hi") + [new_id] + [5] * 10)
+    chat = ChatSession(model, tok, temperature=0, max_new_tokens=50)
+    assert "".join(chat.turn("x")) == "Hi" and new_id in chat.stop_ids
+
+
+def test_template_errors_are_one_line(tmp_path):
+    d = _with_template(WEIGHTS / "pythia-tiny", tmp_path, LLAMA2)
+    tok = minillm.load_tokenizer(d)
+    chat = ChatSession(Scripted(tok.vocab_size, [tok.eos_id] * 4), tok, temperature=0)
+    chat.messages = [{"role": "assistant", "content": "out of order"}]
+    with pytest.raises(minillm.MiniLLMError, match="chat template failed: Conversation roles must alternate"):
+        list(chat.turn("hi"))
