@@ -9,91 +9,36 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import torch
-
-from .cache import SinkCache
-from .config import ConfigWarning, ModelConfig
-from .errors import MiniLLMError
-from . import evaluate
-from .generation import generate
-from .model import Model
-from .models import from_hf_config, load_config
+import importlib
 
 __version__ = "0.1.0"
 
-DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "float64": torch.float64, "fp64": torch.float64, "double": torch.float64,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+# The public names, imported on first use (PEP 562): `import minillm` stays light, so the console
+# entry point (minillm/_entry.py) can install its signal handling before torch is imported.
+_EXPORTS = {
+    "Model": "model", "ModelConfig": "config", "ConfigWarning": "config", "SinkCache": "cache",
+    "MiniLLMError": "errors", "generate": "generation", "from_hf_config": "models",
+    "load_config": "models", "load": "api", "load_tokenizer": "api", "save_pretrained": "api",
+    "parse_dtype": "api", "parse_device": "api", "DTYPES": "api",
 }
+_SUBMODULES = ("evaluate",)
 
 
-def parse_dtype(dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        if dtype.is_floating_point:
-            return dtype
-    elif isinstance(dtype, str) and dtype.lower().removeprefix("torch.") in DTYPES:
-        return DTYPES[dtype.lower().removeprefix("torch.")]
-    raise MiniLLMError(f"unknown dtype {dtype!r} (use one of float32, bfloat16, float16, float64)")
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module 'minillm' has no attribute {name!r}")
+    globals()[name] = value
+    return value
 
 
-def parse_device(device) -> torch.device:
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise MiniLLMError(f"unknown device {device!r} (use cpu, cuda, cuda:N or mps)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise MiniLLMError(f"device {device!r} requested but CUDA is not available")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise MiniLLMError(f"device {device!r} does not exist ({torch.cuda.device_count()} CUDA devices)")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise MiniLLMError(f"device {device!r} requested but MPS is not available")
-    return dev
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS) | set(_SUBMODULES))
 
 
-def load(name_or_path: str | Path, dtype=torch.float32, device="cpu", *, strict: bool = False) -> Model:
-    """Load a checkpoint without transformers: a local directory or hub repo id (config.json +
-    safetensors), or a `.gguf` file (dequantized into `dtype`; needs `pip install "minillm[gguf]"`).
-
-    Config keys minillm does not know give one ConfigWarning naming them; `strict=True` makes
-    that an error. Keys that would change the forward pass are refused by name either way."""
-    from .checkpoint import load_model
-    from .gguf_file import is_gguf
-    from .hub import resolve_model_dir
-
-    if not isinstance(strict, bool):
-        raise MiniLLMError(f"load: strict must be True or False, got {strict!r}")
-    dtype, device = parse_dtype(dtype), parse_device(device)
-    if is_gguf(name_or_path):
-        from .gguf_file import load_model as load_gguf
-
-        model = load_gguf(name_or_path, dtype, device, strict=strict)
-        model.source = str(name_or_path)
-        return model
-    directory = resolve_model_dir(name_or_path)
-    config = load_config(directory, strict=strict)
-    model = load_model(directory, config, dtype, device)
-    model.source = str(name_or_path)
-    return model
-
-
-def load_tokenizer(name_or_path: str | Path):
-    """tokenizer.json (tokenizers), tokenizer.model (sentencepiece) or a .gguf file: .encode / .decode."""
-    from .tokenizer import load_tokenizer as _load
-
-    return _load(name_or_path)
-
-
-def save_pretrained(model: Model, directory: str | Path, dtype=None) -> Path:
-    """Write the model as config.json + model.safetensors in its family's Hugging Face format."""
-    from .checkpoint import save_pretrained as _save
-
-    return _save(model, directory, None if dtype is None else parse_dtype(dtype))
-
-
-__all__ = ["Model", "ModelConfig", "ConfigWarning", "SinkCache", "MiniLLMError", "load", "load_tokenizer", "save_pretrained",
-           "generate", "evaluate",
-           "from_hf_config", "load_config", "parse_dtype", "parse_device", "__version__"]
+__all__ = ["Model", "ModelConfig", "ConfigWarning", "SinkCache", "MiniLLMError", "load", "load_tokenizer",
+           "save_pretrained", "generate", "evaluate", "from_hf_config", "load_config", "parse_dtype",
+           "parse_device", "__version__"]

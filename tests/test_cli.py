@@ -56,6 +56,9 @@ def files(tmp_path_factory, tiny_checkpoint):
     nobos = d / "nobos"  # a checkpoint whose tokenizer adds no BOS: "a" is one token
     shutil.copytree(tiny_checkpoint, nobos)
     (nobos / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
+    tj = json.loads((nobos / "tokenizer.json").read_text())
+    tj["post_processor"] = None  # the file itself adds BOS otherwise
+    (nobos / "tokenizer.json").write_text(json.dumps(tj))
     (nobos / "generation_config.json").write_text(json.dumps({"eos_token_id": 1}))
     broken = d / "broken"
     broken.mkdir()

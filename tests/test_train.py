@@ -387,5 +387,7 @@ def test_sigkill_at_any_moment_then_resume_is_bit_identical(prepared, tmp_path):
         assert torch.equal(want[key], got[key]), key
     assert json.loads(state_json.read_text())["step"] == steps
     assert (ref / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
-    # The last save removed what the killed saves left behind.
-    assert sorted(f.suffix for f in (out / train.STATE_DIR).iterdir()) == [".json", ".safetensors"]
+    # The last save removed what the killed saves left behind (including safetensors' own .tmpXXXXXX).
+    names = sorted(f.name for f in (out / train.STATE_DIR).iterdir())
+    assert len(names) == 2 and names[1] == "state.json" and names[0] == train.state_tensors_path(
+        out / train.STATE_DIR).name, names

@@ -387,9 +387,12 @@ def save_state(directory: Path, model, opt, sampler, best, info: dict) -> None:
     _save_stage("tensors-in-place", step)
     write_json(directory / "state.json", {**info, "tensors": name}, stage=lambda s: _save_stage(s, step))
     _save_stage("json-in-place", step)
-    for old in directory.iterdir():  # superseded tensors files and temporaries of killed saves
-        if old.name != name and (old.name.endswith(".tmp") or
-                                 (old.name.startswith("state") and old.name.endswith(".safetensors"))):
+    # Superseded tensors files and the temporaries of killed saves: ours end in .tmp, and
+    # safetensors' own save_file writes a `.tmpXXXXXX` file and renames it (seen with 0.8).
+    for old in directory.iterdir():
+        if old.name != name and old.is_file() and (
+                old.name.endswith(".tmp") or old.name.startswith(".tmp") or
+                (old.name.startswith("state") and old.name.endswith(".safetensors"))):
             old.unlink(missing_ok=True)
     _save_stage("done", step)
 
