@@ -65,7 +65,7 @@ def _int_at_least(low: int, high: int | None = None, high_why: str = ""):
 
 def _device_name(text: str) -> str:
     """An argparse type: cpu, cuda, cuda:N or mps (checked before torch sees it)."""
-    if not re.fullmatch(r"cpu|mps|cuda(:\d{1,4})?", text.strip().lower()):
+    if not re.fullmatch(r"(cpu|mps)(:0)?|cuda(:\d{1,4})?", text.strip().lower()):
         raise argparse.ArgumentTypeError(f"unknown device {text[:40]!r} (use cpu, cuda, cuda:N or mps)")
     return text.strip().lower()
 

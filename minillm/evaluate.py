@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import MiniLLMError
-from .generation import NonFiniteError, stream_tensor
+from .generation import NonFiniteError, stream_tensor, token_ids
 
 MODES = ("streaming", "window", "recompute", "dense")
 MAX_CURVE_POINTS = 1000
@@ -117,7 +117,11 @@ class PerplexityResult:
 
 
 def _ppl(nll: torch.Tensor) -> float:
-    return math.exp(nll.mean().item()) if len(nll) else float("nan")
+    """exp(mean NLL); inf past float64's range (a mean NLL above ~709), NaN for no tokens."""
+    if not len(nll):
+        return float("nan")
+    mean = nll.mean().item()
+    return math.exp(mean) if not mean >= 709.0 else math.inf  # NaN stays NaN
 
 
 def stride_subset(n: int, stride: int, seed: int = 0) -> tuple[int, torch.Tensor]:
@@ -146,10 +150,13 @@ def block_size(model, capacity: int, budget: int = 1 << 22) -> int:
 
 def _check_ids(ids) -> list[int]:
     if isinstance(ids, torch.Tensor):
-        ids = ids.flatten().tolist() if ids.dim() == 1 or (ids.dim() == 2 and ids.shape[0] == 1) else None
-    if ids is None:
-        raise MiniLLMError("ids must be a 1-D sequence of token ids (one text)")
-    ids = [int(i) for i in ids]
+        if not (ids.dim() == 1 or (ids.dim() == 2 and ids.shape[0] == 1)):
+            raise MiniLLMError("ids must be a 1-D sequence of token ids (one text)")
+        ids = ids.flatten()
+    elif isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
+        raise MiniLLMError(f"ids must be a sequence of token ids (encode text with the tokenizer first), "
+                           f"got {type(ids).__name__}")
+    ids = token_ids(ids)
     if len(ids) < 2:
         raise MiniLLMError(f"the text is {len(ids)} token(s) long; perplexity needs at least 2")
     return ids

@@ -39,6 +39,24 @@ def _is_real(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def token_ids(ids, what: str = "ids") -> list[int]:
+    """`ids` as a list of Python ints; 1.5, "3", True or a float tensor element is refused by
+    name, never silently truncated or parsed."""
+    if isinstance(ids, torch.Tensor):
+        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+            raise MiniLLMError(f"{what} must be integer token ids, got a {ids.dtype} tensor")
+        return ids.flatten().tolist()
+    out = []
+    for i in ids:
+        try:
+            if isinstance(i, bool):
+                raise TypeError
+            out.append(operator.index(i))
+        except TypeError:
+            raise MiniLLMError(f"{what} must be integer token ids, got {i!r} ({type(i).__name__})") from None
+    return out
+
+
 def stream_tensor(model, ids: Sequence[int] | torch.Tensor) -> tuple[torch.Tensor, int]:
     """(1, L) int64 tensor on the model's device: sink prefix + ids; and the prefix length."""
     if isinstance(ids, torch.Tensor):
@@ -52,16 +70,8 @@ def stream_tensor(model, ids: Sequence[int] | torch.Tensor) -> tuple[torch.Tenso
     elif isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
         raise MiniLLMError(f"ids must be a sequence of token ids (encode text with the tokenizer first), "
                            f"got {type(ids).__name__}")
-    out = []
-    for i in ids:  # 1.5 or "3" is never silently truncated or parsed
-        try:
-            if isinstance(i, bool):
-                raise TypeError
-            out.append(operator.index(i))
-        except TypeError:
-            raise MiniLLMError(f"ids must be integer token ids, got {i!r} ({type(i).__name__})") from None
     prefix = sink_prefix(model.config)
-    ids = prefix + out
+    ids = prefix + token_ids(ids)
     bad = [i for i in ids if not 0 <= i < model.config.vocab_size]
     if bad:
         raise MiniLLMError(f"token id {bad[0]} is out of range for the model's vocabulary of "
@@ -212,9 +222,11 @@ def generate(model, prompt_ids: Sequence[int] | torch.Tensor, *, max_new_tokens:
     if isinstance(eos_ids, (str, bytes)):
         raise MiniLLMError(f"eos_ids must be a collection of token ids, got {type(eos_ids).__name__}")
     try:
-        eos = frozenset() if ignore_eos else frozenset(int(i) for i in eos_ids)
-    except (TypeError, ValueError):
+        eos = frozenset(token_ids(eos_ids, "eos_ids"))
+    except TypeError:  # not iterable
         raise MiniLLMError(f"eos_ids must be a collection of integer token ids, got {eos_ids!r}") from None
+    if ignore_eos:
+        eos = frozenset()
     if cache is None:
         cache = model.new_cache(batch_size=1, sinks=sinks, window=window)
     ids, _ = stream_tensor(model, prompt_ids)

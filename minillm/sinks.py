@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import MiniLLMError
-from .generation import stream_tensor
+from .generation import NonFiniteError, stream_tensor
 from .limits import check_fits
 
 
@@ -39,6 +39,10 @@ def attention_probs(model, ids, tokens: int | None = None) -> list[torch.Tensor]
     probs: list[torch.Tensor] = []
     with torch.inference_mode():
         model(stream, attn_probs=probs)
+    for layer, p in enumerate(probs):  # maps of NaN would be drawn blank and scored NaN, silently
+        if not bool(torch.isfinite(p).all()):
+            raise NonFiniteError(f"attention maps: layer {layer}'s attention probabilities are not finite; the "
+                                 f"weights or config produce non-finite numbers")
     return [p[0].float().cpu() for p in probs]
 
 

@@ -56,6 +56,9 @@ def files(tmp_path_factory, tiny_checkpoint):
     nobos = d / "nobos"  # a checkpoint whose tokenizer adds no BOS: "a" is one token
     shutil.copytree(tiny_checkpoint, nobos)
     (nobos / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
+    spec = json.loads((nobos / "tokenizer.json").read_text())
+    spec["post_processor"] = None  # a tokenizer that adds no BOS of its own
+    (nobos / "tokenizer.json").write_text(json.dumps(spec))
     tj = json.loads((nobos / "tokenizer.json").read_text())
     tj["post_processor"] = None  # the file itself adds BOS otherwise
     (nobos / "tokenizer.json").write_text(json.dumps(tj))
