@@ -160,16 +160,14 @@ def plan_chunk(config: ModelConfig, n: int, cache: SinkCache, device, dtype, inv
     if rope and not (want_probs or config.zero_sink) and t0 == 0 and last < S:
         return plan  # nothing evicted yet: every key set is {0..t}, plain causal (tests/test_keys.py)
 
-    kp = key_positions(torch.tensor([t0]), n, sinks, window, device)
-    if t0 == 0:  # the cache is empty: only the chunk's own columns
-        kp = KeyPositions(kp.key[:, S:], kp.query, kp.allowed[..., S:], kp.position[..., S:], kp.query_position)
+    kp = key_positions(torch.tensor([t0]), n, sinks, window, device, slots=t0 > 0)  # no slot columns if empty
     mask = _additive(kp.allowed, dtype)  # (1, n, Nk)
     if rope and sinks and last >= S:  # some query sees the sinks at a position other than the text's
         key = kp.key[0]
         n_cached = min(t0, sinks)  # the cache's sink slots 0..n_cached-1 hold sinks 0..n_cached-1
         plan.sink = SinkFrame(q_rot=rope_tables(kp.query_position[0], inv_freq, dtype),
                               cols=torch.nonzero((key >= 0) & (key < sinks)).flatten(), n_cached=n_cached,
-                              cached_rot=rope_tables(kp.position[0, -1, :n_cached], inv_freq, dtype))
+                              cached_rot=rope_tables(kp.positions_of(slice(n_cached))[0, -1], inv_freq, dtype))
     if not rope:
         mask = mask + _alibi(config, slopes, kp, dtype)
     plan.mask = mask.view(1, -1, *mask.shape[-2:])  # 4-D: CPU SDPA's fast kernel wants a 4-D mask

@@ -14,6 +14,7 @@ that tests/test_keys.py checks against it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -26,28 +27,40 @@ class KeyPositions:
     key: torch.Tensor  # (B, Nk) stream position of each key column, -1 for an empty slot
     query: torch.Tensor  # (B, n) stream position t of each query
     allowed: torch.Tensor  # (B, n, Nk) bool: column k is in K_t
-    position: torch.Tensor  # (B, n, Nk) int64 cache-relative position of key k for query t (where allowed)
     query_position: torch.Tensor  # (B, n) int64 c_t, the query's own cache-relative position
+    sinks: int
+    dense: bool  # no cache: absolute positions, a key's position is the same for every query
+
+    @cached_property
+    def position(self) -> torch.Tensor:
+        """(B, n, Nk) int64 cache-relative position of key k for query t (meaningful where allowed);
+        (B, 1, Nk) when dense. Computed on first use: only ALiBi needs all of it."""
+        return self.positions_of(slice(None))
+
+    def positions_of(self, cols) -> torch.Tensor:
+        """`position` for the key columns `cols` only: (B, n, len(cols)), or (B, 1, len(cols)) when dense."""
+        kp = self.key[:, None, cols]  # (B, 1, k)
+        if self.dense:
+            return kp
+        tq = self.query[:, :, None]
+        return torch.where(kp < self.sinks, kp, self.query_position[:, :, None] - (tq - kp))
 
 
 def key_positions(tokens_seen: torch.Tensor, n: int, sinks: int, window: int | None,
-                  device=None) -> KeyPositions:
+                  device=None, slots: bool = True) -> KeyPositions:
     """Key sets and cache-relative positions for n new tokens after tokens_seen (B,) int64 per row.
 
     Key columns: the S = sinks + window slots in the cache's layout (cache.py), then the n chunk
-    tokens, Nk = S + n. window=None is the dense forward: no cache, nothing evicted, Nk = n, and
+    tokens, Nk = S + n; `slots=False` leaves out the slot columns (when every row's cache is empty
+    they hold nothing). window=None is the dense forward: no cache, nothing evicted, Nk = n, and
     positions are absolute (c_t = t)."""
     t0 = tokens_seen.to(device=device, dtype=torch.int64)[:, None]  # (B, 1)
     t = t0 + torch.arange(n, device=t0.device)  # (B, n)
     tq = t[:, :, None]  # (B, n, 1)
     if window is None:
-        key, c = t, t
-        kp = key[:, None, :]  # (B, 1, Nk)
-        allowed = (kp >= 0) & (kp <= tq)
-    else:
-        key = torch.cat([slot_positions(t0[:, 0], sinks, window), t], dim=1)  # (B, S + n)
-        c = t.clamp(max=sinks + window - 1)
-        kp = key[:, None, :]
-        allowed = (kp >= 0) & (kp <= tq) & ((kp < sinks) | (kp > tq - window))
-    position = torch.where(kp < sinks, kp, c[:, :, None] - (tq - kp))
-    return KeyPositions(key=key, query=t, allowed=allowed, position=position, query_position=c)
+        return KeyPositions(key=t, query=t, allowed=t[:, None, :] <= tq, query_position=t, sinks=0, dense=True)
+    key = torch.cat([slot_positions(t0[:, 0], sinks, window), t], dim=1) if slots else t  # (B, Nk)
+    kp = key[:, None, :]  # (B, 1, Nk)
+    allowed = (kp >= 0) & (kp <= tq) & ((kp < sinks) | (kp > tq - window))
+    return KeyPositions(key=key, query=t, allowed=allowed, query_position=t.clamp(max=sinks + window - 1),
+                        sinks=sinks, dense=False)

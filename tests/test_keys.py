@@ -40,7 +40,8 @@ def check_row(kp, b: int, sinks: int, window: int | None, t0: int, n: int) -> No
         got = kp.key[b, cols].tolist()
         assert sorted(got) == want, (t, got)  # exactly K_t, each key once
         rank = {j: r for r, j in enumerate(want)}  # a key's position is its index in sorted K_t
-        assert kp.position[b, i, cols].tolist() == [rank[j] for j in got], t
+        position = kp.position.expand(kp.allowed.shape)  # dense: the same for every query
+        assert position[b, i, cols].tolist() == [rank[j] for j in got], t
         assert kp.query[b, i].item() == t and kp.query_position[b, i].item() == len(want) - 1
 
 
@@ -55,6 +56,10 @@ def test_key_sets_and_positions_follow_the_contract(sinks, window):
             assert kp.key[0, :S].tolist() == slot_positions(t0, sinks, window)[0].tolist()
             assert kp.key[0, S:].tolist() == list(range(t0, t0 + n))
             check_row(kp, 0, sinks, window, t0, n)
+            assert torch.equal(kp.positions_of(slice(1, S + 1)), kp.position[..., 1 : S + 1])
+            if t0 == 0:  # an empty cache: the plan leaves out the slot columns, which hold nothing
+                own = key_positions(torch.tensor([t0]), n, sinks, window, slots=False)
+                assert torch.equal(own.allowed, kp.allowed[..., S:]) and torch.equal(own.position, kp.position[..., S:])
 
 
 def test_rows_are_independent():
@@ -71,7 +76,7 @@ def test_rows_are_independent():
 def test_dense_is_causal_at_absolute_positions():
     kp = key_positions(torch.zeros(1, dtype=torch.int64), 9, 0, None)
     assert torch.equal(kp.allowed[0], torch.ones(9, 9, dtype=torch.bool).tril())
-    assert torch.equal(kp.position[0][kp.allowed[0]], torch.arange(9).expand(9, 9)[kp.allowed[0]])
+    assert torch.equal(kp.position[0, 0], torch.arange(9))  # absolute, whatever the query
     check_row(kp, 0, 0, None, 0, 9)
 
 
