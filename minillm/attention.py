@@ -131,7 +131,7 @@ def plan_dense(config: ModelConfig, n: int, device, dtype, inv_freq, slopes, wan
     rot = rope_tables(torch.arange(n, device=device), inv_freq, dtype) if rope else None
     if rope and not (want_probs or config.zero_sink):
         return DensePlan(rot=rot, mask=None, want_probs=want_probs)  # SDPA skips the masked blocks
-    kp = key_positions(torch.zeros(1, dtype=torch.int64), n, 0, None, device)
+    kp = key_positions(torch.zeros(1, dtype=torch.int64, device=device), n, 0, None)
     mask = _additive(kp.allowed, dtype)  # (1, n, n)
     if not rope:
         mask = mask + _alibi(config, slopes, kp, dtype)
@@ -160,7 +160,8 @@ def plan_chunk(config: ModelConfig, n: int, cache: SinkCache, device, dtype, inv
     if rope and not (want_probs or config.zero_sink) and t0 == 0 and last < S:
         return plan  # nothing evicted yet: every key set is {0..t}, plain causal (tests/test_keys.py)
 
-    kp = key_positions(torch.tensor([t0]), n, sinks, window, device, slots=t0 > 0)  # no slot columns if empty
+    seen = torch.full((1,), t0, device=device)  # a fill, not a host-to-device copy
+    kp = key_positions(seen, n, sinks, window, slots=t0 > 0)  # no slot columns if the cache is empty
     mask = _additive(kp.allowed, dtype)  # (1, n, Nk)
     if rope and sinks and last >= S:  # some query sees the sinks at a position other than the text's
         key = kp.key[0]

@@ -47,14 +47,14 @@ class KeyPositions:
 
 
 def key_positions(tokens_seen: torch.Tensor, n: int, sinks: int, window: int | None,
-                  device=None, slots: bool = True) -> KeyPositions:
+                  slots: bool = True) -> KeyPositions:
     """Key sets and cache-relative positions for n new tokens after tokens_seen (B,) int64 per row.
 
     Key columns: the S = sinks + window slots in the cache's layout (cache.py), then the n chunk
     tokens, Nk = S + n; `slots=False` leaves out the slot columns (when every row's cache is empty
     they hold nothing). window=None is the dense forward: no cache, nothing evicted, Nk = n, and
-    positions are absolute (c_t = t)."""
-    t0 = tokens_seen.to(device=device, dtype=torch.int64)[:, None]  # (B, 1)
+    positions are absolute (c_t = t). Everything is computed on tokens_seen's device."""
+    t0 = tokens_seen.to(torch.int64)[:, None]  # (B, 1)
     t = t0 + torch.arange(n, device=t0.device)  # (B, n)
     tq = t[:, :, None]  # (B, n, 1)
     if window is None:
