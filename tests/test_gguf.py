@@ -1,0 +1,271 @@
+"""GGUF files written here with the gguf package (as llama.cpp's converter writes them), then read back.
+
+A tiny random Llama and its byte-level tokenizer (tests/tiny_ckpt.py) are written as a GGUF:
+F32 or Q8_0 tensors, Q/K rows permuted as llama.cpp's `convert_hf_to_gguf.py` permutes them,
+the tokenizer as vocab + merges + token types. Reading it back must give the same weights
+(exactly for F32; Q8_0 exactly what ggml's dequantizer gives) and the same tokens, and every
+broken variant gets a one-line MiniLLMError (the CLI: exit 2, no traceback).
+The real checkpoint (SmolLM2's Q4_1 GGUF) is tests/test_smollm2.py.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import minillm
+from minillm.checkpoint import hf_state_dict
+from minillm.errors import MiniLLMError
+from minillm.gguf_file import ARCHITECTURES
+from tiny_ckpt import tiny_checkpoint  # noqa: F401  (fixture)
+
+gguf = pytest.importorskip("gguf")
+Q = gguf.GGMLQuantizationType
+
+
+def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's convert_hf_to_gguf.py `permute` (Q and K rows into interleaved pairs)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_gguf(path: Path, ckpt: Path, *, qtype=Q.F32, arch="llama", drop=(), extra_tensor=None,
+               drop_token=False, meta=None, tokenizer_model="gpt2", add_bos=True) -> Path:
+    model = minillm.load(ckpt)
+    c = model.config
+    tj = json.loads((ckpt / "tokenizer.json").read_text(encoding="utf-8"))
+    vocab = sorted(tj["model"]["vocab"].items(), key=lambda kv: kv[1])
+    tokens = [t for t, _ in vocab]
+    added = {t["id"]: t["content"] for t in tj["added_tokens"]}
+    for i, t in added.items():
+        if i < len(tokens):
+            tokens[i] = t
+    types = [3 if i in added else 1 for i in range(len(tokens))]
+    if drop_token:
+        tokens, types = tokens[:-1], types[:-1]
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(c.num_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_heads)
+    w.add_head_count_kv(c.num_kv_heads)
+    w.add_rope_freq_base(c.rope_theta)
+    w.add_layer_norm_rms_eps(c.norm_eps)
+    w.add_rope_dimension_count(c.head_dim)
+    w.add_tokenizer_model(tokenizer_model)
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in tj["model"]["merges"]])
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(1)
+    w.add_add_bos_token(add_bos)
+    w.add_chat_template("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    for key, value in (meta or {}).items():
+        if isinstance(value, str):
+            w.add_string(key, value)
+        else:
+            w.add_float32(key, value)
+    hf_to_gguf = {}
+    spec = ARCHITECTURES["llama"]
+    for g, h in spec["tensors"].items():
+        for i in range(c.num_layers) if "{i}" in g else [None]:
+            hf_to_gguf[h.format(i=i)] = g.format(i=i)
+    for name, t in hf_state_dict(model).items():
+        if name == "lm_head.weight" and c.tie_word_embeddings:
+            continue
+        gname = hf_to_gguf[name]
+        if gname in drop:
+            continue
+        a = t.float().numpy()
+        if gname.endswith("attn_q.weight"):
+            a = llama_cpp_permute(a, c.num_heads)
+        elif gname.endswith("attn_k.weight"):
+            a = llama_cpp_permute(a, c.num_kv_heads)
+        if a.ndim == 2 and qtype != Q.F32 and a.shape[1] % 32 == 0:  # ggml blocks run along rows
+            w.add_tensor(gname, gguf.quants.quantize(a, qtype), raw_dtype=qtype)
+        else:
+            w.add_tensor(gname, a)
+    if extra_tensor:
+        w.add_tensor(extra_tensor, np.zeros(4, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def ckpt(tiny_checkpoint):
+    return tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def f32_file(ckpt, tmp_path_factory):
+    return write_gguf(tmp_path_factory.mktemp("gguf") / "tiny-f32.gguf", ckpt)
+
+
+def test_f32_gguf_reads_back_the_same_weights_and_logits(ckpt, f32_file):
+    want, got = minillm.load(ckpt), minillm.load(f32_file)
+    # GGUF stores the epsilon as float32: 1e-5 comes back as 9.99999975e-06, as in every GGUF reader.
+    assert got.config == want.config.replace(norm_eps=float(np.float32(want.config.norm_eps)))
+    for (name, a), b in zip(got.state_dict().items(), want.state_dict().values()):
+        assert torch.equal(a, b), name  # the un-permute is the exact inverse of llama.cpp's permute
+    ids = torch.tensor([[0, 5, 9, 44, 7, 100, 3]])
+    with torch.no_grad():
+        a, b = got(ids), want(ids)
+    assert float((a - b).abs().max() / b.abs().max()) <= 1e-6
+
+
+def test_q8_0_gguf_dequantizes_as_ggml_does(ckpt, tmp_path):
+    path = write_gguf(tmp_path / "tiny-q8.gguf", ckpt, qtype=Q.Q8_0)
+    want = {k: v.float().numpy() for k, v in hf_state_dict(minillm.load(ckpt)).items()}
+    got = hf_state_dict(minillm.load(path))
+    reader = gguf.GGUFReader(str(path))
+    assert {t.tensor_type.name for t in reader.tensors} == {"Q8_0", "F32"}
+    w = want["model.layers.0.mlp.up_proj.weight"]
+    ref = gguf.quants.dequantize(gguf.quants.quantize(w, Q.Q8_0), Q.Q8_0)
+    assert np.array_equal(got["model.layers.0.mlp.up_proj.weight"].numpy(), ref)
+    assert np.abs(ref - w).max() <= np.abs(w).max() / 100  # 8-bit blocks: within 1% of the scale
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_gguf_dequantizes_into_the_requested_dtype(ckpt, f32_file, dtype):
+    model = minillm.load(f32_file, dtype=dtype)
+    ref = minillm.load(ckpt, dtype=dtype)
+    assert model.embed.weight.dtype == dtype
+    assert torch.equal(model.embed.weight, ref.embed.weight)
+
+
+def test_gguf_tokenizer_equals_the_checkpoints(ckpt, f32_file):
+    from tiny_ckpt import training_text
+
+    ours, want = minillm.load_tokenizer(f32_file), minillm.load_tokenizer(ckpt)
+    assert ours.backend == "gguf" and ours.adds_bos and (ours.bos_id, ours.eos_id) == (0, 1)
+    assert ours.chat_template.startswith("{% for m in messages %}")
+    for text in training_text(3000, seed=5).splitlines() + ["<s>x</s>", "Café 日本 🙂", ""]:
+        assert ours.encode(text) == want.encode(text), text
+        assert ours.decode(want.encode(text, add_bos=False)) == text
+
+
+def test_gguf_without_bos_flag_adds_none(ckpt, tmp_path):
+    tok = minillm.load_tokenizer(write_gguf(tmp_path / "nobos.gguf", ckpt, add_bos=False))
+    assert not tok.adds_bos and tok.encode("the sea")[0] != 0
+
+
+def test_transformers_reads_our_gguf_the_same(ckpt, f32_file):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(f32_file.parent), gguf_file=f32_file.name,
+                                                           dtype=torch.float32)
+    ids = torch.tensor([[0, 5, 9, 44, 7, 100, 3, 12, 13]])
+    with torch.no_grad():
+        want = hf(ids).logits
+    with torch.no_grad():
+        got = minillm.load(f32_file)(ids)
+    assert float((got - want).abs().max() / want.abs().max()) <= 1e-5
+
+
+# --- bad files -----------------------------------------------------------------------------------
+
+
+def _patch_tensor_type(path: Path, value: int) -> None:
+    r = gguf.GGUFReader(str(path))
+    t = r.tensors[0]
+    # The info's parts: name length, name, n_dims, dims, type, offset; the type is the one before the offset.
+    part = t.field.parts[-2]
+    offset = part.ctypes.data - r.data.ctypes.data
+    del r, t
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(np.uint32(value).tobytes())
+
+
+def _one_line(fn, *needles):
+    with pytest.raises(MiniLLMError) as info:
+        fn()
+    msg = str(info.value)
+    assert "\n" not in msg, msg
+    for n in needles:
+        assert n in msg, (n, msg)
+    return msg
+
+
+def test_unsupported_architecture(ckpt, tmp_path):
+    path = write_gguf(tmp_path / "mamba.gguf", ckpt, arch="mamba")
+    _one_line(lambda: minillm.load(path), "unsupported GGUF architecture 'mamba'")
+
+
+def test_unknown_tensor_type(ckpt, tmp_path):
+    path = write_gguf(tmp_path / "badtype.gguf", ckpt)
+    _patch_tensor_type(path, 250)
+    _one_line(lambda: minillm.load(path), "badtype.gguf", "250")
+
+
+def test_missing_tensor(ckpt, tmp_path):
+    path = write_gguf(tmp_path / "missing.gguf", ckpt, drop=("blk.1.ffn_up.weight",))
+    _one_line(lambda: minillm.load(path), "missing tensor model.layers.1.mlp.up_proj.weight")
+
+
+def test_unexpected_tensor(ckpt, tmp_path):
+    path = write_gguf(tmp_path / "extra.gguf", ckpt, extra_tensor="blk.0.attn_sinks.weight")
+    _one_line(lambda: minillm.load(path), "unexpected tensor blk.0.attn_sinks.weight")
+
+
+@pytest.mark.parametrize("keep", [1000, 50_000, -100])
+def test_truncated_file(f32_file, tmp_path, keep):
+    data = f32_file.read_bytes()
+    path = tmp_path / "cut.gguf"
+    path.write_bytes(data[:keep] if keep > 0 else data[:keep])
+    _one_line(lambda: minillm.load(path), "cut.gguf")
+
+
+def test_not_a_gguf_at_all(tmp_path):
+    path = tmp_path / "text.gguf"
+    path.write_text("hello, I am not a GGUF file\n" * 20)
+    _one_line(lambda: minillm.load(path), "text.gguf", "not a readable GGUF file")
+    _one_line(lambda: minillm.load(tmp_path / "nope.gguf"), "GGUF file not found")
+
+
+def test_vocabulary_that_disagrees_with_the_embedding(ckpt, tmp_path):
+    path = write_gguf(tmp_path / "vocab.gguf", ckpt, drop_token=True)
+    _one_line(lambda: minillm.load(path), "the vocabulary has", "token_embd.weight")
+
+
+def test_sentencepiece_gguf_tokenizer_is_refused_by_name(ckpt, tmp_path):
+    path = write_gguf(tmp_path / "sp.gguf", ckpt, tokenizer_model="llama")
+    _one_line(lambda: minillm.load_tokenizer(path), "tokenizer.ggml.model='llama'")
+
+
+def test_metadata_policy(ckpt, tmp_path):
+    path = write_gguf(tmp_path / "scaled.gguf", ckpt, meta={"llama.rope.scaling.type": "linear"})
+    _one_line(lambda: minillm.load(path), "llama.rope.scaling.type='linear'")
+    path = write_gguf(tmp_path / "unknown.gguf", ckpt, meta={"llama.zz_future": 1.0})
+    with pytest.warns(minillm.ConfigWarning, match="llama.zz_future"):
+        minillm.load(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _one_line(lambda: minillm.load(path, strict=True), "llama.zz_future", "strict")
+
+
+def test_cli_on_bad_gguf_is_exit_2_without_traceback(ckpt, tmp_path, capsys):
+    from minillm.cli import main
+
+    path = write_gguf(tmp_path / "mamba.gguf", ckpt, arch="mamba")
+    for argv in (["generate", str(path), "--prompt", "x"], ["ppl", str(path), "--text", str(ckpt / "config.json")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and "unsupported GGUF architecture" in err
+        assert len(err.strip().splitlines()) == 1, err
+
+
+def test_cli_generates_from_a_gguf(f32_file, capsys):
+    from minillm.cli import main
+
+    assert main(["generate", str(f32_file), "--prompt", "the sea", "--max-new-tokens", "5", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.strip()
