@@ -98,9 +98,14 @@ def read_split(corpus: Path, max_chars: int = 0) -> tuple[list[tuple[str, str]],
 def train_bpe(texts: list[str], vocab: int):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+    from tokenizers import processors
+
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
+    # The models are trained with BOS at position 0: the post-processor says so, so that every
+    # reader of tokenizer.json (minillm, transformers) adds it. BOS is the first special token (id 0).
+    tk.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, 0)])
     trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=[BOS, EOS, SINK], min_frequency=2,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     # Paragraphs, with their blank line: GPT-2's pre-tokenizer regex splits "\n\nIt" into
