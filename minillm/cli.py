@@ -28,6 +28,7 @@ import re
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 from . import __version__
@@ -94,7 +95,9 @@ def _float_in(low: float, high: float = math.inf, low_open: bool = False):
 def _common(cache_flags: bool = True) -> argparse.ArgumentParser:
     p = _Parser(add_help=False)
     p.add_argument("model", nargs="?", metavar="MODEL",
-                   help="checkpoint directory or hub repo id (default: the shipped weights/llama-tiny)")
+                   help="checkpoint directory, hub repo id or .gguf file (default: the shipped weights/llama-tiny)")
+    p.add_argument("--strict-config", action="store_true",
+                   help="refuse config keys minillm does not know (default: warn, naming them, and load)")
     p.add_argument("--dtype", type=_dtype_name, default="float32",
                    help="float32 (default), bfloat16, float16 or float64")
     p.add_argument("--device", type=_device_name, default="cpu", help="cpu (default), cuda, cuda:N or mps")
@@ -143,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--prompts", metavar="F.jsonl", help="JSONL file of user turns (default: read stdin)")
     c.add_argument("--no-template", action="store_true",
                    help="use the plain 'USER: ... ASSISTANT:' format even if the checkpoint has a chat template")
+    c.add_argument("--system", metavar="TEXT", help="a system prompt, rendered by the chat template")
     _sampling(c, "tokens per reply at most (default 256; 0: none; -1: until EOS)")
     c.set_defaults(func=cmd_chat)
 
@@ -319,8 +323,15 @@ def _load(args):
             raise MiniLLMError(f"no MODEL given and the default checkpoint {DEFAULT_MODEL} is missing")
         name = str(DEFAULT_MODEL)
     try:
-        model = minillm.load(name, dtype=args.dtype, device=args.device)
-        tok = minillm.load_tokenizer(name)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", minillm.ConfigWarning)
+            model = minillm.load(name, dtype=args.dtype, device=args.device, strict=args.strict_config)
+            tok = minillm.load_tokenizer(name)
+        for w in caught:  # one line each, as every other warning of the CLI
+            if issubclass(w.category, minillm.ConfigWarning):
+                _warn(" ".join(str(w.message).split()) + " (--strict-config refuses them)")
+            else:
+                warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     except MiniLLMError:
         raise
     except Exception as e:  # a corrupt file can raise anything; the user needs one line, not a trace
@@ -468,7 +479,8 @@ def cmd_chat(args) -> int:
     sinks, window = _cache_shape(args, model)
     session = ChatSession(model, tok, sinks=sinks, window=window, max_new_tokens=_max_new(args),
                           temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
-                          seed=args.seed, ignore_eos=args.ignore_eos, use_template=not args.no_template)
+                          seed=args.seed, ignore_eos=args.ignore_eos, use_template=not args.no_template,
+                          system=args.system)
     source = ((t, False) for t in turns) if turns is not None else _stdin_turns()
     interrupted, start = False, time.perf_counter()
     try:

@@ -490,3 +490,23 @@ def test_model_config_itself_refuses_out_of_range_values():
                          ("max_position_embeddings", 0), ("softmax_scale", 0.0), ("clip_qkv", math.inf)]:
         with pytest.raises(MiniLLMError, match=field):
             base.replace(**{field: value})
+
+
+def test_cli_warns_in_one_line_and_strict_config_refuses(tmp_path, capsys):
+    from minillm.cli import main
+
+    d = tmp_path / "m"
+    minillm.save_pretrained(minillm.Model(tiny_config("llama_gqa")), d)
+    from tokenizers import Tokenizer, models
+
+    Tokenizer(models.WordLevel({"<unk>": 0, "a": 1}, unk_token="<unk>")).save(str(d / "tokenizer.json"))
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["zz_new"] = True
+    (d / "config.json").write_text(json.dumps(cfg))
+    argv = ["generate", str(d), "--prompt", "a", "--max-new-tokens", "1", "--temperature", "0"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "minillm: warning:" in err and "'zz_new'" in err and "Traceback" not in err
+    assert main(argv + ["--strict-config"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("minillm: error:") and "'zz_new'" in err and len(err.strip().splitlines()) == 1
