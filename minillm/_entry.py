@@ -8,8 +8,8 @@ and only then imports `minillm.cli`. An interrupt seen at any point exits with c
 traceback; a broken pipe (`minillm generate ... | head`) stops quietly; a full or failing stdout
 (`> /dev/full`) is one line on stderr and exit code 2.
 
-(The handler is in place before torch only if importing the package itself is light: see
-`minillm/__init__.py`.)
+(`import minillm` is light, PEP 562 in `minillm/__init__.py`, so the handler is in place before
+torch even under `python -m minillm`.)
 """
 
 from __future__ import annotations
@@ -59,7 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, _on_sigint)  # also where a parent shell left SIGINT ignored
     _fill_closed_streams()
     try:
-        from minillm.cli import main as cli_main  # torch: the slow import
+        import torch  # noqa: F401  (the slow import, here, where an interrupt it swallows is seen)
+
+        from minillm.cli import main as cli_main
 
         if _interrupted:  # an interrupt that some import swallowed
             raise KeyboardInterrupt
