@@ -94,10 +94,17 @@ def test_no_files():
         read_texts([])
 
 
-def test_corpus_books(shared_dir):
-    corpus = shared_dir / "corpus"
-    katrine = read_text(corpus / "katrine.txt")  # has markers, CRLF, no BOM
+def test_gutenberg_shaped_books(tmp_path):
+    # The two shapes the corpus books come in: START/END markers with CRLF and no BOM, and a BOM
+    # with CRLF and no markers (the project's books, reproduced here so no outside file is needed).
+    marked = ("The Project Gutenberg eBook of Katrine\r\n\r\nThis eBook is for the use of anyone.\r\n"
+              "*** START OF THE PROJECT GUTENBERG EBOOK KATRINE ***\r\n\r\nKATRINE\r\n\r\nChapter I\r\n"
+              "The story begins.\r\n*** END OF THE PROJECT GUTENBERG EBOOK KATRINE ***\r\n"
+              "Project Gutenberg license text.\r\n")
+    (tmp_path / "katrine.txt").write_bytes(marked.encode("utf-8"))
+    (tmp_path / "frankenstein.txt").write_bytes(b"\xef\xbb\xbf" + "Letter 1\r\n\r\nTo Mrs. Saville\r\n".encode())
+    katrine = read_text(tmp_path / "katrine.txt")
     assert "*** START OF" not in katrine and "*** END OF" not in katrine
-    assert "Project Gutenberg" not in katrine and "\r" not in katrine
-    frank = read_text(corpus / "frankenstein.txt")  # BOM, CRLF, no markers
+    assert "Project Gutenberg" not in katrine and "\r" not in katrine and "The story begins." in katrine
+    frank = read_text(tmp_path / "frankenstein.txt")
     assert frank.startswith("Letter 1\n") and "\r" not in frank
