@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .checks import check_int
 from .errors import MiniLLMError
 from .generation import NonFiniteError, stream_tensor, token_ids
 
@@ -127,8 +128,7 @@ def _ppl(nll: torch.Tensor) -> float:
 def stride_subset(n: int, stride: int, seed: int = 0) -> tuple[int, torch.Tensor]:
     """(offset, mask): every `stride`-th of n scored positions, from an offset drawn with `seed`.
     The same (n, stride, seed) always gives the same subset, so separate runs compare equal sets."""
-    if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
-        raise MiniLLMError(f"stride must be an integer >= 1, got {stride!r}")
+    check_int("stride", stride, 1)
     offset = random.Random(seed).randrange(min(stride, n)) if n else 0
     mask = torch.zeros(n, dtype=torch.bool)
     mask[offset::stride] = True
@@ -178,16 +178,12 @@ def perplexity(model, ids, mode: str = "streaming", sinks: int = 4, window: int 
     """
     if mode not in MODES:
         raise MiniLLMError(f"unknown mode {mode!r} (choose from {', '.join(MODES)})")
-    for name, value, low in (("sinks", sinks, 0), ("window", window, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise MiniLLMError(f"{name} must be an integer >= {low}, got {value!r}")
-    for name, value in (("block", block), ("recompute_batch", recompute_batch)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise MiniLLMError(f"{name} must be an integer >= 1 or None, got {value!r}")
-    if isinstance(dense_max_tokens, bool) or not isinstance(dense_max_tokens, int) or dense_max_tokens < 1:
-        raise MiniLLMError(f"dense_max_tokens must be an integer >= 1, got {dense_max_tokens!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise MiniLLMError(f"seed must be an integer, got {seed!r}")
+    check_int("sinks", sinks, 0)
+    check_int("window", window, 1)
+    check_int("block", block, 1, none_ok=True)
+    check_int("recompute_batch", recompute_batch, 1, none_ok=True)
+    check_int("dense_max_tokens", dense_max_tokens, 1)
+    check_int("seed", seed)
     if on_nonfinite not in ("raise", "keep"):
         raise MiniLLMError(f"on_nonfinite must be 'raise' or 'keep', got {on_nonfinite!r}")
     ids = _check_ids(ids)

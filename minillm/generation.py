@@ -23,16 +23,13 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 
+from .checks import check_int
 from .errors import MiniLLMError, first_line
 
 
 def sink_prefix(config) -> list[int]:
     """The ids to put in front of every stream: the checkpoint's sink token, if it has one."""
     return [] if config.sink_token_id is None else [int(config.sink_token_id)]
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _is_real(value) -> bool:
@@ -82,8 +79,7 @@ def stream_tensor(model, ids: Sequence[int] | torch.Tensor) -> tuple[torch.Tenso
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
     if not _is_real(temperature) or not temperature >= 0:  # also refuses NaN and strings
         raise MiniLLMError(f"temperature must be a number >= 0 (0 is greedy), got {temperature!r}")
-    if top_k is not None and (not _is_int(top_k) or top_k < 0):
-        raise MiniLLMError(f"top_k must be an integer >= 0 (0 or None: off), got {top_k!r}")
+    check_int("top_k", top_k, 0, none_ok=True, hint=" (0 or None: off)")
     if top_p is not None and (not _is_real(top_p) or not 0 < top_p <= 1):
         raise MiniLLMError(f"top_p must be a number in (0, 1], got {top_p!r}")
 
@@ -92,9 +88,7 @@ SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # what torch.Generator.manual_seed acc
 
 
 def check_seed(seed) -> int:
-    if not _is_int(seed) or not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
-        raise MiniLLMError(f"seed must be an integer in [-2**63, 2**64 - 1], got {seed!r}")
-    return seed
+    return check_int("seed", seed, *SEED_RANGE)
 
 
 class NonFiniteError(MiniLLMError):
@@ -211,10 +205,8 @@ def generate(model, prompt_ids: Sequence[int] | torch.Tensor, *, max_new_tokens:
     - Sampling draws from `generator`, or from a new one seeded with `seed`.
     """
     check_sampling(temperature, top_k, top_p)
-    if max_new_tokens is not None and (not _is_int(max_new_tokens) or max_new_tokens < 0):
-        raise MiniLLMError(f"max_new_tokens must be an integer >= 0 or None, got {max_new_tokens!r}")
-    if vocab_size is not None and (not _is_int(vocab_size) or vocab_size < 1):
-        raise MiniLLMError(f"vocab_size must be an integer >= 1 or None, got {vocab_size!r}")
+    check_int("max_new_tokens", max_new_tokens, 0, none_ok=True)
+    check_int("vocab_size", vocab_size, 1, none_ok=True)
     if generator is None:
         check_seed(seed)
     elif not isinstance(generator, torch.Generator):

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .checks import check_int
 from .errors import MiniLLMError
 from .generation import NonFiniteError, stream_tensor
 from .limits import check_fits
@@ -29,8 +30,7 @@ def probs_bytes(model, T: int) -> int:
 def attention_probs(model, ids, tokens: int | None = None) -> list[torch.Tensor]:
     """Per layer, the (H, T, T) attention probabilities of a dense forward over the first `tokens`
     tokens of the stream (the sink token, if any, counts as one)."""
-    if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1):
-        raise MiniLLMError(f"tokens must be an integer >= 1 or None, got {tokens!r}")
+    check_int("tokens", tokens, 1, none_ok=True)
     stream, _ = stream_tensor(model, ids)
     if tokens is not None:
         stream = stream[:, :tokens]

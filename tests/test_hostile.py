@@ -334,7 +334,7 @@ for kw, frag in [(dict(temperature="0.5"), "temperature must be a number"), (dic
                  (dict(temperature=float("nan")), "temperature"), (dict(temperature=-1), "temperature"),
                  (dict(temperature=[0.5]), "temperature"), (dict(vocab_size=-5), "vocab_size must be"),
                  (dict(vocab_size=0), "vocab_size"), (dict(vocab_size=1.5), "vocab_size"),
-                 (dict(vocab_size="x"), "vocab_size"), (dict(seed=1.5), "seed must be an integer"),
+                 (dict(vocab_size="x"), "vocab_size"), (dict(seed=1.5), "seed must be an integer in"),
                  (dict(seed="1"), "seed"), (dict(seed=2**64), "seed"), (dict(seed=-(2**63) - 1), "seed"),
                  (dict(top_k=-1), "top_k"), (dict(top_k=1.5), "top_k"), (dict(top_k="3"), "top_k"),
                  (dict(top_p=0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(top_p="0.9"), "top_p"),
