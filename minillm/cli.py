@@ -209,6 +209,15 @@ def _check_outputs(outputs: dict[str, str | None], inputs: list[str], model_dir:
     if model_dir is not None and os.path.isdir(model_dir):
         for name in os.listdir(model_dir):
             protected[os.path.realpath(os.path.join(model_dir, name))] = os.path.join(model_dir, name)
+    elif model_dir is not None and os.path.isfile(model_dir):  # a single-file checkpoint (GGUF)
+        protected[os.path.realpath(model_dir)] = model_dir
+    inodes = {}  # a hard link to an input is the input too
+    for real, p in protected.items():
+        try:
+            st = os.stat(real)
+            inodes[(st.st_dev, st.st_ino)] = p
+        except OSError:
+            pass
     for flag, path in outputs.items():
         if path is None:
             continue
@@ -226,8 +235,14 @@ def _check_outputs(outputs: dict[str, str | None], inputs: list[str], model_dir:
             if ext not in FIGURE_FORMATS:
                 raise MiniLLMError(f"{flag} {path}: unsupported figure format {ext or '(no extension)'}; "
                                    f"use {', '.join(FIGURE_FORMATS)}")
-        if real in protected:
-            raise MiniLLMError(f"{flag} {path} is an input of this run ({protected[real]}); it is never overwritten")
+        try:
+            st = os.stat(real)
+            linked = inodes.get((st.st_dev, st.st_ino))
+        except OSError:
+            linked = None
+        if real in protected or linked is not None:
+            raise MiniLLMError(f"{flag} {path} is an input of this run ({protected.get(real, linked)}); "
+                               f"it is never overwritten")
         if real in seen:
             raise MiniLLMError(f"{flag} and {seen[real]} are the same file {path}; give each its own")
         seen[real] = flag

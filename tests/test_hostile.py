@@ -163,6 +163,8 @@ row("ppl --json x.png --plot x.png", BASE["ppl"] + ["--json", "{d}/out/x.png", "
     "are the same file")
 row("attn --json = --png", BASE["attn"][:4] + ["--png", "{d}/out/m.png", "--json", "{d}/out/m.png"], 2,
     "are the same file")
+row("ppl --json onto a hard link to the input", BASE["ppl"] + ["--json", "{d}/hardlink.txt"], 2, "is an input")
+row("ppl --json onto a symlink to the input", BASE["ppl"] + ["--json", "{d}/symlink.txt"], 2, "is an input")
 row("ppl --json onto the model weights", BASE["ppl"] + ["--json", "{llama}/model.safetensors"], 2, "is an input")
 row("ppl --plot onto the input", ["ppl", "{llama}", "--text", "{d}/fig.png", "--plot", "{d}/fig.png"], 2,
     "is an input")
@@ -537,6 +539,8 @@ def ctx(tmp_path_factory):
     (d / "long.txt").write_text(" ".join(rng.choice(words) for _ in range(45_000)), encoding="utf-8")
     (d / "fig.png").write_text("the whale and the sea, " * 10, encoding="utf-8")
     (d / "empty.txt").write_bytes(b"")
+    os.link(d / "ok.txt", d / "hardlink.txt")
+    os.symlink(d / "ok.txt", d / "symlink.txt")
     for what, data in BAD_BYTES.items():
         (d / f"bad_{what.replace(' ', '_')}.txt").write_bytes(data)
     turns = [{"turn": "Hello there"}, {"turn": "the whale and the sea " * 5}, {"turn": "What next?"}]
