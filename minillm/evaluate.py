@@ -4,7 +4,7 @@
 `result.nll` is -log p(ids[i+1] | ids[0..i]) for i in 0..N-2 (BOS, if any, is ids[0] and is
 never predicted; a checkpoint's sink token goes in front of the stream and is never scored).
 
-Modes, all with the same cache size S = sinks + window (DESIGN.md §1):
+Modes, all with the same cache size S = sinks + window (docs/streaming.md):
 - "streaming": the sink + window cache (attention sinks, the paper's method).
 - "window":    the same cache with no sinks (window = S): the paper's failing baseline.
 - "dense":     no eviction, absolute positions. It streams through a cache with no sinks and a

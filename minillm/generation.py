@@ -4,7 +4,7 @@
         ...
 
 `generate` prefills the prompt through the fixed-shape sink+window cache (a prompt longer than
-the cache is windowed exactly, DESIGN.md §1), then decodes one token per step. Nothing grows
+the cache is windowed exactly, docs/streaming.md), then decodes one token per step. Nothing grows
 with the number of generated tokens: the cache is allocated once and no token list is kept, so
 `max_new_tokens=None` can run forever in constant memory.
 
