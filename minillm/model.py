@@ -193,12 +193,12 @@ class Model(nn.Module):
         `dtype` and `device` default to the model's (a dtype may be given as a string). A cache
         that does not fit in the device's available memory is refused up front, with its size."""
         from . import parse_device, parse_dtype
+        from .checks import check_int
         from .limits import cache_bytes, check_fits
 
         c = self.config
         for name, value, low in (("batch_size", batch_size, 1), ("sinks", sinks, 0), ("window", window, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise MiniLLMError(f"new_cache: {name} must be an integer >= {low}, got {value!r}")
+            check_int(f"new_cache: {name}", value, low)
         dtype = self.dtype if dtype is None else parse_dtype(dtype)
         device = self.device if device is None else parse_device(device)
         check_fits(cache_bytes(c, batch_size, sinks, window, torch.finfo(dtype).bits // 8), device,

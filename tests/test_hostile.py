@@ -597,7 +597,7 @@ def _params():
     for r in ROWS:
         ids[r.id] += 1
         rid = r.id if ids[r.id] == 1 else f"{r.id} #{ids[r.id]}"
-        marks = [pytest.mark.xfail(reason=r.xfail, strict=True)] if r.xfail else []
+        marks = [pytest.mark.xfail(reason=r.xfail, strict=False)] if r.xfail else []  # XPASS once fixed
         out.append(pytest.param(r, id=rid, marks=marks))
     return out
 
