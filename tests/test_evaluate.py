@@ -85,10 +85,11 @@ def test_window_mode_is_sliding_window_attention(variant):
     assert torch.equal(streaming.nll[:15], got.nll[:15]) and not torch.equal(streaming.nll, got.nll)
 
 
-def slow_recompute(model, stream, S, n_prefix):
-    """For each position p: a fresh dense forward over the last S tokens ending at p."""
+def slow_recompute(model, stream, S, n_prefix, start=None):
+    """For each position p (from `start`, default n_prefix): a fresh dense forward over the last S
+    tokens ending at p."""
     out = []
-    for p in range(n_prefix, stream.shape[1] - 1):
+    for p in range(n_prefix if start is None else start, stream.shape[1] - 1):
         if p < S:
             ctx = stream[:, : p + 1]
         else:  # the sink token (if any) in front of the last S - n_prefix text tokens
@@ -122,6 +123,49 @@ def test_sink_token_is_prepended_and_never_scored():
         got = perplexity(model, ids, mode, 4, 60)
         assert got.tokens == 39 and (got.nll - dense).abs().max().item() < 1e-4
     assert attention_probs(model, ids, tokens=10)[0].shape == (4, 10, 10)  # the sink token counts
+
+
+@pytest.mark.parametrize("variant, sink_token", [("llama_gqa", None), ("mpt", None), ("gpt_neox_parallel", 7)])
+def test_prefix_is_fed_first_and_never_scored(variant, sink_token):
+    # prefix=P is the text P + ids with P's predictions unscored, in the cached modes (P are then
+    # the stream's first tokens: the sinks), and P in front of every window in recompute mode.
+    model = model_for(variant, sink_token_id=sink_token)
+    ids, P = random_ids(70, 11), [3, 3, 3, 3]
+    for mode in ("streaming", "window", "dense"):
+        whole = perplexity(model, P + ids, mode, 4, 20)
+        got = perplexity(model, ids, mode, 4, 20, prefix=P)
+        # The text's first token is scored too: after a prefix it has context.
+        assert got.tokens == 70 and torch.equal(got.nll, whole.nll[len(P) - 1:]), mode
+    lead = [sink_token] if sink_token is not None else []
+    n_front = len(lead) + len(P)
+    want = slow_recompute(model, torch.tensor([lead + P + ids]), 4 + 20, n_front, start=n_front - 1)
+    got = perplexity(model, ids, "recompute", 4, 20, prefix=P)
+    assert got.tokens == 70 and (got.nll - want).abs().max().item() < 1e-4
+    plain = perplexity(model, ids, "recompute", 4, 20)
+    assert not torch.equal(plain.nll, got.nll)  # the prefix is really there
+
+
+def test_recompute_with_bos_as_a_prefix_scores_the_same_tokens():
+    model = model_for("llama_gqa")
+    ids = [1] + random_ids(80, 13)  # a BOS-led text
+    plain = perplexity(model, ids, "recompute", 0, 16, stride=3, seed=2)
+    bos = perplexity(model, ids[1:], "recompute", 0, 16, prefix=ids[:1], stride=3, seed=2)
+    assert torch.equal(plain.scored, bos.scored) and bos.tokens == plain.tokens
+    early = plain.scored.clone()
+    early[15:] = False
+    assert torch.equal(plain.nll[early], bos.nll[early])  # windows that reach back to BOS are the same
+    assert not torch.equal(plain.nll[plain.scored], bos.nll[bos.scored])  # later ones start with it
+
+
+def test_prefix_errors():
+    model = model_for("llama_gqa")
+    ids = random_ids(30, 12)
+    with pytest.raises(MiniLLMError, match="prefix: 24 prefix token"):
+        perplexity(model, ids, "recompute", 4, 20, prefix=[1] * 24)
+    with pytest.raises(MiniLLMError, match="out of range"):
+        perplexity(model, ids, "streaming", 4, 20, prefix=[10**6])
+    with pytest.raises(MiniLLMError):
+        perplexity(model, ids, "streaming", 4, 20, prefix="abc")
 
 
 def test_stride_subset():

@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # runs from a checkout without installing
 
 import minillm  # noqa: E402
-from minillm.evaluate import PerplexityResult, perplexity, stride_subset  # noqa: E402
+from minillm.evaluate import PerplexityResult, perplexity  # noqa: E402
 from minillm.sinks import attention_maps, attention_probs, attention_sink_scores  # noqa: E402
 from minillm.text import read_texts  # noqa: E402
 from minillm import plots  # noqa: E402
@@ -101,31 +101,18 @@ def log_spaced(curve: list[list], points: int = 300) -> list[list]:
     return [curve[i] for i in idx.tolist()]
 
 
-def recompute_with_bos(model, ids: list[int], S: int, plain: PerplexityResult) -> tuple[torch.Tensor, float]:
+def recompute_with_bos(model, ids: list[int], S: int, plain: PerplexityResult, seed: int) -> tuple[torch.Tensor, float]:
     """Recompute with BOS in front of every window (BOS + the last S-1 tokens), on the tokens of
     the plain recompute run `plain`.
 
     The shipped models saw BOS at position 0 of every training sample, so the paper's recompute
-    (a window of plain text) shows them something they never saw. The library prepends exactly
-    one thing to every stream and every recompute window: the checkpoint's sink token
-    (generation.sink_prefix). Declaring BOS to be that token for one call gives this variant with
-    the library's own code. That run scores ids[1:] (BOS is its prefix), so its entry j is entry
-    j + 1 here; its stride seed is chosen so that it scores the same tokens as `plain`.
-    Returns the NLL aligned like the other runs (entry i predicts ids[i+1]) and the seconds taken.
+    (a window of plain text) shows them something they never saw. `prefix=[BOS]` with the text
+    after its BOS puts BOS in front of every window and scores the same tokens as `plain` (the
+    same stride and seed give the same subset). Returns the NLL and the seconds taken.
     """
-    n, K = len(ids) - 1, plain.stride
-    want = (plain.offset - 1) % K
-    seed = next(s for s in range(100 * K) if stride_subset(n - 1, K, s)[0] == want)
-    saved = model.config
-    model.config = saved.replace(sink_token_id=ids[0])
-    try:
-        r = perplexity(model, ids[1:], "recompute", sinks=0, window=S, stride=K, seed=seed)
-    finally:
-        model.config = saved
-    nll = torch.cat([plain.nll[:1], r.nll])
-    # entry 0 (ids[1] from BOS alone) is the same one-token forward in both variants
-    nll[0] = plain.nll[0] if plain.offset == 0 else float("nan")
-    return nll, r.seconds
+    r = perplexity(model, ids[1:], "recompute", sinks=0, window=S, prefix=ids[:1], stride=plain.stride, seed=seed)
+    assert torch.equal(r.scored, plain.scored), "recompute+BOS scored other tokens"
+    return r.nll, r.seconds
 
 
 def evaluate_model(name: str, text: str, args, t0: float) -> tuple[dict, dict]:
@@ -162,7 +149,7 @@ def evaluate_model(name: str, text: str, args, t0: float) -> tuple[dict, dict]:
     log(t0, f"{name}: recompute S={S} PPL {rec.ppl:.3f} over {rec.tokens} tokens ({rec.seconds:.1f} s)")
     rec_bos = None
     if c.sink_token_id is None and tok.bos_id is not None and ids[0] == tok.bos_id:
-        rec_bos, secs = recompute_with_bos(model, ids, S, rec)
+        rec_bos, secs = recompute_with_bos(model, ids, S, rec, args.seed)
         res["seconds"]["recompute_bos"] = round(secs, 2)
         log(t0, f"{name}: recompute BOS+{S - 1} PPL {ppl_of(rec_bos):.3f} ({secs:.1f} s)")
 
