@@ -24,3 +24,10 @@ def check_int(name: str, value, minimum: int | None = None, maximum: int | None 
     elif maximum is not None:
         rule += f" <= {maximum}"
     raise MiniLLMError(f"{name} must be {rule}{' or None' if none_ok else ''}{hint}, got {value!r}")
+
+
+def check_model(model, what: str = "model") -> None:
+    """A model is anything called like minillm's Model with a config and new_cache (duck-typed,
+    so wrappers and test doubles pass); a tokenizer, a path or None is refused by name."""
+    if not (callable(model) and hasattr(model, "config") and hasattr(model, "new_cache")):
+        raise MiniLLMError(f"{what} must be a minillm Model (from minillm.load), got {type(model).__name__}")

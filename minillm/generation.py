@@ -23,7 +23,7 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 
-from .checks import check_int
+from .checks import check_int, check_model
 from .errors import MiniLLMError, first_line
 
 
@@ -204,6 +204,7 @@ def generate(model, prompt_ids: Sequence[int] | torch.Tensor, *, max_new_tokens:
       the stream must feed it first (ChatSession does).
     - Sampling draws from `generator`, or from a new one seeded with `seed`.
     """
+    check_model(model)
     check_sampling(temperature, top_k, top_p)
     check_int("max_new_tokens", max_new_tokens, 0, none_ok=True)
     check_int("vocab_size", vocab_size, 1, none_ok=True)
@@ -221,6 +222,8 @@ def generate(model, prompt_ids: Sequence[int] | torch.Tensor, *, max_new_tokens:
         eos = frozenset()
     if cache is None:
         cache = model.new_cache(batch_size=1, sinks=sinks, window=window)
+    elif not hasattr(cache, "tokens_seen"):
+        raise MiniLLMError(f"cache must be a SinkCache from model.new_cache(), got {type(cache).__name__}")
     ids, _ = stream_tensor(model, prompt_ids)
     if cache.tokens_seen:  # continuing a stream: the sink token is already at its start
         ids = ids[:, len(sink_prefix(model.config)):]

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .checks import check_int
+from .checks import check_int, check_model
 from .errors import MiniLLMError
 from .generation import NonFiniteError, stream_tensor
 from .limits import check_fits
@@ -30,6 +30,7 @@ def probs_bytes(model, T: int) -> int:
 def attention_probs(model, ids, tokens: int | None = None) -> list[torch.Tensor]:
     """Per layer, the (H, T, T) attention probabilities of a dense forward over the first `tokens`
     tokens of the stream (the sink token, if any, counts as one)."""
+    check_model(model)
     check_int("tokens", tokens, 1, none_ok=True)
     stream, _ = stream_tensor(model, ids)
     if tokens is not None:

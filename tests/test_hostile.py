@@ -412,6 +412,16 @@ for kind in KINDS:  # the tokenizer is the lead's (minillm/tokenizer.py): failur
         xfail="tokenizer.py: encode('\\ud800') raises the backend's RuntimeError/TypeError")
     api(f"{kind} tok.encode(bytes)", _tok(kind, "encode", b"x"), "encode expects a str")
     api(f"{kind} tok.decode([-1])", _tok(kind, "decode", [-1]), "out of range")
+for name, fn in [("generate(a string as the model)", lambda ctx: list(minillm.generate("weights/llama-tiny", [1, 2]))),
+                 ("generate(a tokenizer as the model)", lambda ctx: list(minillm.generate(ctx.tok("sp"), [1, 2]))),
+                 ("generate(cache='x')", lambda ctx: list(minillm.generate(ctx.model("sp"), [1, 2], cache="x"))),
+                 ("generate(cache of another model)", lambda ctx: list(minillm.generate(
+                     ctx.model("sp"), [1, 2], cache=ctx.model("hf").new_cache(1, 2, 8)))),
+                 ("perplexity(None as the model)", lambda ctx: minillm.evaluate.perplexity(None, [1, 2, 3])),
+                 ("attention_probs(a path as the model)", lambda ctx: __import__("minillm.sinks").sinks.attention_probs(
+                     str(LLAMA), [1, 2, 3]))]:
+    api(name, fn, {"cache='x'": "cache must be a SinkCache", "another": "different model"}.get(
+        next((k for k in ("cache='x'", "another") if k in name), ""), "must be a minillm Model"))
 api("load(device='meta')", lambda ctx: minillm.load(LLAMA, device="meta"), "device",
     xfail="minillm/__init__.py: parse_device accepts 'meta' (the model loads onto meta, then every call fails)")
 api("load(dtype='int8')", lambda ctx: minillm.load(LLAMA, dtype="int8"), "unknown dtype")
@@ -693,6 +703,33 @@ def test_fuzz_cli_argument_vectors(ctx, capsys, monkeypatch, argv):
     assert rc in (0, 2), (argv, rc, err)
     lines = [ln for ln in err.splitlines() if ln.startswith("minillm: error")]
     assert (rc == 2) == bool(lines) and len(lines) <= 1, (argv, err)
+
+
+API_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-3, 5), st.sampled_from([2**64, -(2**63) - 1, 10**9]),
+                       st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=3),
+                       st.lists(st.integers(-2, 5000), max_size=3))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(kwargs=st.dictionaries(st.sampled_from(["temperature", "top_k", "top_p", "seed", "sinks", "window",
+                                               "vocab_size", "max_new_tokens", "eos_ids"]), API_VALUES, max_size=4),
+       ids=st.one_of(st.lists(st.integers(-2, 5000), max_size=5), st.text(max_size=4), st.none(),
+                     st.lists(st.floats(), max_size=2)))
+def test_fuzz_generate_arguments(ctx, kwargs, ids):
+    """generate() with arbitrary arguments: a list of valid token ids, or a MiniLLMError."""
+    if kwargs.get("max_new_tokens") in (None, 10**9, 2**64) or not isinstance(kwargs.get("max_new_tokens", 2), int):
+        kwargs["max_new_tokens"] = 2  # endless or huge runs are not the point here
+    kwargs["max_new_tokens"] = min(kwargs["max_new_tokens"], 3)
+    if isinstance(kwargs.get("window"), int) and not isinstance(kwargs["window"], bool) and kwargs["window"] > 4096:
+        kwargs["window"] = 10**12  # refused by the memory check, never allocated
+    model = ctx.model("sp")
+    try:
+        out = list(minillm.generate(model, ids, **kwargs))
+    except MiniLLMError as e:
+        assert "\n" not in str(e).strip()
+        return
+    assert all(isinstance(t, int) and 0 <= t < model.config.vocab_size for t in out)
+    assert len(out) <= kwargs["max_new_tokens"]
 
 
 def summary() -> dict:
