@@ -33,6 +33,7 @@ import math
 import random
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -166,7 +167,7 @@ def perplexity(model, ids, mode: str = "streaming", sinks: int = 4, window: int 
                stride: int | None = None, seed: int = 0, exact_loop: bool = False, progress: bool = False,
                block: int | None = None, dense_max_tokens: int = DENSE_MAX_TOKENS,
                recompute_batch: int | None = None, interruptible: bool = False,
-               on_nonfinite: str = "raise") -> PerplexityResult:
+               on_nonfinite: str = "raise", prefix: Sequence[int] = ()) -> PerplexityResult:
     """Score `ids` (one text, BOS included if the model uses one) in one of MODES.
 
     `sinks`/`window` describe the cache (S = sinks + window) for every mode. `exact_loop` feeds
@@ -175,6 +176,12 @@ def perplexity(model, ids, mode: str = "streaming", sinks: int = 4, window: int 
     With `interruptible`, Ctrl-C returns what was scored so far (`result.interrupted`).
     A NaN or infinite NLL (non-finite logits) raises NonFiniteError naming the token, unless
     `on_nonfinite="keep"`, which scores it as it is (`result.nonfinite` counts them).
+
+    `prefix`: token ids put in front of the text and never scored (after the checkpoint's own sink
+    token, if it has one). In the cached modes they are the stream's first tokens, so with
+    `sinks >= len(prefix)` they are the attention sinks (the paper's Table 1 puts four line breaks
+    there); in recompute mode every window starts with them ("recompute with BOS": `prefix=[bos]`
+    and the text without its BOS), and holds S - len(prefix) text tokens.
     """
     check_model(model)
     if mode not in MODES:
@@ -188,8 +195,16 @@ def perplexity(model, ids, mode: str = "streaming", sinks: int = 4, window: int 
     if on_nonfinite not in ("raise", "keep"):
         raise MiniLLMError(f"on_nonfinite must be 'raise' or 'keep', got {on_nonfinite!r}")
     ids = _check_ids(ids)
-    stream, n_prefix = stream_tensor(model, ids)
-    n = len(ids) - 1  # scored positions
+    prefix = token_ids(prefix) if len(prefix) else []
+    stream, n_prefix = stream_tensor(model, prefix + ids)
+    n_prefix += len(prefix)  # tokens in front of the text: the sink token, then `prefix`
+    if mode == "recompute" and n_prefix >= sinks + window:
+        raise MiniLLMError(f"prefix: {n_prefix} prefix token(s) leave no room for the text in a recompute "
+                           f"window of S={sinks + window}")
+    # Without a prefix the text's first token has no context and is not scored; after a prefix it
+    # is (so "recompute with BOS", prefix=[bos] and the text without it, scores the same tokens).
+    n_skip = n_prefix - 1 if prefix else n_prefix  # stream positions whose predictions are not scored
+    n = len(ids) - (0 if prefix else 1)  # scored positions
     nll = torch.full((n,), float("nan"), dtype=torch.float64)
     subset, offset = None, None
     if stride is not None:
@@ -204,7 +219,7 @@ def perplexity(model, ids, mode: str = "streaming", sinks: int = 4, window: int 
     scored = result.scored
 
     def store(p0: int, values: torch.Tensor) -> None:
-        _store(nll, scored, n_prefix, p0, values, bar, None if on_nonfinite == "keep" else mode)
+        _store(nll, scored, n_skip, p0, values, bar, None if on_nonfinite == "keep" else mode)
 
     todo = int(subset.sum()) if (mode == "recompute" and subset is not None) else n
     bar = None
@@ -218,7 +233,7 @@ def perplexity(model, ids, mode: str = "streaming", sinks: int = 4, window: int 
         with torch.inference_mode():
             if mode == "recompute":
                 want = torch.arange(n) if subset is None else torch.nonzero(subset).flatten()
-                _recompute_nll(model, stream, n_prefix, S, want + n_prefix, recompute_batch, store)
+                _recompute_nll(model, stream, n_prefix, S, want + n_skip, recompute_batch, store)
             elif mode == "dense" and model.wpe is not None:  # learned positions cannot use a cache
                 store(0, _nll_rows(model(stream[:, :-1])[0], stream[0, 1:]))
             else:
@@ -251,13 +266,14 @@ def _nll_rows(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets, reduction="none")
 
 
-def _store(nll: torch.Tensor, scored: torch.Tensor, n_prefix: int, p0: int, values: torch.Tensor, bar,
+def _store(nll: torch.Tensor, scored: torch.Tensor, n_skip: int, p0: int, values: torch.Tensor, bar,
            check_mode: str | None) -> None:
-    """values[j] predicts stream position p0 + j + 1, i.e. nll index p0 + j - n_prefix. With
-    `check_mode`, a non-finite value raises NonFiniteError naming the token and the mode."""
-    skip = max(0, n_prefix - p0)  # predictions of the sink-prefixed stream's first token
+    """values[j] predicts stream position p0 + j + 1, i.e. nll index p0 + j - n_skip (the first
+    n_skip predictions, of the prefix and of an unprefixed text's first token, are not scored).
+    With `check_mode`, a non-finite value raises NonFiniteError naming the token and the mode."""
+    skip = max(0, n_skip - p0)
     values = values[skip:].double().cpu()
-    i0 = p0 + skip - n_prefix
+    i0 = p0 + skip - n_skip
     if check_mode is not None and not bool(torch.isfinite(values).all()):
         j = int(torch.nonzero(~torch.isfinite(values))[0])
         raise NonFiniteError(f"{check_mode} mode: the NLL of token {i0 + j + 1} is {float(values[j])} (non-finite "
