@@ -7,6 +7,7 @@ Ctrl-C is a real SIGINT.
 
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -130,6 +131,28 @@ def test_ctrl_c_at_any_moment_of_start_up(tiny_checkpoint, delay):
         pytest.fail(f"SIGINT after {delay} s was swallowed: still running 30 s later")
     # -2 (killed by SIGINT itself) is what a shell also reports as 130; it was seen once in ~50 runs
     assert proc.returncode in (130, -signal.SIGINT) and "Traceback" not in err, err
+
+
+def _peak_rss_mb(argv: list[str]) -> float:
+    """Peak RSS (MB) of one CLI run in a fresh process."""
+    code = ("import resource, sys\nfrom minillm._entry import main\nrc = main(sys.argv[1:])\n"
+            "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, rc, file=sys.stderr)")
+    p = subprocess.run([sys.executable, "-c", code, *map(str, argv)], capture_output=True, text=True, env=ENV,
+                       timeout=300)
+    peak = [line.split() for line in p.stderr.splitlines() if line.startswith("PEAK ")]
+    assert peak and peak[0][2] == "0", p.stderr
+    return int(peak[0][1]) / 1024
+
+
+def test_a_long_prompt_runs_in_constant_memory(tmp_path):
+    """A 10k-token prompt (its logits alone would be 160 MB) peaks within 60 MB of a 2-token one."""
+    words = "the whale and the sea were dark and the ship sailed on through the night".split()
+    rng = random.Random(0)
+    (tmp_path / "long.txt").write_text(" ".join(rng.choice(words) for _ in range(9000)), encoding="utf-8")
+    common = ["generate", REPO / "weights" / "llama-tiny", "--max-new-tokens", 1, "--threads", 1]
+    short = _peak_rss_mb(common + ["--prompt", "hi"])
+    long = _peak_rss_mb(common + ["--prompt-file", tmp_path / "long.txt"])
+    assert long - short < 60, (short, long)
 
 
 def test_max_new_tokens_0_generates_nothing(tiny_checkpoint):
