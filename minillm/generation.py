@@ -18,6 +18,7 @@ token (the paper's §3.3): it is prepended to every stream, before BOS, and neve
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Iterable, Iterator, Sequence
 
@@ -34,6 +35,14 @@ def sink_prefix(config) -> list[int]:
 
 def _is_real(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _as_float(value) -> float:
+    """An int or float as a float; an int too large for one (10**400) is inf."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
 
 
 def token_ids(ids, what: str = "ids") -> list[int]:
@@ -155,6 +164,7 @@ def sample(logits: torch.Tensor, *, temperature: float = 0.8, top_k: int | None 
         raise NonFiniteError("sample: the logits are not all finite")
     if temperature == 0:
         return int(torch.argmax(logits))
+    temperature = _as_float(temperature)  # torch cannot divide by an int past 64 bits
     scaled = logits / temperature
     if not bool(torch.isfinite(scaled).all()):
         # A tiny temperature (1e-300 rounds to 0 in float32) overflows. In float64 with the max

@@ -5,17 +5,23 @@ the lines `*** START OF ... ***` and `*** END OF ... ***`; `strip_gutenberg` kee
 between them, so perplexity is measured on the book and not on the licence. Line ends are
 normalised to "\\n", so a CRLF file and its LF copy give the same tokens.
 
-Every failure is a one-line MiniLLMError naming the file: missing, a directory, unreadable, not
-UTF-8 (with the offending byte and its offset), or empty.
+Every failure is a one-line MiniLLMError naming the file: missing, a directory, a device
+(/dev/zero), unreadable, larger than MAX_TEXT_BYTES, not UTF-8 (with the offending byte and its
+offset), or empty.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import stat
 from pathlib import Path
 
 from .errors import MiniLLMError
+
+# The largest text read (1 GiB, a few hundred books): its token ids alone would take ~10 GB as
+# Python ints, so anything larger, or an endless pipe, is refused instead of exhausting memory.
+MAX_TEXT_BYTES = 1 << 30
 
 # "*** START OF THE PROJECT GUTENBERG EBOOK ..." / "*** START OF THIS PROJECT GUTENBERG EBOOK ...".
 # ("*** START: FULL LICENSE ***" in the footer does not match: no "OF".)
@@ -46,9 +52,16 @@ def read_text(path: str | os.PathLike, *, gutenberg: bool = True) -> str:
     if p.is_dir():
         raise MiniLLMError(f"{path} is a directory, not a text file")
     try:
-        data = p.read_bytes()
+        mode = p.stat().st_mode
+        if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):  # /dev/zero would be read forever
+            raise MiniLLMError(f"{path} is a device, not a text file")
+        with p.open("rb") as f:  # a file or a pipe, read up to the cap (an endless pipe ends there)
+            data = f.read(MAX_TEXT_BYTES + 1)
     except OSError as e:
         raise MiniLLMError(f"cannot read {path}: {e.strerror or e}") from None
+    if len(data) > MAX_TEXT_BYTES:
+        raise MiniLLMError(f"{path} is larger than {MAX_TEXT_BYTES >> 30} GiB; tokenizing it would need tens of "
+                           f"GB (use a part of it)")
     try:
         text = data.decode("utf-8-sig")  # utf-8-sig drops a leading byte-order mark
     except UnicodeDecodeError as e:

@@ -119,6 +119,11 @@ row("ppl --text empty", ["ppl", "{llama}", "--text", "{d}/empty.txt"], 2, "has n
 row("ppl --text one token", ["ppl", "{llama}", "--text", "{d}/ok.txt", "--max-tokens", "2", "--mode", "bogus"], 2,
     "invalid choice")
 row("ppl no --text", ["ppl", "{llama}"], 2, "--text")
+for dev in ("/dev/zero", "/dev/urandom", "/dev/null"):
+    row(f"ppl --text {dev}", ["ppl", "{llama}", "--text", dev], 2, f"{dev} is a device, not a text file")
+    row(f"generate --prompt-file {dev}", ["generate", "{llama}", "--prompt-file", dev], 2, "is a device")
+    row(f"chat --prompts {dev}", ["chat", "{llama}", "--prompts", dev], 2, "is a device")
+row("attn --text /dev/zero", ["attn", "{llama}", "--text", "/dev/zero", "--png", "{d}/out/z.png"], 2, "is a device")
 for v, frag in [("1", "must be >= 2"), ("0", "must be >= 2"), ("x", "expected an integer")]:
     row(f"attn --tokens={v}", BASE["attn"][:-1] + [v], 2, "argument --tokens:")
 row("attn --min-query -1", BASE["attn"] + ["--min-query", "-1"], 2, "argument --min-query:")
