@@ -673,7 +673,8 @@ FUZZ_FLAGS = {
 @st.composite
 def argvs(draw):
     cmd = draw(st.sampled_from(sorted(FUZZ_FLAGS)))
-    model = draw(st.sampled_from(["{sp}", "{hf}"]))
+    model = draw(st.sampled_from(["{sp}", "{hf}", "{sp}", "{hf}", "{nan}", "{d}/header_junk", "{d}/config_list",
+                                  "{d}/tokenizer_junk", "{d}/weights_truncated"]))
     argv = [cmd, model]
     if cmd == "generate":
         argv += ["--prompt", draw(st.sampled_from(["hi", "The whale", "\udcff", "🐋", " "]))]
