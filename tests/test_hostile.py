@@ -643,6 +643,24 @@ def test_row(r: Row, ctx, capsys, monkeypatch):
             r.check(ctx, out, err)
 
 
+def test_a_failed_write_keeps_the_old_output_and_leaves_no_temporary_file(ctx, capsys, monkeypatch):
+    """A full disk in the middle of writing --json: one error line, exit 2, the previous file intact."""
+    import errno
+
+    target = ctx.d / "out" / "keep.json"
+    target.write_text('{"old": true}\n')
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(cli.os, "fsync", full)
+    rc, out, err = run_cli(ctx, BASE["ppl"] + ["--json", str(target)], capsys, monkeypatch)
+    assert rc == 2 and "Traceback" not in err and err.strip().splitlines()[-1] == (
+        f"minillm: error: cannot write --json {target}: No space left on device")
+    assert target.read_text() == '{"old": true}\n'
+    assert not [p.name for p in target.parent.iterdir() if p.name.startswith(".keep.json.")]
+
+
 def test_the_table_is_large_and_distinct():
     assert len(ROWS) >= 300
     keys = [(tuple(r.run) if isinstance(r.run, list) else r.id, r.stdin) for r in ROWS]
