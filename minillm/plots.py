@@ -9,11 +9,13 @@ from __future__ import annotations
 import math
 
 
-def attention_map_figure(plt, maps, per_layer_scores, title: str, cols: int | None = None):
+def attention_map_figure(plt, maps, per_layer_scores, title: str, cols: int | None = None,
+                         layers: list[int] | None = None):
     """Per-layer heatmaps of (L, T, T) attention (heads averaged), the paper's Figure 2.
 
     A log color scale keeps both the sink column and the faint rest of each row visible. Each
-    panel is titled with its layer's attention-sink score (mean attention on token 0).
+    panel is titled with its layer (`layers[i]`, default i) and that layer's attention-sink score
+    (mean attention on token 0).
     """
     import numpy as np
     from matplotlib.colors import LogNorm
@@ -31,7 +33,7 @@ def attention_map_figure(plt, maps, per_layer_scores, title: str, cols: int | No
             continue
         data = np.ma.masked_where(upper, maps[i].numpy().clip(min=1e-4))
         im = ax.imshow(data, norm=LogNorm(vmin=1e-4, vmax=1.0), cmap="viridis", interpolation="nearest")
-        ax.set_title(f"layer {i}: sink {per_layer_scores[i]:.3f}", fontsize=9)
+        ax.set_title(f"layer {i if layers is None else layers[i]}: sink {per_layer_scores[i]:.3f}", fontsize=9)
         ax.set_xlabel("key", fontsize=8)
         ax.set_ylabel("query", fontsize=8)
         ax.tick_params(labelsize=7)
