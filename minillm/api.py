@@ -32,6 +32,8 @@ def parse_device(device) -> torch.device:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
         raise MiniLLMError(f"unknown device {device!r} (use cpu, cuda, cuda:N or mps)") from None
+    if dev.type not in ("cpu", "cuda", "mps"):  # "meta" would load, then fail at every call
+        raise MiniLLMError(f"unsupported device {device!r} (use cpu, cuda, cuda:N or mps)")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise MiniLLMError(f"device {device!r} requested but CUDA is not available")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():

@@ -127,10 +127,17 @@ def load_tensors(tensors, config: ModelConfig, dtype: torch.dtype, device: torch
     adjust = getattr(family, "adjust_to_checkpoint", None)
     if adjust is not None:
         config = adjust(config, names)
+    pairs = name_pairs(config)
+    # Every layer's tensors must exist before a model of that many layers is built (a config that
+    # claims 100,000 layers is then refused at once, not after minutes of building).
+    for i in range(config.num_layers):
+        probe = pairs.get(f"layers.{i}.attn.wo.weight")
+        if probe is not None and probe not in names:
+            raise MiniLLMError(f"checkpoint is missing tensor {probe} (layer {i} of the {config.num_layers} "
+                               "the config declares)")
     with torch.device("meta"):
         model = Model(config)
     expected = {k: v.shape for k, v in model.state_dict().items()}
-    pairs = name_pairs(config)
     perm = qkv_permutation(config)
 
     state, used = {}, set()
@@ -145,6 +152,10 @@ def load_tensors(tensors, config: ModelConfig, dtype: torch.dtype, device: torch
             if not t.dtype.is_floating_point:  # an integer or bool tensor cast to float is garbage
                 raise MiniLLMError(f"tensor {tensors.describe(name)} has dtype {str(t.dtype).removeprefix('torch.')}, "
                                    "expected a floating-point weight")
+        if len(loaded) > 1 and len({t.shape[1:] for t in loaded} | {tuple(shape[1:])}) > 1:
+            raise MiniLLMError(f"tensors {' + '.join(map(tensors.describe, parts))} have shapes "
+                               f"{', '.join(str(tuple(t.shape)) for t in loaded)}; each must be "
+                               f"(rows, {', '.join(map(str, shape[1:]))}) for this config")
         t = loaded[0] if len(loaded) == 1 else torch.cat(loaded, dim=0)
         if ".attn.wqkv." in ours and perm is not None and t.shape[0] == perm.numel():
             t = t[perm]

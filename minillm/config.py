@@ -142,6 +142,20 @@ REFUSED_KEYS: dict[str, tuple] = {
 }
 
 
+def _unscaled(scaling) -> bool:
+    """A rope_scaling block that scales nothing: rope_type "default", or linear with factor 1."""
+    if not isinstance(scaling, dict):
+        return False
+    kind = scaling.get("rope_type", scaling.get("type"))
+    rest = {k: v for k, v in scaling.items() if k not in ("rope_type", "type", "rope_theta")}
+    return (kind == "default" and not rest) or (kind == "linear" and rest == {"factor": 1.0})
+
+
+# Sizes beyond this are not a model that fits anywhere; refusing them here keeps the error a
+# sentence rather than an overflow deep inside torch.
+MAX_SIZE = 2**31 - 1
+
+
 class ConfigReader:
     """Reads a config dict, remembering which keys were consumed, so `finish` can name the rest.
 
@@ -187,11 +201,17 @@ class ConfigReader:
         if type_ is not None:
             ok = isinstance(value, type_) and not (type_ in (int, float) and isinstance(value, bool))
             if type_ is float and isinstance(value, int) and not isinstance(value, bool):
-                ok, value = True, float(value)
+                try:
+                    ok, value = True, float(value)
+                except OverflowError:
+                    raise MiniLLMError(f"{self.where}: '{key}' must be a finite number, got an integer of "
+                                       f"{len(str(value))} digits") from None
             if not ok:
                 raise MiniLLMError(f"{self.where}: '{key}' must be {type_.__name__}, got {value!r}")
         if isinstance(value, float) and not math.isfinite(value):
             raise MiniLLMError(f"{self.where}: '{key}' must be a finite number, got {value!r}")
+        if type_ is int and abs(value) > MAX_SIZE:
+            raise MiniLLMError(f"{self.where}: '{key}' = {value} is out of range (at most {MAX_SIZE})")
         for bound, holds, word in ((gt, lambda v, b: v > b, ">"), (ge, lambda v, b: v >= b, ">="),
                                    (le, lambda v, b: v <= b, "<=")):
             if bound is not None and not holds(value, bound):
@@ -232,10 +252,16 @@ class ConfigReader:
             value = self.data[key]
             if key == "layer_types":
                 if isinstance(value, list) and all(v == "full_attention" for v in value):
+                    layers = self.data.get("num_hidden_layers", self.data.get("n_layer", self.data.get("n_layers")))
+                    if isinstance(layers, int) and len(value) != layers:
+                        raise MiniLLMError(f"{self.where}: layer_types lists {len(value)} layers, the model has "
+                                           f"{layers}")
                     continue
                 kinds = sorted({str(v) for v in value}) if isinstance(value, list) else [repr(value)]
                 raise MiniLLMError(f"{self.where}: unsupported option layer_types with "
                                    f"{', '.join(kinds)} (minillm supports only full_attention layers)")
+            if key == "rope_scaling" and _unscaled(value):
+                continue
             if value not in neutral:
                 shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
                 raise MiniLLMError(f"{self.where}: unsupported option {key}={shown} for model_type "
@@ -269,6 +295,9 @@ def rope_settings(r: ConfigReader, *, theta_keys=("rope_theta",), default_theta:
         if not isinstance(params, dict):
             raise MiniLLMError(f"{r.where}: 'rope_parameters' must be an object, got {params!r}")
         rope_type = params.get("rope_type", params.get("type", "default"))
+        if rope_type == "linear" and params.get("factor") == 1.0:  # scales nothing
+            params = {k: v for k, v in params.items() if k != "factor"}
+            rope_type = "default"
         if rope_type != "default":
             raise MiniLLMError(f"{r.where}: unsupported option rope_type={rope_type!r} (minillm supports "
                                "only 'default')")

@@ -282,31 +282,64 @@ PLAIN_NEXT = "\nUSER: {text}\nASSISTANT:"
 
 
 def render_chat_template(template: str, messages: list[dict], *, add_generation_prompt: bool,
-                         bos_token: str = "", eos_token: str = "") -> str:
-    """Render a Hugging Face chat template (Jinja) the way transformers does: sandboxed,
-    trim_blocks/lstrip_blocks, with `raise_exception` and `strftime_now` available to the template."""
+                         bos_token: str = "", eos_token: str = "", **special_tokens: str) -> str:
+    """Render a Hugging Face chat template (Jinja) the way transformers does: a sandboxed
+    environment with trim_blocks/lstrip_blocks, loop controls ({% break %}, {% continue %}), the
+    {% generation %} tag (rendered as its body), transformers' `tojson` (no HTML escaping, no ASCII
+    escaping), and `raise_exception` and `strftime_now`. Any failure is one MiniLLMError."""
     try:
         import jinja2
         from jinja2.sandbox import ImmutableSandboxedEnvironment
     except ImportError:  # pragma: no cover - jinja2 is a declared dependency
         raise MiniLLMError("the chat template needs jinja2 (pip install jinja2)") from None
+    env = _jinja_env(jinja2, ImmutableSandboxedEnvironment)
+    try:
+        return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                                bos_token=bos_token, eos_token=eos_token, **special_tokens)
+    except Exception as e:  # a template is code: TemplateError, but also TypeError, RecursionError, ...
+        raise MiniLLMError(f"the checkpoint's chat template failed: {type(e).__name__}: {first_line(e)}"
+                           if not isinstance(e, jinja2.TemplateError) else
+                           f"the checkpoint's chat template failed: {first_line(e)}") from None
+
+
+_ENV = None
+
+
+def _jinja_env(jinja2, sandbox):
+    """One environment, built once, with what transformers' `_compile_jinja_template` adds."""
+    global _ENV
+    if _ENV is not None:
+        return _ENV
+    import datetime
+    import json
+
+    from jinja2 import nodes
+    from jinja2.ext import Extension
+
+    class Generation(Extension):
+        """{% generation %}...{% endgeneration %}: transformers marks assistant text with it; rendered as is."""
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
 
     def raise_exception(message):
         raise jinja2.exceptions.TemplateError(message)
 
-    def strftime_now(fmt):
-        import datetime
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-        return datetime.datetime.now().strftime(fmt)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env = sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = strftime_now
-    try:
-        return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                                bos_token=bos_token, eos_token=eos_token)
-    except jinja2.TemplateError as e:
-        raise MiniLLMError(f"the checkpoint's chat template failed: {first_line(e)}") from None
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+    _ENV = env
+    return env
 
 
 # End-of-turn tokens of common chat formats: a reply stops on these too, when the template uses them.
@@ -319,12 +352,16 @@ class ChatSession:
     `turn(text)` feeds the user's turn and yields the reply as text pieces (incrementally
     detokenized). Only new tokens are fed each turn. With a chat template, the whole conversation
     (system prompt, every turn, every reply) is rendered as transformers' `apply_chat_template(...,
-    add_generation_prompt=True)` renders it, and what the cache already holds is cut off the
-    front: the ids fed over a conversation are then the ids transformers would tokenize for it
-    (tests/test_chat.py checks this turn after turn). If a template does not extend its own
-    earlier output (some rewrite earlier turns), the new turn is rendered on its own instead.
-    A reply ends at EOS or at the template's end-of-turn token (`<|im_end|>` for ChatML).
+    add_generation_prompt=True)` renders it, and only the text after the previous reply is fed:
+    the previous reply is rendered as a marker, and what follows the marker is the new part. So the
+    ids fed over a conversation are the ids transformers tokenizes for it (tests/test_chat.py),
+    also for templates that trim replies or strip <think> blocks from earlier turns (the cache
+    keeps the reply as it was generated). If the part before the marker is not what was fed (a
+    template that rewrites earlier turns), the new turn is rendered on its own instead. A reply
+    ends at EOS or at the template's end-of-turn token (`<|im_end|>` for ChatML).
     """
+
+    MARK = "\ue000minillm-reply\ue001"  # private-use characters: no template alters them
 
     def __init__(self, model, tokenizer, *, sinks: int = 4, window: int = 1020,
                  max_new_tokens: int | None = 256, temperature: float = 0.8, top_k: int | None = None,
@@ -334,23 +371,27 @@ class ChatSession:
         if system is not None and not isinstance(system, str):
             raise MiniLLMError(f"system must be a string, got {type(system).__name__}")
         self.model, self.tok = model, tokenizer
-        self.cache = model.new_cache(batch_size=1, sinks=sinks, window=window)
         self.template = tokenizer.chat_template if use_template else None
+        if system is not None and self.template is None:
+            raise MiniLLMError("a system prompt needs a chat template to render it, and this chat has none "
+                               "(the checkpoint has no template, or --no-template was given)")
+        self.cache = model.new_cache(batch_size=1, sinks=sinks, window=window)
         self.stop_ids = frozenset(tokenizer.eos_ids) | self._end_of_turn_ids()
         self.sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                              ignore_eos=ignore_eos, eos_ids=self.stop_ids, vocab_size=tokenizer.vocab_size)
         self.generator = torch.Generator(device=model.device).manual_seed(seed)
-        self.bos_text = self._token_text(tokenizer.bos_id)
-        self.eos_text = self._token_text(tokenizer.eos_id)
+        tt = getattr(tokenizer, "template_tokens", None)
+        self.template_tokens = dict(tt) if tt else {"bos_token": self._token_text(tokenizer.bos_id),
+                                                    "eos_token": self._token_text(tokenizer.eos_id)}
         self.messages: list[dict] = [{"role": "system", "content": system}] if system is not None else []
-        self.represented = ""  # the rendered text the cache holds (template mode)
+        self.prompt_text = ""  # the rendered conversation up to this turn's generation prompt
         self.unfed: int | None = None  # the reply's last token: generated but not yet in the cache
         self.turns = 0
 
     def _end_of_turn_ids(self) -> frozenset[int]:
-        if not self.template:
+        if not self.template or not hasattr(self.tok, "token_to_id"):
             return frozenset()
-        found = (self.tok._backend.token_to_id(t) for t in END_OF_TURN if t in self.template)
+        found = (self.tok.token_to_id(t) for t in END_OF_TURN if t in self.template)
         return frozenset(i for i in found if i is not None)
 
     def _token_text(self, token_id: int | None) -> str:
@@ -361,68 +402,75 @@ class ChatSession:
         return self.tok.decode([token_id])
 
     def _render(self, messages: list[dict]) -> str:
-        return render_chat_template(self.template, messages, add_generation_prompt=True,
-                                    bos_token=self.bos_text, eos_token=self.eos_text)
+        return render_chat_template(self.template, messages, add_generation_prompt=True, **self.template_tokens)
 
     def _new_ids(self, text: str) -> list[int]:
         """The ids to feed for a new user turn (after the previous reply)."""
         first = self.turns == 0
-        ids: list[int] = [] if self.unfed is None else [self.unfed]
-        if self.template is not None and self.unfed is not None and self.unfed in self.stop_ids:
-            ids = []  # the stop token is fed only where the rendered conversation holds it (below)
+        unfed_stop = self.unfed is not None and self.unfed in self.stop_ids
+        # A reply cut by max_new_tokens: its last token is reply text, not yet in the cache.
+        ids: list[int] = [self.unfed] if self.unfed is not None and not unfed_stop else []
         if self.template is None:
             if first:
                 return self.tok.encode(PLAIN_FIRST.format(text=text))
-            return ids + encode_continuation(self.tok, PLAIN_NEXT.format(text=text))
+            return [self.unfed] * (self.unfed is not None) + encode_continuation(self.tok, PLAIN_NEXT.format(text=text))
         user = {"role": "user", "content": text}
         rendered = self._render(self.messages + [user])
         if first:
             # The template writes every special token itself (BOS included): transformers
             # tokenizes its output with add_special_tokens=False, and so do we.
-            self.represented = rendered
+            self.prompt_text = rendered
             return self.tok.encode(rendered, add_bos=False)
-        if self.unfed is not None and self.unfed in self.stop_ids:
-            with_stop = self.represented + self._token_text(self.unfed)
-            if rendered.startswith(with_stop):  # the template writes the end-of-turn token: feed it
-                ids, self.represented = [self.unfed], with_stop
-            # else the template renders no stop token after a reply (it ends the reply some other
-            # way): the generated stop token was never fed, and is simply dropped
-        if rendered.startswith(self.represented):
-            delta = rendered[len(self.represented):]  # closes the reply, then the new turn
+        said = self.prompt_text + self.messages[-1]["content"]  # what the cache holds, as text
+        marked = self._render(self.messages[:-1] + [{"role": "assistant", "content": self.MARK}, user])
+        before, mark, after = marked.partition(self.MARK)
+        if rendered.startswith(said):
+            # The template renders the reply as it was generated: the rest closes the reply (its
+            # end-of-turn token, if the template writes one, is there as text) and opens the new turn.
+            delta = rendered[len(said):]
+        elif (mark and self.MARK not in after and before.startswith(self.prompt_text)
+              and not before[len(self.prompt_text):].strip()):
+            # The template alters the reply (trims it, strips a <think> block): the cache keeps the
+            # reply as generated, and what the template puts after it is fed.
+            delta = after
         else:  # a template that rewrites earlier turns: the reply's stop token, then this turn on its own
-            ids = [] if self.unfed is None else [self.unfed]
-            alone = self._render(([self.messages[0]] if self.messages[:1] and
-                                  self.messages[0]["role"] == "system" else []) + [user])
-            delta = alone
-        self.represented = rendered
+            if self.unfed is not None:
+                ids = [self.unfed]
+            system = [self.messages[0]] if self.messages[:1] and self.messages[0]["role"] == "system" else []
+            delta = self._render(system + [user])
+        self.prompt_text = rendered
         return ids + encode_continuation(self.tok, delta) if delta else ids
 
     def turn(self, text: str) -> Iterator[str]:
-        """Feed the user's `text`; yield the reply's text as it is generated."""
+        """Feed the user's `text`; yield the reply's text as it is generated.
+
+        Stopping early (not reading the generator to its end) still records the reply so far, so
+        the next turn continues the conversation the cache holds."""
         if not isinstance(text, str):
             raise MiniLLMError(f"a chat turn must be a string, got {type(text).__name__}")
         ids = self._new_ids(text)
         decoder = self.tok.decoder(start_of_text=False)
         pieces: list[str] = []
         self.unfed = None
-        stopped = None
-        for token in generate(self.model, ids, cache=self.cache, generator=self.generator, **self.sampling):
-            self.unfed = token
-            if token in self.stop_ids and not self.sampling["ignore_eos"]:
-                stopped = token
-                break
-            piece = decoder.push(token)
-            if piece:
-                pieces.append(piece)
-                yield piece
-        tail = decoder.flush()
-        if tail:
-            pieces.append(tail)
-            yield tail
-        if self.template:
-            reply = "".join(pieces)
-            self.messages += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
-            # What the cache holds beyond the generation prompt: the reply (its stop token is
-            # generated but not fed; the next turn decides, from the template, whether to feed it).
-            self.represented += reply
-        self.turns += 1
+        fed_prompt = False
+        try:
+            for token in generate(self.model, ids, cache=self.cache, generator=self.generator, **self.sampling):
+                fed_prompt = True
+                self.unfed = token
+                if token in self.stop_ids and not self.sampling["ignore_eos"]:
+                    break
+                piece = decoder.push(token)
+                if piece:
+                    pieces.append(piece)
+                    yield piece
+            tail = decoder.flush()
+            if tail:
+                pieces.append(tail)
+                yield tail
+        finally:
+            if fed_prompt or self.cache.tokens_seen:
+                pieces.append(decoder.flush())
+                if self.template:
+                    self.messages += [{"role": "user", "content": text},
+                                      {"role": "assistant", "content": "".join(pieces)}]
+                self.turns += 1

@@ -76,8 +76,10 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
             "blk.{i}.attn_q.weight": "num_attention_heads",
             "blk.{i}.attn_k.weight": "num_key_value_heads",
         },
-        # Tensors that are recomputed here (llama.cpp's precomputed RoPE frequencies).
-        "ignored": (r"rope_freqs\.weight",),
+        # Tensors read only to check that they change nothing: llama.cpp stores Llama-3.1's rope
+        # scaling as per-dimension divisors in rope_freqs.weight (with no rope.scaling metadata).
+        "neutral_tensors": {"rope_freqs.weight": 1.0},
+        "ignored": (),
     },
 }
 
@@ -97,6 +99,9 @@ PRE_TOKENIZERS: dict[str, dict] = {
         {**_BYTE_LEVEL, "use_regex": False}]},
 }
 PRE_TOKENIZERS["llama3"] = PRE_TOKENIZERS["llama-bpe"]
+# Llama-3's tokenizer.json (and llama.cpp for these) looks a whole pre-token up in the vocabulary
+# before merging, which can give a different split than the merges alone.
+IGNORE_MERGES = {"llama-bpe", "llama3"}
 
 # llama.cpp's token types (tokenizer.ggml.token_type).
 TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
@@ -178,7 +183,11 @@ class GGUFFile:
     def tensor_names(self) -> dict[str, str]:
         """Hugging Face name -> GGUF name, for every tensor in the file (unknown ones refused)."""
         out = {}
-        ignored = [re.compile(p) for p in self.spec["ignored"]]
+        for name, value in self.spec["neutral_tensors"].items():
+            if name in self.tensors:
+                self._check_neutral_tensor(name, value)
+        ignored = [re.compile(p) for p in self.spec["ignored"]] + [re.compile(re.escape(n)) for n in
+                                                                  self.spec["neutral_tensors"]]
         patterns = [(re.compile(re.escape(g).replace(r"\{i\}", r"(\d+)") + "$"), g, h)
                     for g, h in self.spec["tensors"].items()]
         for name in self.tensors:
@@ -193,6 +202,37 @@ class GGUFFile:
                 raise MiniLLMError(f"{self.path.name}: unexpected tensor {name} (not part of a "
                                    f"{self.architecture} model minillm knows)")
         return out
+
+
+    def _check_neutral_tensor(self, name: str, value: float) -> None:
+        from gguf import GGMLQuantizationType, quants
+
+        t = self.tensors[name]
+        try:
+            data = quants.dequantize(t.data, GGMLQuantizationType(int(t.tensor_type)))
+        except (ValueError, NotImplementedError, KeyError) as e:
+            raise MiniLLMError(f"{self.path.name}: cannot read tensor {name} ({first_line(e)})") from None
+        if not (data == value).all():
+            raise MiniLLMError(f"{self.path.name}: unsupported tensor {name} (per-dimension RoPE frequency "
+                               "factors: Llama-3.1-style rope scaling, which minillm does not implement)")
+
+
+_OPEN: dict[tuple, GGUFFile] = {}
+
+
+def open_gguf(path: str | Path) -> GGUFFile:
+    """A GGUFFile, read once per (path, size, mtime): the CLI loads a model and its tokenizer from
+    one file, and parsing SmolLM2's metadata (49k tokens, 49k merges) takes seconds."""
+    p = Path(path)
+    try:
+        st = p.stat()
+        key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    except OSError:
+        return GGUFFile(p)  # GGUFFile names the problem
+    if key not in _OPEN:
+        _OPEN.clear()  # one file at a time: a memory map each
+        _OPEN[key] = GGUFFile(p)
+    return _OPEN[key]
 
 
 def _div(a, b):
@@ -300,19 +340,43 @@ def tokenizer_json(f: GGUFFile) -> tuple[str, dict]:
 
     bos, eos = special_id("bos_token_id"), special_id("eos_token_id")
     eot = special_id("eot_token_id")
-    add_bos = bool(m.get("tokenizer.ggml.add_bos_token", False))
-    if add_bos and bos is None:
-        raise MiniLLMError(f"{f.path.name}: tokenizer.ggml.add_bos_token is true but there is no bos_token_id")
+
+    def flag(key: str) -> bool:
+        v = m.get(f"tokenizer.ggml.{key}", False)
+        if not isinstance(v, bool):
+            raise MiniLLMError(f"{f.path.name}: tokenizer.ggml.{key} must be a bool, got {v!r}")
+        return v
+
+    add_bos, add_eos = flag("add_bos_token"), flag("add_eos_token")
+    for want, ok in (("add_bos_token", bos), ("add_eos_token", eos)):
+        if flag(want) and ok is None:
+            raise MiniLLMError(f"{f.path.name}: tokenizer.ggml.{want} is true but there is no "
+                               f"{want.split('_')[1]}_token_id")
+    bad = sorted({t for t in types if t not in range(TOKEN_NORMAL, TOKEN_BYTE + 1)})
+    if bad:
+        raise MiniLLMError(f"{f.path.name}: tokenizer.ggml.token_type has unknown type(s) {bad[:5]} "
+                           f"(llama.cpp's are {TOKEN_NORMAL}..{TOKEN_BYTE})")
+    template = m.get("tokenizer.chat_template")
+    if template is not None and not isinstance(template, str):
+        raise MiniLLMError(f"{f.path.name}: tokenizer.chat_template must be a string, got {type(template).__name__}")
     added = [{"id": i, "content": tok, "single_word": False, "lstrip": False, "rstrip": False,
               "normalized": False, "special": ty == TOKEN_CONTROL}
              for i, (tok, ty) in enumerate(zip(tokens, types)) if ty in (TOKEN_CONTROL, TOKEN_USER_DEFINED)]
     post = None
-    if add_bos:
-        post = {"type": "TemplateProcessing",
-                "single": [{"SpecialToken": {"id": tokens[bos], "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
-                "pair": [{"SpecialToken": {"id": tokens[bos], "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
-                         {"Sequence": {"id": "B", "type_id": 1}}],
-                "special_tokens": {tokens[bos]: {"id": tokens[bos], "ids": [bos], "tokens": [tokens[bos]]}}}
+    if add_bos or add_eos:  # what llama.cpp adds around a text, as a tokenizer.json says it
+        head = [{"SpecialToken": {"id": tokens[bos], "type_id": 0}}] if add_bos else []
+        tail = [{"SpecialToken": {"id": tokens[eos], "type_id": 0}}] if add_eos else []
+        a, b = [{"Sequence": {"id": "A", "type_id": 0}}], [{"Sequence": {"id": "B", "type_id": 1}}]
+        specials = {tokens[i]: {"id": tokens[i], "ids": [i], "tokens": [tokens[i]]}
+                    for i, on in ((bos, add_bos), (eos, add_eos)) if on}
+        post = {"type": "TemplateProcessing", "single": head + a + tail, "pair": head + a + b + tail,
+                "special_tokens": specials}
+    merges_list = []
+    for mg in merges:
+        parts = mg.split(" ") if isinstance(mg, str) else None
+        if not parts or len(parts) != 2 or not all(parts):
+            raise MiniLLMError(f"{f.path.name}: malformed merge {mg!r} in tokenizer.ggml.merges (expected 'a b')")
+        merges_list.append(parts)
     vocab = {}
     for i, tok in enumerate(tokens):
         vocab.setdefault(tok, i)
@@ -324,10 +388,12 @@ def tokenizer_json(f: GGUFFile) -> tuple[str, dict]:
         "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
         "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
                   "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
-                  "ignore_merges": False, "vocab": vocab, "merges": [mg.split(" ") for mg in merges]},
+                  "ignore_merges": pre in IGNORE_MERGES, "vocab": vocab, "merges": merges_list},
     }
     settings = {"bos_id": bos, "eos_ids": [i for i in (eos, eot) if i is not None], "add_bos": add_bos,
-                "chat_template": m.get("tokenizer.chat_template")}
+                "chat_template": template,
+                "bos_token": tokens[bos] if bos is not None else None,
+                "eos_token": tokens[eos] if eos is not None else None}
     return json.dumps(doc, ensure_ascii=False), settings
 
 
@@ -340,7 +406,7 @@ def load_model(path: str | Path, dtype: torch.dtype, device: torch.device, *, st
     from .checkpoint import load_tensors
     from .models import from_hf_config
 
-    f = GGUFFile(path)
+    f = open_gguf(path)
     with warnings.catch_warnings():
         if strict:
             warnings.simplefilter("error", ConfigWarning)
@@ -348,7 +414,13 @@ def load_model(path: str | Path, dtype: torch.dtype, device: torch.device, *, st
             hf = f.hf_config()
         except ConfigWarning as w:
             raise MiniLLMError(f"{w} (strict config checking is on)") from None
-    config = from_hf_config(hf, where=f"{f.path.name} metadata", strict=strict)
+    try:
+        config = from_hf_config(hf, where=f"{f.path.name} metadata", strict=strict)
+    except MiniLLMError as e:  # name the file's own key, not the config.json key it was read into
+        msg = str(e)
+        for gguf_key, hf_key in f.spec["config"].items():
+            msg = msg.replace(f"'{hf_key}'", f"'{f.architecture}.{gguf_key}'")
+        raise MiniLLMError(msg) from None
     tokens = f.meta.get("tokenizer.ggml.tokens")
     embd = f.tensors.get("token_embd.weight")
     if tokens is not None and embd is not None and len(tokens) != int(embd.shape[-1]):

@@ -30,6 +30,7 @@ then tokenizer_config.json, then the GGUF's `tokenizer.chat_template`.
 from __future__ import annotations
 
 import json
+import operator
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -161,6 +162,7 @@ class Tokenizer:
         sp_add_eos: bool = False,
         clean_up_spaces: bool = False,
         backend_name: str | None = None,
+        template_tokens: dict[str, str] | None = None,
     ):
         self._backend = backend
         self.backend = backend_name or backend.name
@@ -169,6 +171,14 @@ class Tokenizer:
         self.eos_id: int | None = eos_ids[0] if eos_ids else None
         self.eos_ids: frozenset[int] = frozenset(eos_ids)
         self.chat_template = chat_template
+        # The strings a chat template gets as bos_token / eos_token: the tokenizer's own (from
+        # tokenizer_config.json, as transformers passes them), whatever generation_config.json
+        # lists as ids for stopping.
+        tt = dict(template_tokens or {})
+        for name, i in (("bos_token", bos_id), ("eos_token", self.eos_id)):
+            if not tt.get(name) and i is not None:
+                tt[name] = backend.id_to_token(i) or ""
+        self.template_tokens = {k: v for k, v in tt.items() if isinstance(v, str)}
         # sentencepiece has no post-processor: transformers' add_bos_token/add_eos_token say.
         self._sp_add = (sp_add_bos and bos_id is not None, sp_add_eos and self.eos_id is not None)
         self.clean_up_spaces = clean_up_spaces
@@ -198,18 +208,20 @@ class Tokenizer:
             flags = {"sp_add_bos": tok_cfg.get("add_bos_token") is True,
                      "sp_add_eos": tok_cfg.get("add_eos_token") is True}
         return cls(backend, bos_id=bos, eos_ids=eos, chat_template=_chat_template(d, tok_cfg),
-                   clean_up_spaces=tok_cfg.get("clean_up_tokenization_spaces") is True, **flags)
+                   clean_up_spaces=tok_cfg.get("clean_up_tokenization_spaces") is True,
+                   template_tokens=_template_tokens(tok_cfg), **flags)
 
     @classmethod
     def from_gguf(cls, path: str | os.PathLike) -> Tokenizer:
         """Build the tokenizer a GGUF file describes (vocab, merges, token types, special ids)."""
-        from .gguf_file import GGUFFile, tokenizer_json
+        from .gguf_file import GGUFFile, open_gguf, tokenizer_json
 
-        f = path if isinstance(path, GGUFFile) else GGUFFile(path)
+        f = path if isinstance(path, GGUFFile) else open_gguf(path)
         text, settings = tokenizer_json(f)
         backend = _HFTokenizers(json_text=text, where=f.path.name)
         return cls(backend, bos_id=settings["bos_id"], eos_ids=settings["eos_ids"],
-                   chat_template=settings["chat_template"], backend_name="gguf")
+                   chat_template=settings["chat_template"], backend_name="gguf",
+                   template_tokens={"bos_token": settings["bos_token"], "eos_token": settings["eos_token"]})
 
     def __repr__(self) -> str:
         return (
@@ -227,6 +239,11 @@ class Tokenizer:
         """
         if not isinstance(text, str):
             raise MiniLLMError(f"encode expects a str, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate: no tokenizer can encode it
+            raise MiniLLMError(f"encode: the text holds a lone surrogate U+{ord(text[e.start]):04X} at character "
+                               f"{e.start}, which is not valid Unicode text") from None
         if add_bos is not None and not isinstance(add_bos, bool):
             raise MiniLLMError(f"encode: add_bos must be True, False or None, got {add_bos!r}")
         ids = self._backend.encode(text, special=add_bos is not False)
@@ -242,10 +259,15 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of `ids` (a list, tuple, or 1-D tensor). Special tokens are not skipped."""
+        if isinstance(ids, (str, bytes)):
+            raise MiniLLMError(f"decode expects token ids, got {type(ids).__name__} (decode ids, not text)")
         try:
-            ids = [int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]
+            raw = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+            if any(isinstance(i, bool) for i in raw):  # True is not the token id 1
+                raise TypeError
+            ids = [operator.index(i) for i in raw]  # refuses 1.5 and "3" rather than truncating or parsing them
         except TypeError:
-            raise MiniLLMError("decode expects a flat sequence of token ids") from None
+            raise MiniLLMError("decode expects a flat sequence of integer token ids") from None
         for i in ids:
             if not 0 <= i < self.vocab_size:
                 raise MiniLLMError(
@@ -253,6 +275,10 @@ class Tokenizer:
                 )
         text = self._backend.decode(ids)
         return _clean_up_tokenization(text) if self.clean_up_spaces else text
+
+    def token_to_id(self, token: str) -> int | None:
+        """The id of a token string (`<|im_end|>`), or None if the vocabulary lacks it."""
+        return self._backend.token_to_id(token)
 
     def token_text(self, token_id: int | None) -> str:
         """The token's own string (`<s>`, `<|im_end|>`): what chat templates call bos_token/eos_token."""
@@ -414,11 +440,27 @@ def _chat_template(d: Path, tok_cfg: dict[str, Any]) -> str | None:
     t = tok_cfg.get("chat_template")
     if isinstance(t, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
         named = {x.get("name"): x.get("template") for x in t if isinstance(x, dict)}
-        t = named.get("default")
+        if "default" not in named:  # transformers refuses to guess too
+            raise MiniLLMError(f"{d / 'tokenizer_config.json'}: chat_template lists templates "
+                               f"{sorted(map(str, named))} but none named 'default'")
+        t = named["default"]
     if t is not None and not isinstance(t, str):
         raise MiniLLMError(f"{d / 'tokenizer_config.json'}: chat_template must be a string or a list of "
                            f"named templates, got {type(t).__name__}")
     return t
+
+
+def _template_tokens(tok_cfg: dict[str, Any]) -> dict[str, str]:
+    """bos_token / eos_token / unk_token / pad_token strings of tokenizer_config.json (a string or
+    an AddedToken dict), as transformers hands them to chat templates."""
+    out = {}
+    for name in ("bos_token", "eos_token", "unk_token", "pad_token"):
+        v = tok_cfg.get(name)
+        if isinstance(v, dict):
+            v = v.get("content")
+        if isinstance(v, str):
+            out[name] = v
+    return out
 
 
 def _clean_up_tokenization(text: str) -> str:

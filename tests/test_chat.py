@@ -90,7 +90,7 @@ def check_conversation(tok, hf, replies: list[str], *, system: str | None = None
         got = "".join(chat.turn(user))
         messages += [{"role": "user", "content": user}]
         want_text = hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        assert chat.represented.startswith(want_text)
+        assert chat.prompt_text == want_text
         messages += [{"role": "assistant", "content": got}]
         assert got == reply
     # Everything fed, minus the final stop token (generated, not yet fed), against the oracle.
