@@ -178,3 +178,103 @@ def test_template_errors_are_one_line(tmp_path):
     chat.messages = [{"role": "assistant", "content": "out of order"}]
     with pytest.raises(minillm.MiniLLMError, match="chat template failed: Conversation roles must alternate"):
         list(chat.turn("hi"))
+
+
+# --- the Jinja environment is transformers' ------------------------------------------------------
+
+JINJA_CASES = {
+    "tojson": "{% for m in messages %}{{ m['content'] | tojson }}\n{% endfor %}{% if add_generation_prompt %}A:{% endif %}",
+    "tojson_indent": "{{ messages | tojson(indent=2) }}{% if add_generation_prompt %}A:{% endif %}",
+    "loopcontrols": "{% for m in messages %}{% if m['role'] == 'system' %}{% continue %}{% endif %}"
+                    "{{ m['content'] }}|{% endfor %}{% if add_generation_prompt %}A:{% endif %}",
+    "generation": "{% for m in messages %}{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}"
+                  "{% endgeneration %}{% else %}{{ m['content'] }}{% endif %}\n{% endfor %}"
+                  "{% if add_generation_prompt %}A:{% endif %}",
+}
+
+
+@pytest.mark.parametrize("name", sorted(JINJA_CASES))
+def test_template_rendering_equals_transformers(tmp_path, name):
+    d = _with_template(WEIGHTS / "pythia-tiny", tmp_path, JINJA_CASES[name])
+    tok, hf = minillm.load_tokenizer(d), _hf_tokenizer(d)
+    from minillm.generation import render_chat_template
+
+    messages = [{"role": "system", "content": "sys <b> & 'q'"}, {"role": "user", "content": "café \u2014 \"x\""},
+                {"role": "assistant", "content": "ok"}, {"role": "user", "content": "more"}]
+    want = hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert render_chat_template(tok.chat_template, messages, add_generation_prompt=True, **tok.template_tokens) == want
+
+
+def test_template_tokens_come_from_tokenizer_config(tmp_path):
+    # generation_config lists other EOS ids first (as Llama-3 does): they stop replies, but the
+    # template's eos_token is still the tokenizer's own string.
+    d = _with_template(WEIGHTS / "pythia-tiny", tmp_path, LLAMA2)
+    (d / "generation_config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": [5, 1]}))
+    tok, hf = minillm.load_tokenizer(d), _hf_tokenizer(d)
+    assert tok.eos_id == 5 and tok.template_tokens["eos_token"] == "</s>"
+    check_conversation(tok, hf, [" Hi! ", " Paris. ", " It is large. "], system="Be brief.", stop=5)
+
+
+def test_a_template_that_trims_replies_feeds_only_what_follows_them(tmp_path):
+    trim = ("{{ bos_token }}{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] | trim"
+            " + '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+    d = _with_template(WEIGHTS / "pythia-tiny", tmp_path, trim)
+    _, im_end = _add_chatml_tokens(d)
+    tok, hf = minillm.load_tokenizer(d), _hf_tokenizer(d)
+    replies = ["Hi! ", "Paris.\n"]  # end in whitespace, which the template trims
+    model = Scripted(tok.vocab_size, sum((encode_continuation(tok, r) + [im_end] for r in replies), []) + [im_end])
+    chat = ChatSession(model, tok, temperature=0, max_new_tokens=100)
+    msgs = []
+    for user in USERS[:3]:
+        msgs.append({"role": "user", "content": user})
+        msgs.append({"role": "assistant", "content": "".join(chat.turn(user))})
+    # The cache holds each reply as generated (untrimmed), and everything else as transformers renders it.
+    want = hf.apply_chat_template(msgs[:-1], add_generation_prompt=True, tokenize=False)
+    want = want.replace("Hi!<|im_end|>", "Hi! <|im_end|>").replace("Paris.<|im_end|>", "Paris.\n<|im_end|>")
+    assert tok.decode(model.fed) == want
+    assert model.fed.count(tok.bos_id) == 1  # no second BOS or system block mid-stream
+
+
+def test_system_prompt_needs_a_template():
+    tok = minillm.load_tokenizer(WEIGHTS / "pythia-tiny")
+    assert tok.chat_template is None
+    with pytest.raises(minillm.MiniLLMError, match="system prompt needs a chat template"):
+        ChatSession(Scripted(tok.vocab_size, [1]), tok, system="Be brief.")
+
+
+@pytest.mark.parametrize("template,needle", [("{{ 1 / 0 }}", "ZeroDivisionError"),
+                                             ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", "RecursionError"),
+                                             ("{{ messages[0]['content'] + 1 }}", "TypeError")])
+def test_a_failing_template_is_one_line(tmp_path, template, needle):
+    d = _with_template(WEIGHTS / "pythia-tiny", tmp_path, template)
+    tok = minillm.load_tokenizer(d)
+    chat = ChatSession(Scripted(tok.vocab_size, [tok.eos_id]), tok, temperature=0)
+    with pytest.raises(minillm.MiniLLMError, match=f"chat template failed: {needle}") as info:
+        list(chat.turn("hi"))
+    assert "\n" not in str(info.value)
+
+
+def test_a_reply_read_only_in_part_still_counts(tmp_path):
+    d = _with_template(WEIGHTS / "pythia-tiny", tmp_path, CHATML)
+    _, im_end = _add_chatml_tokens(d)
+    tok, hf = minillm.load_tokenizer(d), _hf_tokenizer(d)
+    model = Scripted(tok.vocab_size, encode_continuation(tok, "one two three four") + [im_end] + [im_end])
+    chat = ChatSession(model, tok, temperature=0, max_new_tokens=100)
+    gen = chat.turn("Hello there!")
+    first = next(gen)
+    gen.close()  # the caller stops reading after the first piece
+    fed = len(model.fed)
+    list(chat.turn("Next"))
+    msgs = [{"role": "user", "content": "Hello there!"}, {"role": "assistant", "content": first},
+            {"role": "user", "content": "Next"}]
+    assert chat.messages[1]["content"] == first and chat.turns == 2
+    want = hf.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    # Continued, not restarted: the fed stream is the conversation so far, then turn 2's own reply.
+    assert tok.decode(model.fed).startswith(want) and len(model.fed) > fed
+    assert model.fed.count(tok.token_to_id("<|im_start|>")) == 5  # system, user, assistant, user, assistant
+
+
+def test_a_named_template_list_without_default_is_refused(tmp_path):
+    d = _with_template(WEIGHTS / "pythia-tiny", tmp_path, [{"name": "tool_use", "template": "x"}])
+    with pytest.raises(minillm.MiniLLMError, match="none named 'default'"):
+        minillm.load_tokenizer(d)

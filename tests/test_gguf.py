@@ -34,7 +34,8 @@ def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def write_gguf(path: Path, ckpt: Path, *, qtype=Q.F32, arch="llama", drop=(), extra_tensor=None,
-               drop_token=False, meta=None, tokenizer_model="gpt2", add_bos=True) -> Path:
+               drop_token=False, meta=None, tokenizer_model="gpt2", add_bos=True, extra_values=None,
+               raw_meta=None, types_patch=None) -> Path:
     model = minillm.load(ckpt)
     c = model.config
     tj = json.loads((ckpt / "tokenizer.json").read_text(encoding="utf-8"))
@@ -45,6 +46,8 @@ def write_gguf(path: Path, ckpt: Path, *, qtype=Q.F32, arch="llama", drop=(), ex
         if i < len(tokens):
             tokens[i] = t
     types = [3 if i in added else 1 for i in range(len(tokens))]
+    if types_patch:
+        types[types_patch[0]] = types_patch[1]
     if drop_token:
         tokens, types = tokens[:-1], types[:-1]
     w = gguf.GGUFWriter(str(path), arch)
@@ -71,6 +74,8 @@ def write_gguf(path: Path, ckpt: Path, *, qtype=Q.F32, arch="llama", drop=(), ex
             w.add_string(key, value)
         else:
             w.add_float32(key, value)
+    for key, (value, kind) in (raw_meta or {}).items():  # any metadata type, e.g. ("7", "string")
+        getattr(w, f"add_{kind}")(key, value)
     hf_to_gguf = {}
     spec = ARCHITECTURES["llama"]
     for g, h in spec["tensors"].items():
@@ -92,7 +97,8 @@ def write_gguf(path: Path, ckpt: Path, *, qtype=Q.F32, arch="llama", drop=(), ex
         else:
             w.add_tensor(gname, a)
     if extra_tensor:
-        w.add_tensor(extra_tensor, np.zeros(4, dtype=np.float32))
+        w.add_tensor(extra_tensor, np.zeros(4, dtype=np.float32) if extra_values is None else
+                     np.asarray(extra_values, dtype=np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -269,3 +275,45 @@ def test_cli_generates_from_a_gguf(f32_file, capsys):
 
     assert main(["generate", str(f32_file), "--prompt", "the sea", "--max-new-tokens", "5", "--temperature", "0"]) == 0
     assert capsys.readouterr().out.strip()
+
+
+# --- review fixes: what a real converter writes, and what a hostile file holds --------------------
+
+
+def test_rope_frequency_factors_are_refused_unless_neutral(ckpt, tmp_path):
+    # llama.cpp stores Llama-3.1's rope scaling as per-dimension divisors in rope_freqs.weight, with
+    # no rope.scaling metadata: honouring nothing there would be silently wrong.
+    hd = minillm.load(ckpt).config.head_dim
+    path = write_gguf(tmp_path / "llama31.gguf", ckpt, extra_tensor="rope_freqs.weight",
+                      extra_values=[1.0] * (hd // 4) + [8.0] * (hd // 4))
+    _one_line(lambda: minillm.load(path), "unsupported tensor rope_freqs.weight", "rope scaling")
+    ones = write_gguf(tmp_path / "ones.gguf", ckpt, extra_tensor="rope_freqs.weight", extra_values=[1.0] * (hd // 2))
+    assert torch.equal(minillm.load(ones).embed.weight, minillm.load(ckpt).embed.weight)
+
+
+def test_add_eos_token_is_honoured_and_flags_must_be_bools(ckpt, tmp_path):
+    path = write_gguf(tmp_path / "eos.gguf", ckpt, raw_meta={"tokenizer.ggml.add_eos_token": (True, "bool")})
+    tok = minillm.load_tokenizer(path)
+    ids = tok.encode("the sea")
+    assert ids[0] == 0 and ids[-1] == 1 and tok.encode("the sea", add_bos=False)[-1] != 1
+    bad = write_gguf(tmp_path / "strflag.gguf", ckpt, add_bos=False,
+                     raw_meta={"tokenizer.ggml.add_bos_token": ("false", "string")})
+    _one_line(lambda: minillm.load_tokenizer(bad), "tokenizer.ggml.add_bos_token must be a bool")
+
+
+def test_bad_tokenizer_metadata_is_refused(ckpt, tmp_path):
+    path = write_gguf(tmp_path / "types.gguf", ckpt, types_patch=(5, 99))
+    _one_line(lambda: minillm.load_tokenizer(path), "token_type has unknown type(s) [99]")
+    path = write_gguf(tmp_path / "tmpl.gguf", ckpt, raw_meta={"tokenizer.chat_template": (3, "uint32")})
+    # the writer refuses a second chat_template key, so this one replaces nothing: read it raw
+    import gguf as g
+
+    r = g.GGUFReader(str(path))
+    if isinstance(r.fields["tokenizer.chat_template"].contents(), str):
+        pytest.skip("the gguf writer kept the string template")  # pragma: no cover
+    _one_line(lambda: minillm.load_tokenizer(path), "tokenizer.chat_template must be a string")
+
+
+def test_metadata_errors_name_the_gguf_key(ckpt, tmp_path):
+    path = write_gguf(tmp_path / "heads.gguf", ckpt, raw_meta={"llama.attention.head_count_kv": (0, "uint32")})
+    _one_line(lambda: minillm.load(path), "'llama.attention.head_count_kv' must be >= 1")

@@ -238,3 +238,33 @@ def test_cuda_when_unavailable(ckpt):
 def test_dtype_checked_before_reading_anything(tmp_path):
     # A bad dtype is reported even when the path is also wrong: the cheapest check comes first.
     assert "dtype" in load_error(tmp_path / "missing", dtype="float8")
+
+
+# --- review fixes ------------------------------------------------------------------------------
+
+def test_fused_parts_of_mismatched_shape(ckpt):
+    # q, k, v (and gate, up) are concatenated into one projection; a part of the wrong width is
+    # named before the concatenation could fail.
+    def edit(t):
+        k = "model.layers.0.self_attn.k_proj.weight"
+        t[k] = torch.zeros(t[k].shape[0], t[k].shape[1] + 3)
+    edit_tensors(ckpt, edit)
+    msg = load_error(ckpt)
+    assert "self_attn.k_proj.weight" in msg and "have shapes" in msg
+
+
+def test_a_config_claiming_100000_layers_is_refused_at_once(ckpt):
+    import time
+
+    edit_config(ckpt, num_hidden_layers=100_000)
+    start = time.perf_counter()
+    msg = load_error(ckpt)
+    assert "missing tensor model.layers." in msg and "100000" in msg
+    assert time.perf_counter() - start < 30  # not after building 100,000 layers
+
+
+def test_integer_and_bool_tensors_where_floats_belong(ckpt):
+    def edit(t):
+        t["model.norm.weight"] = t["model.norm.weight"].to(torch.int16)
+    edit_tensors(ckpt, edit)
+    assert "has dtype int16, expected a floating-point weight" in load_error(ckpt)

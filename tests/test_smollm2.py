@@ -245,3 +245,22 @@ def test_cli_scores_the_gguf(gguf, tmp_path, capsys):
     result = json.loads(out.read_text())
     ppl = result["modes"]["streaming"]["ppl"] if "modes" in result else result["results"][0]["ppl"]
     assert 2 < ppl < 40, ppl
+
+
+def test_gguf_pre_tokenizer_splits_every_digit_as_the_file_says(tok_gguf, hf_tok_gguf, converted):
+    # tokenizer.ggml.pre = "smollm": every digit on its own, then GPT-2's split (as llama.cpp and
+    # SmolLM2's published tokenizer.json do). transformers' GGUF loader ignores the name and uses
+    # GPT-2's split alone. On ASCII text the two agree (SmolLM2's vocabulary has no multi-digit
+    # token); on other digits they do not, and minillm follows the file.
+    from tokenizers import Tokenizer
+
+    tk = Tokenizer.from_file(str(converted / "tokenizer.json"))
+    tk.pre_tokenizer = Tokenizer.from_str(json.dumps({
+        "version": "1.0", "model": {"type": "BPE", "vocab": {}, "merges": []},
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Digits", "individual_digits": True},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}]},
+    })).pre_tokenizer
+    for text in ["\u0661\u0662\u0663 \u0664\u0665\u0666", "\u0968\u0966\u0968\u096c", "12345 and 678"]:
+        assert tok_gguf.encode(text) == tk.encode(text, add_special_tokens=False).ids, text
+    assert tok_gguf.encode("12345 and 678") == hf_tok_gguf("12345 and 678").input_ids
