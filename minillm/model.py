@@ -136,7 +136,11 @@ class Model(nn.Module):
         self.norm = make_norm(c)
         self.lm_head = None if c.tie_word_embeddings else nn.Linear(c.hidden_size, c.vocab_size, bias=False)
         self.uid = next(_model_ids)  # caches remember which model made them
-        self.max_chunk = 1024  # long chunks are processed in pieces of this many tokens
+        # A streamed chunk longer than this is processed in pieces of this many tokens (chunking
+        # never changes the result). It bounds the working memory of one piece, its (n, S + n)
+        # mask and attention scores per head: at 1024 and S = 1024 that is 2M scores a head, a few
+        # MB, while pieces this long still keep the matrix multiplications efficient.
+        self.max_chunk = 1024
         self._tables: dict = {}  # per device: RoPE inverse frequencies or ALiBi slopes
         self._decode_step = None  # set by compile_decode()
         self.register_load_state_dict_post_hook(lambda module, _: module._fit_layout())
