@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from minillm.config import ModelConfig
+from minillm.init import init_random
 from minillm.model import Model
 
 # Engine-level configs of every variant the property tests cover (sizes are overridden per test).
@@ -43,16 +44,9 @@ def tiny_config(variant: str, *, heads: int = 4, head_dim: int = 8, layers: int 
 
 
 def random_model(config: ModelConfig, dtype=torch.float64, seed: int = 0, std: float = 0.3) -> Model:
-    """A model with random weights large enough that attention is far from uniform."""
-    g = torch.Generator().manual_seed(seed)
-    model = Model(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight") or ".attn_norm." in name or ".mlp_norm." in name:
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(std * torch.randn(p.shape, generator=g))
-    return model.to(dtype).eval()
+    """A model with random weights large enough that attention is far from uniform (drawn in
+    float32, then cast, so every dtype of a test sees the same weights)."""
+    return init_random(Model(config), seed, std, norm_jitter=0.1).to(dtype).eval()
 
 
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:

@@ -54,6 +54,7 @@ sys.path.insert(0, str(REPO))
 import minillm  # noqa: E402
 from minillm.config import ModelConfig  # noqa: E402
 from minillm.model import Model  # noqa: E402
+from minillm.init import init_random  # noqa: E402
 from minillm.positions import rope_rotate, rope_tables  # noqa: E402
 
 LLAMA = dict(family="llama", norm="rmsnorm", norm_bias=False, activation="swiglu", norm_eps=1e-5,
@@ -176,15 +177,7 @@ def random_model(name: str, dtype: torch.dtype, device: torch.device, seed: int 
     exists in float32 or on the CPU."""
     with torch.device("meta"):
         model = Model(config_for(name))
-    model = model.to(dtype).to_empty(device=device)
-    g = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if pname.endswith("norm.weight"):
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, 0.02, generator=g)
-    return model.eval()
+    return init_random(model.to(dtype).to_empty(device=device), seed, 0.02)
 
 
 def bench_model(name: str, dtype, device) -> tuple[Model, str]:

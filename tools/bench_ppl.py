@@ -47,18 +47,14 @@ HELD_OUT = ["frankenstein.txt", "katrine.txt"]
 def random_llama(vocab: int, layers: int, hidden: int, heads: int, intermediate: int, seed: int = 0):
     """A Llama-shaped model with random weights (the speed of the paths does not depend on them)."""
     from minillm.config import ModelConfig
+    from minillm.init import init_random
     from minillm.model import Model
 
     config = ModelConfig(family="llama", vocab_size=vocab, hidden_size=hidden, num_layers=layers,
                          num_heads=heads, num_kv_heads=heads, head_dim=hidden // heads,
                          intermediate_size=intermediate, max_position_embeddings=4096, norm="rmsnorm",
                          norm_bias=False, activation="swiglu", tie_word_embeddings=True)
-    torch.manual_seed(seed)
-    model = Model(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.02)
-    return model.eval()
+    return init_random(Model(config), seed, 0.02)
 
 
 def timed(fn):

@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from minillm.config import ModelConfig  # noqa: E402
 from minillm.model import Model  # noqa: E402
+from minillm.init import init_random  # noqa: E402
 
 SINKS, WINDOW = 4, 1020
 
@@ -63,12 +64,7 @@ def build_model(seed: int) -> Model:
     config = ModelConfig(family="llama", vocab_size=4096, hidden_size=256, num_layers=4, num_heads=4,
                          num_kv_heads=4, head_dim=64, intermediate_size=688, max_position_embeddings=2048,
                          norm="rmsnorm", norm_bias=False, activation="swiglu")
-    model = Model(config)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(torch.ones_like(p) if "norm" in name else 0.02 * torch.randn(p.shape, generator=g))
-    return model.eval()
+    return init_random(Model(config), seed, 0.02)
 
 
 def timed(model, ids, cache) -> float:
