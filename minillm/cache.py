@@ -24,13 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import MiniLLMError
-
-
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise MiniLLMError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
+from .checks import check_int
 
 
 def slot_of(positions: int | torch.Tensor, sinks: int, window: int) -> int | torch.Tensor:
@@ -78,9 +72,9 @@ class SinkCache:
     def __init__(self, *, num_layers: int, batch_size: int, num_kv_heads: int, head_dim: int,
                  sinks: int, window: int, dtype: torch.dtype, device: torch.device | str,
                  owner_id: int, keep_raw_sinks: bool):
-        self.sinks = _check_int("sinks", sinks, 0)
-        self.window = _check_int("window", window, 1)
-        self.batch_size = _check_int("batch_size", batch_size, 1)
+        self.sinks = check_int("sinks", sinks, 0)
+        self.window = check_int("window", window, 1)
+        self.batch_size = check_int("batch_size", batch_size, 1)
         self.owner_id = owner_id  # the model that made this cache
         shape = (num_layers, batch_size, num_kv_heads, self.capacity, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
