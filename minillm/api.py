@@ -32,8 +32,6 @@ def parse_device(device) -> torch.device:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
         raise MiniLLMError(f"unknown device {device!r} (use cpu, cuda, cuda:N or mps)") from None
-    if dev.type not in ("cpu", "cuda", "mps"):  # "meta" would load, then fail at every call
-        raise MiniLLMError(f"unsupported device {device!r} (use cpu, cuda, cuda:N or mps)")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise MiniLLMError(f"device {device!r} requested but CUDA is not available")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
@@ -56,6 +54,8 @@ def load(name_or_path: str | Path, dtype=torch.float32, device="cpu", *, strict:
     if not isinstance(strict, bool):
         raise MiniLLMError(f"load: strict must be True or False, got {strict!r}")
     dtype, device = parse_dtype(dtype), parse_device(device)
+    if device.type == "meta":  # the weights would load as shapes only, and every call would fail
+        raise MiniLLMError(f"unsupported device {str(device)!r} for a model (use cpu, cuda, cuda:N or mps)")
     if is_gguf(name_or_path):
         from .gguf_file import load_model as load_gguf
 
