@@ -141,8 +141,34 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "long_chat.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     plot(out, report)
+    (out / "long_chat.md").write_text(section(report), encoding="utf-8")
     print(json.dumps(report["teacher_forced"]), file=sys.stderr)
     return 0
+
+
+def section(r: dict) -> str:
+    """The long-chat part of docs/RESULTS.md, every number from `r`."""
+    L = ["### Long chats", "",
+         f"{r['turns']} user turns (written in tools/long_chat.py: short questions on 25 subjects) through one "
+         f"ChatSession of S = {r['S']}, sampling at temperature {r['sampling']['temperature']}, top-p "
+         f"{r['sampling']['top_p']}, seed {r['sampling']['seed']}, at most {r['sampling']['max_new_tokens']} tokens "
+         "a reply. A reply is degenerate if it is empty, has no letters, or repeats a 4-gram 3 or more times. "
+         f"Its NLL is scored by a fresh dense forward over the last S tokens up to it. "
+         "Regenerate with `python tools/long_chat.py`; every reply is in `results/real/long_chat.json`.", "",
+         "![per-turn reply NLL and length](results/real/long_chat.png)", "",
+         "| mode | cache | tokens streamed | degenerate replies | mean reply tokens | mean reply NLL (recompute) | wall |",
+         "|---|---|---|---|---|---|---|"]
+    for mode, m in r["modes"].items():
+        cache = f"4+{r['S'] - 4}" if mode == "streaming" else f"0+{r['S']}"
+        nll = "n/a" if m["mean_recompute_nll"] is None else f"{m['mean_recompute_nll']:.3f}"
+        L.append(f"| {mode} | {cache} | {m['tokens_streamed']:,} | {m['degenerate']} of {len(m['rows'])} | "
+                 f"{m['mean_reply_tokens']:.1f} | {nll} | {m['wall_s'] / 60:.1f} min |")
+    tf = r["teacher_forced"]
+    L += ["", f"Teacher-forced: fixed answers (\"It is Paris.\", ...) in the same {r['turns']}-turn conversation "
+          f"({tf['tokens_in_conversation']:,} tokens), mean NLL of the answer tokens that recompute scores "
+          f"(every 4th token, {tf['recompute']['tokens']} of them): streaming {tf['streaming']['mean_nll']:.3f}, "
+          f"window {tf['window']['mean_nll']:.3f}, recompute {tf['recompute']['mean_nll']:.3f}.", ""]
+    return "\n".join(L) + "\n"
 
 
 def _mean(xs):

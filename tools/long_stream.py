@@ -67,6 +67,39 @@ def slope(ys: list[float]) -> tuple[float, float]:
     return b, 2.0 * math.sqrt(resid / sxx)
 
 
+def section(r: dict, args) -> str:
+    """The long-stream part of docs/RESULTS.md, every number from `r`."""
+    books = ", ".join(f"{b['book']} ({b['tokens']:,} tokens)" for b in r["books"])
+    flags = ("" if r["tokens"] == 1_000_000 else f" --tokens {r['tokens']}") + \
+        ("" if r["dtype"] == "float32" else f" --dtype {r['dtype']}")
+    L = ["### A long stream (the paper's Figure 5)", "",
+         f"{r['tokens']:,} tokens through one {r['cache']} cache ({r['dtype']}, {r['threads']} threads, "
+         f"{r['wall_s'] / 60:.1f} min, {r['tokens_per_s']:.0f} tokens/s), the corpus books concatenated in this "
+         f"order, nothing repeated: {books}. Regenerate with `python tools/long_stream.py{flags}`; numbers in "
+         "`results/real/long_stream.json`.", "", "![per-segment PPL](results/real/long_stream.png)", "",
+         "| segment | tokens | PPL (whole stream) | PPL after the segment's first S, one cache | same, fresh cache | ratio |",
+         "|---|---|---|---|---|---|"]
+    for s in r["segments"]:
+        fresh = s.get("fresh_ppl_after_first_S")
+        f_txt = "n/a" if fresh is None else f"{fresh:.3f}"
+        ratio = "n/a" if fresh is None else f"{s['ratio_long_over_fresh']:.4f}"
+        L.append(f"| {s['segment']} | {s['tokens'][0]:,}-{s['tokens'][1]:,} | {s['ppl']:.3f} | "
+                 f"{s['ppl_after_first_S']:.3f} | {f_txt} | {ratio} |")
+    d = r["no_drift"]
+    L.append("")
+    if d:
+        L.append(f"No drift, as defined: every ratio within 2% of 1: **{d['within_2_percent']}** (largest "
+                 f"deviation {100 * d['max_abs_ratio_minus_1']:.2f}%); slope of the ratios per segment "
+                 f"{d['slope_per_segment']:+.5f} +- {d['slope_95ci']:.5f} (95%): "
+                 f"{'a trend' if d['trend'] else 'no trend'}.")
+    L.append(f"Non-finite NLLs: {r['nonfinite']}. RSS after the first segment {r['rss_kib']['after_first_segment'] / 1024:.0f} "
+             f"MiB, after the last {r['rss_kib']['after_last_segment'] / 1024:.0f} MiB.")
+    if "nll_diff_vs_float32_first_segment" in r:
+        L.append(f"{r['dtype']} against float32 on the first segment: mean NLL difference "
+                 f"{r['nll_diff_vs_float32_first_segment']:+.5f} nats.")
+    return "\n".join(L) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, default=1_000_000)
@@ -97,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     if len(ids) <= args.tokens:
         raise SystemExit(f"the corpus has only {len(ids)} tokens")
     ids = ids[: args.tokens + 1]
+    for sp in spans:  # the tokens of each book that the stream uses (the last book is cut)
+        sp["tokens"] = max(0, min(sp["tokens"], args.tokens - sp["first_token"]))
     print(f"long stream: {args.tokens:,} tokens of {len(spans)} books, cache {args.sinks}+{args.window}, "
           f"{args.dtype}, {args.threads} threads (tokenized in {time.perf_counter() - t0:.0f} s)", file=sys.stderr)
 
@@ -165,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "long_stream.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    (out / "long_stream.md").write_text(section(report, args), encoding="utf-8")
     try:
         import matplotlib
 

@@ -641,8 +641,12 @@ def write_document(out: Path, tiny: str | None = None) -> None:
     def between(text, a, b):
         return text.split(a, 1)[1].split(b, 1)[0].strip("\n") if a in text and b in text else None
 
-    real_md = out / "results" / "real" / "section.md"
-    real = real_md.read_text(encoding="utf-8").strip("\n") if real_md.is_file() else between(old, REAL_BEGIN, REAL_END)
+    real_dir = out / "results" / "real"
+    parts = [real_dir / f for f in ("section.md", "long_stream.md", "long_chat.md", "streameval.md")]
+    if parts[0].is_file():  # the real-model part: tools/real_results.py, then the long-run tools' sections
+        real = "\n\n".join(f.read_text(encoding="utf-8").strip("\n") for f in parts if f.is_file())
+    else:
+        real = between(old, REAL_BEGIN, REAL_END)
     if tiny is None:
         tiny = between(old, TINY_BEGIN, TINY_END)
     if tiny is None and old.startswith("# StreamingLLM's findings, reproduced with the shipped tiny models"):
