@@ -55,11 +55,17 @@ class DensePlan:
 
 @dataclass
 class SinkFrame:
-    """The sink correction of a chunk: sink columns scored with the query at c_t, the sinks at i."""
+    """The sink correction of a chunk: sink columns scored with the query at c_t, the sinks at i.
+
+    `cols` are the key columns that can hold a sink: the cache's sink slots (the first `n_cached`,
+    whose raw keys are rotated at i by `cached_rot`), then chunk columns. When the rows differ,
+    `is_sink` (B, len(cols)) says which of them hold a sink in each row; None: all of them, in
+    every row."""
     q_rot: tuple  # RoPE for the queries at their cache positions c_t
-    cols: torch.Tensor  # key columns that hold sinks
-    n_cached: int  # how many of them are the cache's sink slots (the first ones)
-    cached_rot: tuple  # RoPE for those cached sinks' raw keys at their positions i
+    cols: torch.Tensor
+    n_cached: int
+    cached_rot: tuple
+    is_sink: torch.Tensor | None = None
 
 
 @dataclass
@@ -78,7 +84,7 @@ class DecodePlan:
     mask: torch.Tensor | None  # ALiBi bias (1, H, 1, n_valid); None with RoPE
     n_valid: int  # slots that hold a key after this token's write: a prefix of the buffer
     sink_rot: tuple | None  # RoPE for every layer's raw sinks at i + (t - c_t) (`rotate_sinks`)
-    write: CacheWrite
+    write: CacheWrite  # per-row steps: only rows where write.keep (the sinks of those rows too)
 
 
 Plan = DensePlan | ChunkPlan | DecodePlan
@@ -106,13 +112,19 @@ def decode_key_positions(t: int, sinks: int, window: int, device=None) -> torch.
 
 
 def make_plan(config: ModelConfig, n: int, cache: SinkCache | None, device, dtype,
-              inv_freq: torch.Tensor | None, slopes: torch.Tensor | None, want_probs: bool = False) -> Plan:
-    """The plan of one forward of n tokens: picks the path."""
+              inv_freq: torch.Tensor | None, slopes: torch.Tensor | None, want_probs: bool = False,
+              lengths: torch.Tensor | None = None) -> Plan:
+    """The plan of one forward of n tokens (row b: the first lengths[b] of them; None: all n)."""
     if cache is None:
         return plan_dense(config, n, device, dtype, inv_freq, slopes, want_probs)
     if n == 1 and not (want_probs or config.zero_sink):
-        return plan_decode(config, cache, device, dtype, inv_freq, slopes)
-    return plan_chunk(config, n, cache, device, dtype, inv_freq, slopes, want_probs)
+        return plan_decode(config, cache, device, dtype, inv_freq, slopes, lengths)
+    return plan_chunk(config, n, cache, device, dtype, inv_freq, slopes, want_probs, lengths)
+
+
+def _per_row(rot: tuple) -> tuple:
+    """RoPE tables made for (B, n) positions, shaped (B, 1, n, rot) to broadcast over the heads."""
+    return tuple(x[:, None] for x in rot)
 
 
 def _additive(allowed: torch.Tensor, dtype) -> torch.Tensor:
@@ -121,8 +133,8 @@ def _additive(allowed: torch.Tensor, dtype) -> torch.Tensor:
 
 
 def _alibi(config: ModelConfig, slopes, kp: KeyPositions, dtype) -> torch.Tensor:
-    """(1, H, n, Nk) ALiBi bias of row 0 from its cache-relative positions."""
-    return alibi_bias(config.alibi, slopes, kp.query_position[0], kp.position[0], config.scale, dtype)
+    """(B, H, n, Nk) ALiBi bias from each row's cache-relative positions."""
+    return alibi_bias(config.alibi, slopes, kp.query_position, kp.position, config.scale, dtype)
 
 
 def plan_dense(config: ModelConfig, n: int, device, dtype, inv_freq, slopes, want_probs=False) -> DensePlan:
@@ -132,52 +144,110 @@ def plan_dense(config: ModelConfig, n: int, device, dtype, inv_freq, slopes, wan
     if rope and not (want_probs or config.zero_sink):
         return DensePlan(rot=rot, mask=None, want_probs=want_probs)  # SDPA skips the masked blocks
     kp = key_positions(torch.zeros(1, dtype=torch.int64, device=device), n, 0, None)
-    mask = _additive(kp.allowed, dtype)  # (1, n, n)
+    mask = _additive(kp.allowed, dtype)[:, None]  # (1, 1, n, n), 4-D: CPU SDPA's fast kernel wants 4-D
     if not rope:
         mask = mask + _alibi(config, slopes, kp, dtype)
-    return DensePlan(rot=rot, mask=mask.view(1, -1, n, n), want_probs=want_probs)  # 4-D: CPU SDPA's fast kernel
+    return DensePlan(rot=rot, mask=mask, want_probs=want_probs)
 
 
 def plan_chunk(config: ModelConfig, n: int, cache: SinkCache, device, dtype, inv_freq, slopes,
-               want_probs=False) -> ChunkPlan:
-    """n tokens through the cache: keys are [the cache's S slots as they were, the chunk's own]."""
+               want_probs=False, lengths: torch.Tensor | None = None) -> ChunkPlan:
+    """n tokens through the cache: keys are [the cache's S slots as they were, the chunk's own].
+
+    Row b feeds the first lengths[b] tokens (None: all n) after its own tokens_seen[b]. When every
+    row is at the same position, the positions, mask and sink frame are made once and broadcast."""
     rope = config.positions == "rope"
     sinks, window, S = cache.sinks, cache.window, cache.capacity
-    t0 = cache.tokens_seen  # one count for every row (per-row counts: the batched-streams issue)
-    last = t0 + n - 1
-    t = torch.arange(t0, t0 + n, device=device)  # stream positions of the queries
-    rot = rope_tables(t, inv_freq, dtype) if rope else None
+    seen = cache.tokens_seen  # (B,), on the CPU
+    uniform = bool((seen == seen[0]).all())  # every row at the same stream position
+    t0max = int(seen.max())
+    fed = torch.full_like(seen, n) if lengths is None else lengths
+    lastmax = int((seen + fed).max()) - 1  # the furthest stream position fed
+    if uniform:
+        t = torch.arange(int(seen[0]), int(seen[0]) + n, device=device)  # (n,) stream positions of the queries
+        rot = rope_tables(t, inv_freq, dtype) if rope else None
+    else:
+        t = (seen[:, None] + torch.arange(n)).to(device)  # (B, n)
+        rot = _per_row(rope_tables(t, inv_freq, dtype)) if rope else None
+    write = _chunk_write(cache, n, lengths, uniform and lengths is None, rope, device)
 
-    # Sinks go to their slots, then only the last `window` ring tokens (earlier ones would be
-    # overwritten within this same chunk). Sinks also keep their un-rotated key, at raw slot i.
-    idx = torch.arange(n, device=device)
-    keep = (t < sinks) | (t > last - window)
-    write = CacheWrite(dst=cache.slot_of(t[keep]), src=idx[keep])
-    if rope and cache.raw_sink_k is not None and t0 < sinks:
-        write.raw_src, write.raw_dst = idx[t < sinks], t[t < sinks]
-
-    plan = ChunkPlan(rot=rot, mask=None, use_cache_cols=t0 > 0, sink=None, write=write, want_probs=want_probs)
-    if rope and not (want_probs or config.zero_sink) and t0 == 0 and last < S:
+    plan = ChunkPlan(rot=rot, mask=None, use_cache_cols=t0max > 0, sink=None, write=write, want_probs=want_probs)
+    if rope and not (want_probs or config.zero_sink) and t0max == 0 and lastmax < S:
         return plan  # nothing evicted yet: every key set is {0..t}, plain causal (tests/test_keys.py)
 
-    seen = torch.full((1,), t0, device=device)  # a fill, not a host-to-device copy
-    kp = key_positions(seen, n, sinks, window, slots=t0 > 0)  # no slot columns if the cache is empty
-    mask = _additive(kp.allowed, dtype)  # (1, n, Nk)
-    if rope and sinks and last >= S:  # some query sees the sinks at a position other than the text's
-        key = kp.key[0]
-        n_cached = min(t0, sinks)  # the cache's sink slots 0..n_cached-1 hold sinks 0..n_cached-1
-        plan.sink = SinkFrame(q_rot=rope_tables(kp.query_position[0], inv_freq, dtype),
-                              cols=torch.nonzero((key >= 0) & (key < sinks)).flatten(), n_cached=n_cached,
-                              cached_rot=rope_tables(kp.positions_of(slice(n_cached))[0, -1], inv_freq, dtype))
+    kp = key_positions((seen[:1] if uniform else seen).to(device), n, sinks, window, slots=t0max > 0)
+    mask = _additive(kp.allowed, dtype)[:, None]  # (B|1, 1, n, Nk): 4-D, CPU SDPA's fast kernel wants 4-D
+    if rope and sinks and lastmax >= S:  # some query sees the sinks at a position other than the text's
+        plan.sink = _sink_frame(kp, int(seen[0]) if uniform else None, n, S, plan.use_cache_cols, inv_freq, dtype)
     if not rope:
-        mask = mask + _alibi(config, slopes, kp, dtype)
-    plan.mask = mask.view(1, -1, *mask.shape[-2:])  # 4-D: CPU SDPA's fast kernel wants a 4-D mask
+        mask = mask + _alibi(config, slopes, kp, dtype)  # (B|1, H, n, Nk)
+    plan.mask = mask
     return plan
 
 
-def plan_decode(config: ModelConfig, cache: SinkCache, device, dtype, inv_freq, slopes) -> DecodePlan:
-    """One token t: slot arithmetic in Python ints (`decode_frame`), every changing value a tensor."""
-    t0 = cache.tokens_seen
+def _chunk_write(cache: SinkCache, n: int, lengths, same: bool, rope: bool, device) -> CacheWrite:
+    """Row b's tokens t0_b .. t0_b + lengths[b] - 1 go to their slots: the sinks, then only the
+    last `window` ring tokens (earlier ones would be overwritten within the same chunk). Sinks also
+    keep their un-rotated key, at raw slot i. `same`: one list of columns serves every row."""
+    sinks, window = cache.sinks, cache.window
+    seen = cache.tokens_seen
+    fed = torch.full_like(seen, n) if lengths is None else lengths
+    idx = torch.arange(n)
+    t = seen[:, None] + idx  # (B, n) stream positions
+    last = (seen + fed - 1)[:, None]
+    is_sink = (t < sinks) & (idx < fed[:, None])
+    keep = is_sink | ((t > last - window) & (idx < fed[:, None]))
+    raw = rope and cache.raw_sink_k is not None and bool(is_sink.any())
+    if same:
+        write = CacheWrite(dst=slot_of(t[0][keep[0]], sinks, window).to(device), src=idx[keep[0]].to(device))
+        if raw:
+            write.raw_src, write.raw_dst = idx[is_sink[0]].to(device), t[0][is_sink[0]].to(device)
+        return write
+    row, src = keep.nonzero(as_tuple=True)
+    write = CacheWrite(dst=slot_of(t[row, src], sinks, window).to(device), src=src.to(device), row=row.to(device))
+    if raw:
+        row, src = is_sink.nonzero(as_tuple=True)
+        write.raw_row, write.raw_src, write.raw_dst = row.to(device), src.to(device), t[row, src].to(device)
+    return write
+
+
+def _sink_frame(kp: KeyPositions, t0: int | None, n: int, S: int, use_cache_cols: bool, inv_freq, dtype) -> SinkFrame:
+    """Which key columns hold sinks, and the rotations that score them at the sinks' positions i.
+
+    t0: every row's tokens_seen when they are all equal (then the columns are exact and shared),
+    None when the rows differ (then every column that can hold a sink is a candidate, and
+    `is_sink` says which do, per row)."""
+    sinks = kp.sinks
+    q_rot = _per_row(rope_tables(kp.query_position, inv_freq, dtype))
+    device = kp.key.device
+    if t0 is not None:
+        key = kp.key[0]
+        n_cached = min(t0, sinks)  # the cache's sink slots 0..n_cached-1 hold sinks 0..n_cached-1
+        cols = torch.nonzero((key >= 0) & (key < sinks)).flatten()
+        is_sink = None
+    else:
+        n_cached = sinks if use_cache_cols else 0  # every sink slot, then the chunk's first columns
+        first = S if use_cache_cols else 0
+        cols = torch.cat([torch.arange(n_cached), first + torch.arange(min(sinks, n))]).to(device)
+        key = kp.key[:, cols]
+        is_sink = (key >= 0) & (key < sinks)
+    return SinkFrame(q_rot=q_rot, cols=cols, n_cached=n_cached, is_sink=is_sink,
+                     cached_rot=rope_tables(torch.arange(n_cached, device=device), inv_freq, dtype))
+
+
+def plan_decode(config: ModelConfig, cache: SinkCache, device, dtype, inv_freq, slopes,
+                lengths: torch.Tensor | None = None) -> DecodePlan:
+    """One token per row (lengths[b] in {0, 1}; None: every row). Rows at one position take the
+    lockstep form, in Python ints; rows at different positions the per-row form."""
+    seen = cache.tokens_seen
+    if lengths is None and bool((seen == seen[0]).all()):
+        return _plan_decode_lockstep(config, cache, int(seen[0]), device, dtype, inv_freq, slopes)
+    return _plan_decode_rows(config, cache, lengths, device, dtype, inv_freq, slopes)
+
+
+def _plan_decode_lockstep(config, cache, t0: int, device, dtype, inv_freq, slopes) -> DecodePlan:
+    """Every row at token t0: slot arithmetic in Python ints (`decode_frame`), every changing value
+    a tensor, and attention over the valid prefix of the buffer."""
     f = decode_frame(t0, cache.sinks, cache.window)
     # Tensors, so a compiled step is the same graph every step; made by arange, which on CUDA is a
     # kernel launch, where torch.tensor([x]) would be a synchronising host-to-device copy.
@@ -194,6 +264,36 @@ def plan_decode(config: ModelConfig, cache: SinkCache, device, dtype, inv_freq, 
     else:
         k_pos = decode_key_positions(t0, cache.sinks, cache.window, device)
         plan.mask = alibi_bias(config.alibi, slopes, t.clamp(max=cache.capacity - 1), k_pos, config.scale, dtype)
+    return plan
+
+
+def _plan_decode_rows(config, cache, lengths, device, dtype, inv_freq, slopes) -> DecodePlan:
+    """Row b's token t_b = tokens_seen[b], where lengths[b] == 1: each row its own slot, RoPE
+    position, sink frame and ALiBi bias, over all S slots with the empty ones masked.
+
+    The plan has the same structure whatever the rows do (every field a tensor of a fixed shape),
+    so a compiled step never recompiles as the rows move, start or idle. An idle row
+    (lengths[b] == 0) is computed too, but writes nothing: its buffers stay bit-identical."""
+    sinks, window, S = cache.sinks, cache.window, cache.capacity
+    t = cache.tokens_seen  # (B,), on the CPU
+    active = torch.ones_like(t, dtype=torch.bool) if lengths is None else lengths > 0
+    shift = (t - (S - 1)).clamp(min=0)  # t - c_t: where the sinks sit in this query's frame
+    write = CacheWrite(dst=slot_of(t, sinks, window).to(device), keep=active.to(device))
+    held = slot_positions(t + 1, sinks, window)  # (B, S) after this token's write; -1: empty
+    plan = DecodePlan(rot=None, mask=_additive(held >= 0, dtype).to(device)[:, None, None],  # (B, 1, 1, S)
+                      n_valid=S, sink_rot=None, write=write)
+    if config.positions == "rope":
+        plan.rot = _per_row(_per_row(rope_tables(t.to(device), inv_freq, dtype)))  # (B, 1, 1, rot)
+        if cache.raw_sink_k is not None:  # rows at a sink keep its un-rotated key too
+            write.raw_dst = t.clamp(max=sinks - 1).to(device)
+            write.raw_keep = (active & (t < sinks)).to(device)
+        if sinks:
+            at = (torch.arange(sinks)[None, :] + shift[:, None]).to(device)  # (B, sinks)
+            plan.sink_rot = _per_row(rope_tables(at, inv_freq, dtype))  # (B, 1, sinks, rot)
+    else:
+        k_pos = torch.where(held < sinks, held, held - shift[:, None]).to(device)  # cache-relative
+        q_pos = t.clamp(max=S - 1).to(device)[:, None]  # (B, 1)
+        plan.mask = plan.mask + alibi_bias(config.alibi, slopes, q_pos, k_pos[:, None], config.scale, dtype)
     return plan
 
 
@@ -232,7 +332,7 @@ def rotate_sinks(plan: DecodePlan, cache: SinkCache) -> None:
 
     Once per step for all layers (sinks x KV heads keys each); the window keys never move."""
     cos, sin = plan.sink_rot
-    cache.put_sinks(rope_rotate(cache.raw_sink_k, cos, sin))
+    cache.put_sinks(rope_rotate(cache.raw_sink_k, cos, sin), plan.write.keep)
 
 
 def decode_attend(config: ModelConfig, qkv: torch.Tensor, plan: DecodePlan, cache: SinkCache, layer: int) -> torch.Tensor:
@@ -253,14 +353,17 @@ def decode_attend(config: ModelConfig, qkv: torch.Tensor, plan: DecodePlan, cach
     # One query per head: the g = H / KV heads sharing a K/V head are g query rows of that head
     # (plain SDPA, each K/V head read once; ~17% faster on CPU than enable_gqa's broadcast).
     B, g, hd = qkv.shape[0], H // KV, qkv.shape[-1]
-    mask = None if plan.mask is None else plan.mask.view(1, KV, g, -1)
+    mask = plan.mask  # None, (B|1, H, 1, n) per head (ALiBi), or (B, 1, 1, S) (RoPE, per row)
+    if mask is not None and mask.shape[1] == H:
+        mask = mask.view(mask.shape[0], KV, g, -1)
     out = F.scaled_dot_product_attention(qk[:, :H].view(B, KV, g, hd), keys, values, attn_mask=mask,
                                          scale=config.scale)
     return out.view(B, H, 1, hd)
 
 
 def _sink_keys(sink: SinkFrame, keys, cache, layer) -> torch.Tensor:
-    """The sink columns' keys rotated at their cache positions i (B, KV, len(sink.cols), hd)."""
+    """The sink columns' keys rotated at their cache positions i (B, KV, len(sink.cols), hd)
+    (where is_sink is False: whatever the column holds, rotated, never used)."""
     sink_keys = keys[:, :, sink.cols]
     if sink.n_cached:  # the cache's sink slots may hold another frame: rotate the raw keys
         scos, ssin = sink.cached_rot
@@ -281,7 +384,10 @@ def _sdpa_sink_corrected(config, q, keys, values, raw_q, mask, sink: SinkFrame, 
     q2 = torch.cat([q, rope_rotate(raw_q, cos, sin)], dim=-1)
     k2 = torch.cat([keys, torch.zeros_like(keys)], dim=-1)
     sink_keys = _sink_keys(sink, keys, cache, layer)
-    k2[:, :, sink.cols] = torch.cat([torch.zeros_like(sink_keys), sink_keys], dim=-1)
+    corrected = torch.cat([torch.zeros_like(sink_keys), sink_keys], dim=-1)
+    if sink.is_sink is not None:  # rows differ: only the columns that hold a sink in that row
+        corrected = torch.where(sink.is_sink[:, None, :, None], corrected, k2[:, :, sink.cols])
+    k2[:, :, sink.cols] = corrected
     v2 = torch.cat([values, torch.zeros_like(values)], dim=-1)
     out = F.scaled_dot_product_attention(q2, k2, v2, attn_mask=mask, scale=config.scale, enable_gqa=True)
     return out[..., :hd]
@@ -299,7 +405,10 @@ def _manual(config, q, keys, values, raw_q, mask, sink: SinkFrame | None, cache,
         cos, sin = sink.q_rot
         qrel = rope_rotate(raw_q, cos, sin).view(B, KV, g, n, hd)
         sink_keys = _sink_keys(sink, keys, cache, layer)
-        scores[..., sink.cols] = (qrel @ sink_keys[:, :, None].transpose(-1, -2)) * config.scale
+        corrected = (qrel @ sink_keys[:, :, None].transpose(-1, -2)) * config.scale
+        if sink.is_sink is not None:  # rows differ: only the columns that hold a sink in that row
+            corrected = torch.where(sink.is_sink[:, None, None, None, :], corrected, scores[..., sink.cols])
+        scores[..., sink.cols] = corrected
     acc = torch.promote_types(scores.dtype, torch.float32)  # softmax in float32 at least
     scores = scores.view(B, H, n, -1).to(acc) + mask.to(acc)
     if config.zero_sink:  # softmax over [scores, 0]: an implicit key with zero score and zero value

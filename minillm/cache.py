@@ -10,8 +10,13 @@ Per layer the buffers are (B, n_kv_heads, S, head_dim), allocated once:
 Token j goes to slot j while j < sinks, and to ring slot sinks + (j - sinks) % window after that,
 overwriting the token that leaves the window. Eviction is that one overwrite: O(1), and nothing is
 ever reallocated, concatenated or grown. Which token sits in which slot is a pure function of
-`tokens_seen` (`slot_positions`), so the only bookkeeping is that one integer; it advances in one
+`tokens_seen` (`slot_positions`), so the only bookkeeping is that count; it advances in one
 place, `advance`, after a forward has written its keys with `write`.
+
+Every row b of the batch is its own stream (docs/streaming.md, "Many streams"): `tokens_seen` is a
+(B,) int64 CPU tensor, one count per row, and a forward may feed each row a different number of
+tokens. Rows are reset (`reset(rows)`) and moved out and back (`export_row` / `import_row`) one at
+a time, in place.
 
 Keys are stored RoPE-rotated at their stream position. For a window key j and query t the
 distance t - j is then exactly the cache-relative one; only the sinks need another position, so
@@ -25,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from .checks import check_int
+from .errors import MiniLLMError
 
 
 def slot_of(positions: int | torch.Tensor, sinks: int, window: int) -> int | torch.Tensor:
@@ -61,11 +67,33 @@ class CacheWrite:
     A chunk writes its columns `src` to slots `dst` (sinks, then only the last `window` ring tokens:
     earlier ones would be overwritten within the same chunk). A decode step (`src` None) writes its
     one token to slot `dst` (1,). Sinks also keep their un-rotated key at raw slot i: columns
-    `raw_src` (None: the one token) to `raw_dst`; `raw_dst` None when there is nothing to keep."""
+    `raw_src` (None: the one token) to `raw_dst`; `raw_dst` None when there is nothing to keep.
+
+    Per-row writes (rows at different positions, or fed different numbers of tokens):
+    - a chunk names the row of every (src, dst) pair in `row` (and `raw_row` for the raw pairs);
+    - a decode step writes row b's token to slot `dst[b]` (B,), only where `keep[b]` (None: every
+      row; a row that is fed nothing keeps its old value, bit for bit), and its raw key to raw
+      slot `raw_dst[b]` where `raw_keep[b]`."""
     dst: torch.Tensor
     src: torch.Tensor | None = None
     raw_dst: torch.Tensor | None = None
     raw_src: torch.Tensor | None = None
+    row: torch.Tensor | None = None
+    raw_row: torch.Tensor | None = None
+    keep: torch.Tensor | None = None
+    raw_keep: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class RowState:
+    """One row's stream, out of its cache (`SinkCache.export_row`): its keys, values and count."""
+    k: torch.Tensor  # (layers, KV, S, hd)
+    v: torch.Tensor
+    raw_sink_k: torch.Tensor | None  # (layers, KV, sinks, hd)
+    tokens_seen: int
+    sinks: int
+    window: int
+    owner_id: int
 
 
 class SinkCache:
@@ -82,10 +110,31 @@ class SinkCache:
         # Un-rotated sink keys, so the sinks can be placed at any cache position exactly.
         self.raw_sink_k = (torch.zeros(shape[:3] + (self.sinks, head_dim), dtype=dtype, device=device)
                            if keep_raw_sinks and self.sinks else None)
-        self.tokens_seen = 0
+        self._seen = torch.zeros(batch_size, dtype=torch.int64)  # per row; on the CPU, read by the plans
         # Index tensors for whole-buffer writes (see put_token), made once.
         self._layer_ids = torch.arange(num_layers, device=device).split(1)
         self._sink_ids = torch.arange(self.sinks, device=device)
+        self._row_ids = torch.arange(batch_size, device=device)
+
+    @property
+    def tokens_seen(self) -> torch.Tensor:
+        """(B,) int64 CPU tensor: how many tokens each row's stream has consumed."""
+        return self._seen
+
+    @tokens_seen.setter
+    def tokens_seen(self, value) -> None:
+        """Set every row's count (an int), or each row's ((B,) integers). Tests and benchmarks
+        use it to start from a steady state; the keys in the buffers are not changed."""
+        if isinstance(value, torch.Tensor):
+            if value.shape != self._seen.shape or value.dtype.is_floating_point or value.dtype == torch.bool:
+                raise MiniLLMError(f"tokens_seen must be an int or a ({self.batch_size},) integer tensor, got a "
+                                   f"{tuple(value.shape)} {value.dtype} tensor")
+            if bool((value < 0).any()):
+                raise MiniLLMError("tokens_seen must be >= 0 in every row")
+            if value is not self._seen:  # `cache.tokens_seen += n` has already updated it in place
+                self._seen.copy_(value)
+        else:
+            self._seen.fill_(check_int("tokens_seen", value, 0))
 
     @property
     def capacity(self) -> int:
@@ -99,42 +148,114 @@ class SinkCache:
     def device(self) -> torch.device:
         return self.k.device
 
+    def keys_held(self) -> torch.Tensor:
+        """(B,) int64: the number of keys each row holds (at most S)."""
+        return self._seen.clamp(max=self.capacity)
+
     def __len__(self) -> int:
-        """Number of keys held (at most S)."""
-        return min(self.tokens_seen, self.capacity)
+        """Number of keys held (at most S), when every row holds the same number."""
+        held = self.keys_held()
+        if bool((held != held[0]).any()):
+            raise MiniLLMError(f"len(cache): the rows hold different numbers of keys ({held.tolist()}); "
+                               f"use cache.keys_held()")
+        return int(held[0])
 
     def __repr__(self) -> str:
+        seen = self._seen.tolist()
         return (f"SinkCache(sinks={self.sinks}, window={self.window}, batch_size={self.batch_size}, "
-                f"tokens_seen={self.tokens_seen}, dtype={self.dtype}, device={self.device})")
+                f"tokens_seen={seen[0] if len(seen) == 1 else seen}, dtype={self.dtype}, device={self.device})")
 
-    def reset(self) -> None:
-        """Start a new stream. The buffers are kept (and zeroed), never reallocated."""
-        self.tokens_seen = 0
-        self.k.zero_()
-        self.v.zero_()
+    def rows(self, rows, what: str = "reset") -> list[int]:
+        """`rows` (an int, or a sequence or 1-D tensor of ints) as a checked list of row indices."""
+        if isinstance(rows, torch.Tensor):
+            if rows.dim() > 1 or rows.dtype.is_floating_point or rows.dtype == torch.bool:
+                raise MiniLLMError(f"{what}: rows must be integer row indices, got a {tuple(rows.shape)} "
+                                   f"{rows.dtype} tensor")
+            rows = rows.tolist() if rows.dim() else [rows.item()]
+        elif isinstance(rows, int) and not isinstance(rows, bool):
+            rows = [rows]
+        elif isinstance(rows, (str, bytes)) or not hasattr(rows, "__iter__"):
+            raise MiniLLMError(f"{what}: rows must be a row index or a list of them, got {rows!r}")
+        return [check_int(f"{what}: row", r, 0, self.batch_size - 1,
+                          hint=f" (the cache has {self.batch_size} rows)") for r in rows]
+
+    def reset(self, rows=None) -> None:
+        """Start new streams in `rows` (an int or a list; None: every row). The buffers are kept
+        (the rows zeroed), never reallocated; other rows are not touched."""
+        if rows is None:
+            self._seen.zero_()
+            self.k.zero_()
+            self.v.zero_()
+            if self.raw_sink_k is not None:
+                self.raw_sink_k.zero_()
+            return
+        for b in self.rows(rows):
+            self._seen[b] = 0
+            self.k[:, b].zero_()
+            self.v[:, b].zero_()
+            if self.raw_sink_k is not None:
+                self.raw_sink_k[:, b].zero_()
+
+    def export_row(self, row: int) -> RowState:
+        """A copy of row `row`'s stream: import it into a row of any cache of the same shape from
+        the same model, and the stream continues there exactly as if it had never left."""
+        (b,) = self.rows(row, "export_row")
+        raw = None if self.raw_sink_k is None else self.raw_sink_k[:, b].clone()
+        return RowState(k=self.k[:, b].clone(), v=self.v[:, b].clone(), raw_sink_k=raw,
+                        tokens_seen=int(self._seen[b]), sinks=self.sinks, window=self.window,
+                        owner_id=self.owner_id)
+
+    def import_row(self, row: int, state: RowState) -> None:
+        """Put an exported stream into row `row` (in place: the buffers are not reallocated)."""
+        (b,) = self.rows(row, "import_row")
+        if not isinstance(state, RowState):
+            raise MiniLLMError(f"import_row: state must be a RowState from cache.export_row(), got "
+                               f"{type(state).__name__}")
+        if state.owner_id != self.owner_id:
+            raise MiniLLMError("import_row: the state comes from a cache of a different model")
+        if (state.sinks, state.window) != (self.sinks, self.window):
+            raise MiniLLMError(f"import_row: the state is from a cache of sinks {state.sinks} + window "
+                               f"{state.window}, this one is {self.sinks} + {self.window}")
+        for name, got, buf in (("k", state.k, self.k), ("v", state.v, self.v),
+                               ("raw_sink_k", state.raw_sink_k, self.raw_sink_k)):
+            if (got is None) != (buf is None) or (buf is not None and (
+                    got.shape != buf.shape[:1] + buf.shape[2:] or got.dtype != buf.dtype)):
+                raise MiniLLMError(f"import_row: the state's {name} does not fit this cache (another dtype or "
+                                   f"shape: {None if got is None else (tuple(got.shape), got.dtype)})")
+        self.k[:, b].copy_(state.k)
+        self.v[:, b].copy_(state.v)
         if self.raw_sink_k is not None:
-            self.raw_sink_k.zero_()
+            self.raw_sink_k[:, b].copy_(state.raw_sink_k)
+        self._seen[b] = state.tokens_seen
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, raw_k: torch.Tensor, w: CacheWrite) -> None:
         """Persist one forward's keys at `layer`: k (rotated) and v, and raw_k (un-rotated) for sinks.
 
         k, v, raw_k (B, KV, n, hd). The only place a forward writes the cache; `advance` follows."""
-        if w.src is None:  # one token: in place, also under torch.compile
+        if w.src is None:  # one token per row: in place, also under torch.compile
+            put = self.put_token if w.dst.shape[0] == 1 and w.keep is None else self.put_rows
             if w.raw_dst is not None:
-                self.put_token(self.raw_sink_k, layer, w.raw_dst, raw_k)
-            self.put_token(self.k, layer, w.dst, k)
-            self.put_token(self.v, layer, w.dst, v)
+                put(self.raw_sink_k, layer, w.raw_dst, raw_k, w.raw_keep)
+            put(self.k, layer, w.dst, k, w.keep)
+            put(self.v, layer, w.dst, v, w.keep)
             return
-        self.k[layer].index_copy_(2, w.dst, k[:, :, w.src])  # into the fixed buffers
-        self.v[layer].index_copy_(2, w.dst, v[:, :, w.src])
+        if w.row is None:  # every row writes the same columns to the same slots
+            self.k[layer].index_copy_(2, w.dst, k[:, :, w.src])  # into the fixed buffers
+            self.v[layer].index_copy_(2, w.dst, v[:, :, w.src])
+            if w.raw_dst is not None:
+                self.raw_sink_k[layer].index_copy_(2, w.raw_dst, raw_k[:, :, w.raw_src])
+            return
+        self.k[layer][w.row, :, w.dst] = k[w.row, :, w.src]  # (pairs, KV, hd), in place
+        self.v[layer][w.row, :, w.dst] = v[w.row, :, w.src]
         if w.raw_dst is not None:
-            self.raw_sink_k[layer].index_copy_(2, w.raw_dst, raw_k[:, :, w.raw_src])
+            self.raw_sink_k[layer][w.raw_row, :, w.raw_dst] = raw_k[w.raw_row, :, w.raw_src]
 
-    def advance(self, n: int) -> None:
-        """n more tokens have been written at every layer: the one place tokens_seen moves."""
-        self.tokens_seen += n
+    def advance(self, n: int | torch.Tensor) -> None:
+        """n more tokens (an int for every row, or (B,) per row) have been written at every layer:
+        the one place tokens_seen moves."""
+        self._seen += n
 
-    def put_token(self, buf: torch.Tensor, layer: int, slot: torch.Tensor, x: torch.Tensor) -> None:
+    def put_token(self, buf: torch.Tensor, layer: int, slot: torch.Tensor, x: torch.Tensor, keep=None) -> None:
         """buf[layer][:, :, slot] = x, for one token's x (B, KV, 1, hd); buf is k, v or raw_sink_k."""
         if torch.compiler.is_compiling():
             # A write through the view buf[layer] is functionalised into a copy of the whole buffer
@@ -143,15 +264,33 @@ class SinkCache:
         else:
             buf[layer].index_copy_(2, slot, x)  # eager: the cheapest call
 
-    def put_sinks(self, keys: torch.Tensor) -> None:
-        """k[:, :, :, :sinks] = keys (layers, B, KV, sinks, hd), in place when compiled too."""
+    def put_rows(self, buf: torch.Tensor, layer: int, slot: torch.Tensor, x: torch.Tensor,
+                 keep: torch.Tensor | None) -> None:
+        """buf[layer][b, :, slot[b]] = x[b] for every row b where keep[b] (None: all), x (B, KV, 1, hd).
+
+        Fixed shapes whatever the rows do: a row not kept gets its old value back, bit for bit."""
+        x = x[:, :, 0]
+        rows = self._row_ids
+        if keep is not None:
+            x = torch.where(keep[:, None, None], x, buf[layer][rows, :, slot])
+        if torch.compiler.is_compiling():
+            buf[self._layer_ids[layer], rows, :, slot] = x  # on the buffer itself: in place (put_token)
+        else:
+            buf[layer][rows, :, slot] = x
+
+    def put_sinks(self, keys: torch.Tensor, keep: torch.Tensor | None = None) -> None:
+        """k[:, :, :, :sinks] = keys (layers, B, KV, sinks, hd), in place when compiled too; only
+        rows where keep (B,) bool (None: all; the others keep their keys bit for bit)."""
+        if keep is not None:
+            keys = torch.where(keep[None, :, None, None, None], keys, self.k[:, :, :, self._sink_ids])
         self.k[:, :, :, self._sink_ids] = keys
 
     def slot_of(self, positions: int | torch.Tensor) -> int | torch.Tensor:
         """The slot that stream position(s) j are written to (a Python int for an int: decode)."""
         return slot_of(positions, self.sinks, self.window)
 
-    def slot_positions(self, tokens_seen: int | None = None, device=None) -> torch.Tensor:
-        """(S,) int64: the stream position held by each slot after `tokens_seen` tokens, -1 if empty."""
-        t = self.tokens_seen if tokens_seen is None else tokens_seen
+    def slot_positions(self, tokens_seen: int | None = None, device=None, row: int = 0) -> torch.Tensor:
+        """(S,) int64: the stream position held by each slot after `tokens_seen` tokens (default:
+        row `row`'s count), -1 if empty."""
+        t = int(self._seen[row]) if tokens_seen is None else tokens_seen
         return slot_positions(t, self.sinks, self.window, device=device or self.device)[0]

@@ -123,6 +123,16 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
+def _kept(lengths: torch.Tensor, keep: int, device) -> torch.Tensor:
+    """(B, keep) positions of each row's last `keep` consumed tokens (clamped at 0: unspecified)."""
+    return (lengths[:, None] - keep + torch.arange(keep)).clamp(min=0).to(device)
+
+
+def _gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x (B, n, d) at positions idx (B, k) per row -> (B, k, d)."""
+    return x.gather(1, idx[:, :, None].expand(-1, -1, x.shape[-1]))
+
+
 class Model(nn.Module):
     """A decoder-only LM. `model(ids)` is dense; `model(ids, cache=cache)` streams."""
 
@@ -247,22 +257,71 @@ class Model(nn.Module):
                                "which cannot stream past max_seq_len; use the dense forward")
 
     def forward(self, input_ids: torch.Tensor, cache: SinkCache | None = None,
-                attn_probs: list | None = None, logits_to_keep: int = 0) -> torch.Tensor:
+                attn_probs: list | None = None, logits_to_keep: int = 0, lengths=None) -> torch.Tensor:
         """(B, T) ids -> (B, T, vocab) logits. With `cache`, streams the T tokens through it.
+
+        `lengths` (with a cache; a (B,) tensor or list of ints in [0, T]): row b consumes only
+        input_ids[b, :lengths[b]], the next tokens of its own stream (right padding); logits at
+        padded positions are unspecified, and a row of length 0 is not touched. When every length
+        is 0 or 1 this is the batched decode step, each row at its own position.
 
         `attn_probs`, when a list is given, receives each layer's (B, H, T, keys) attention
         probabilities (the explicit-scores path, for attention maps). `logits_to_keep=k > 0`
-        returns only the last k positions' logits (B, k, vocab), and computes only those: a
-        recomputation that needs the last token's prediction skips a (T, vocab) product.
+        returns only the last k positions' logits (B, k, vocab), each row's last k consumed ones
+        with `lengths`, and computes only those: a recomputation that needs the last token's
+        prediction skips a (T, vocab) product.
         """
         self._check(input_ids, cache)
         if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) or logits_to_keep < 0:
             raise MiniLLMError(f"logits_to_keep must be an integer >= 0, got {logits_to_keep!r}")
-        if cache is None or input_ids.shape[1] <= self.max_chunk:
-            return self._forward(input_ids, cache, attn_probs, logits_to_keep)
-        pieces = input_ids.split(self.max_chunk, dim=1)  # chunking never changes the result
-        logits = torch.cat([self._forward(p, cache, attn_probs, 0) for p in pieces], dim=1)
-        return logits[:, -logits_to_keep:] if logits_to_keep else logits
+        B, T = input_ids.shape
+        lengths = self._lengths(lengths, B, T, cache)
+        keep = min(logits_to_keep, T)
+        if lengths is not None and T > 1 and int(lengths.max()) <= 1:  # one token per row at most: decode
+            logits = self._forward(input_ids[:, :1], cache, attn_probs, 1, lengths)
+            return logits.expand(B, keep or T, logits.shape[-1])  # padded positions are unspecified
+        if cache is None or T <= self.max_chunk:
+            return self._forward(input_ids, cache, attn_probs, keep, lengths)
+        # Chunking never changes the result: pieces of max_chunk tokens, each row its share of each.
+        logits = []
+        for p0 in range(0, T, self.max_chunk):
+            piece = input_ids[:, p0 : p0 + self.max_chunk]
+            share = None if lengths is None else (lengths - p0).clamp(0, piece.shape[1])
+            logits.append(self._forward(piece, cache, attn_probs, 0, share))
+        logits = torch.cat(logits, dim=1)
+        if not keep:
+            return logits
+        return logits[:, -keep:] if lengths is None else _gather_rows(logits, _kept(lengths, keep, logits.device))
+
+    @staticmethod
+    def _lengths(lengths, B: int, T: int, cache) -> torch.Tensor | None:
+        """`lengths` checked, as a (B,) int64 CPU tensor; None when every row consumes all T."""
+        if lengths is None:
+            return None
+        if cache is None:
+            raise MiniLLMError("lengths: per-row lengths need a cache (the dense forward has no streams; "
+                               "right padding does not change causal logits anyway)")
+        if isinstance(lengths, torch.Tensor):
+            if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
+                raise MiniLLMError(f"lengths must hold integers, got a {lengths.dtype} tensor")
+            if lengths.dim() != 1:
+                raise MiniLLMError(f"lengths must be one length per row, shape ({B},), got {tuple(lengths.shape)}")
+            values = lengths.tolist()
+        elif isinstance(lengths, (str, bytes)) or not hasattr(lengths, "__len__"):
+            raise MiniLLMError(f"lengths must be a (batch,) tensor or a list of ints, got {type(lengths).__name__}")
+        else:
+            values = list(lengths)
+        if len(values) != B:
+            raise MiniLLMError(f"lengths must give one length per row: the batch has {B} rows, lengths has "
+                               f"{len(values)}")
+        for b, n in enumerate(values):
+            if isinstance(n, bool) or not isinstance(n, int):
+                raise MiniLLMError(f"lengths[{b}] must be an integer, got {n!r} ({type(n).__name__})")
+            if not 0 <= n <= T:
+                raise MiniLLMError(f"lengths[{b}] must be in [0, {T}] (the input has {T} tokens per row), got {n}")
+        if all(n == T for n in values):
+            return None
+        return torch.tensor(values, dtype=torch.int64)
 
     def compile_decode(self, **options) -> "Model":
         """Run one-token streaming steps through `torch.compile(step, **options)`.
@@ -277,19 +336,22 @@ class Model(nn.Module):
         self._decode_step = torch.compile(self._step, **options)
         return self
 
-    def _forward(self, input_ids, cache, attn_probs, logits_to_keep=0):
+    def _forward(self, input_ids, cache, attn_probs, logits_to_keep=0, lengths=None):
         n = input_ids.shape[1]
         inv_freq, slopes = self._positional_tables(input_ids.device)
         plan = make_plan(self.config, n, cache, input_ids.device, self.dtype, inv_freq, slopes,
-                         want_probs=attn_probs is not None)
+                         want_probs=attn_probs is not None, lengths=lengths)
         decode = isinstance(plan, DecodePlan)
         step = self._decode_step if decode and self._decode_step is not None else self._step
-        logits = step(input_ids, plan, cache, attn_probs, logits_to_keep)
+        if lengths is not None and logits_to_keep and n > 1:  # each row's own last positions
+            logits = step(input_ids, plan, cache, attn_probs, 0, _kept(lengths, logits_to_keep, input_ids.device))
+        else:
+            logits = step(input_ids, plan, cache, attn_probs, logits_to_keep)
         if cache is not None:  # every layer has written its keys (SinkCache.write)
-            cache.advance(n)
+            cache.advance(n if lengths is None else lengths)
         return logits
 
-    def _step(self, input_ids, plan, cache, attn_probs, logits_to_keep=0):
+    def _step(self, input_ids, plan, cache, attn_probs, logits_to_keep=0, kept=None):
         c = self.config
         x = self.embed(input_ids)
         if self.wpe is not None:
@@ -298,7 +360,9 @@ class Model(nn.Module):
             rotate_sinks(plan, cache)
         for block in self.layers:
             x = block(x, plan, cache, attn_probs)
-        if logits_to_keep:
+        if kept is not None:  # (B, k) positions per row
+            x = _gather_rows(x, kept)
+        elif logits_to_keep:
             x = x[:, -logits_to_keep:]
         x = self.norm(x)
         logits = F.linear(x, self.embed.weight if self.lm_head is None else self.lm_head.weight)

@@ -86,7 +86,9 @@ def alibi_slopes(kind: str, num_heads: int, alibi_bias_max: float = 8.0) -> torc
 
 def alibi_bias(kind: str, slopes: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
                scale: float, dtype: torch.dtype) -> torch.Tensor:
-    """Additive attention bias (1, heads, Tq, Tk) for cache positions q_pos (Tq,) and k_pos (Tq, Tk) or (Tk,).
+    """Additive attention bias (B, heads, Tq, Tk) for cache positions q_pos and k_pos, per row:
+    q_pos (B, Tq) and k_pos (B, Tq|1, Tk); or one set for every row, q_pos (Tq,) and k_pos
+    (Tq, Tk) or (Tk,), giving (1, heads, Tq, Tk).
 
     The result is added to the *scaled* scores q.k * scale.
     - "mpt": -slope * (q_pos - k_pos), added after the scale (MosaicML).
@@ -95,11 +97,13 @@ def alibi_bias(kind: str, slopes: torch.Tensor, q_pos: torch.Tensor, k_pos: torc
       term, but the rounding depends on k_pos, so k_pos must be the true cache position.
     """
     slopes = slopes.to(q_pos.device)[:, None, None]  # (H, 1, 1)
-    if k_pos.dim() == 1:
-        k_pos = k_pos[None, :]
+    if q_pos.dim() == 1:  # one set of positions for every row
+        q_pos, k_pos = q_pos[None], (k_pos[None, None] if k_pos.dim() == 1 else k_pos[None])
+    B, Tq = q_pos.shape
+    k_pos = k_pos.expand(B, Tq, k_pos.shape[-1])  # (B, Tq, Tk)
     if kind == "mpt":
-        dist = (q_pos[:, None] - k_pos).to(torch.float32)  # (Tq, Tk)
-        return (-slopes * dist).to(dtype)[None]
+        dist = (q_pos[:, :, None] - k_pos).to(torch.float32)
+        return (-slopes * dist[:, None]).to(dtype)
     # bfloat16 slope times an integer position, rounded to bfloat16, then the model's dtype.
-    bias = (slopes.bfloat16() * k_pos.expand(q_pos.shape[0], -1)).to(dtype)
-    return (bias * scale)[None]
+    bias = (slopes.bfloat16() * k_pos[:, None]).to(dtype)
+    return bias * scale

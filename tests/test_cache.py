@@ -79,7 +79,7 @@ def test_reset_zeroes_and_keeps_buffers():
     cache.k.fill_(1), cache.v.fill_(1), cache.raw_sink_k.fill_(1)
     cache.tokens_seen = 11
     cache.reset()
-    assert cache.tokens_seen == 0 and len(cache) == 0
+    assert cache.tokens_seen.tolist() == [0] and len(cache) == 0
     assert not cache.k.any() and not cache.v.any() and not cache.raw_sink_k.any()
     assert [cache.k.data_ptr(), cache.v.data_ptr(), cache.raw_sink_k.data_ptr()] == ptrs
 
@@ -118,11 +118,11 @@ def test_sinks_zero_and_window_one_are_accepted(model):
 
 def _refused(model, cache, ids, match):
     """The call is refused with a one-line ValueError naming `match`, and the cache is untouched."""
-    seen, k = cache.tokens_seen, cache.k.clone() if cache.k.device.type != "meta" else None
+    seen, k = cache.tokens_seen.clone(), cache.k.clone() if cache.k.device.type != "meta" else None
     with _raises(match) as err:
         model(ids, cache=cache)
     assert isinstance(err.value, MiniLLMError) and "\n" not in str(err.value)
-    assert cache.tokens_seen == seen
+    assert torch.equal(cache.tokens_seen, seen)
     if k is not None:
         assert torch.equal(cache.k, k)
 

@@ -112,16 +112,16 @@ def main(argv: list[str] | None = None) -> int:
                         logits = original(ctx)[0, -n - 1:-1]
                     nll = float(F.cross_entropy(logits.float(), ctx[0, -n:], reduction="mean"))
                 rows.append({"turn": k, "user": user, "reply": reply, "tokens": len(tok.encode(reply, add_bos=False)),
-                             "degenerate": degenerate(reply), "recompute_nll": nll, "stream_position": chat.cache.tokens_seen})
+                             "degenerate": degenerate(reply), "recompute_nll": nll, "stream_position": int(chat.cache.tokens_seen[0])})
                 print(f"[{mode} {k:3d}] {reply[:70]!r}", file=sys.stderr, flush=True)
         finally:
             model.forward = original
         wall = time.perf_counter() - t0
-        report["modes"][mode] = {"rows": rows, "wall_s": round(wall, 1), "tokens_streamed": chat.cache.tokens_seen,
+        report["modes"][mode] = {"rows": rows, "wall_s": round(wall, 1), "tokens_streamed": int(chat.cache.tokens_seen[0]),
                                  "degenerate": sum(r["degenerate"] for r in rows),
                                  "mean_recompute_nll": _mean([r["recompute_nll"] for r in rows]),
                                  "mean_reply_tokens": _mean([r["tokens"] for r in rows])}
-        print(f"{mode}: {args.turns} turns, {chat.cache.tokens_seen} tokens through {sinks}+{window} in "
+        print(f"{mode}: {args.turns} turns, {int(chat.cache.tokens_seen[0])} tokens through {sinks}+{window} in "
               f"{wall / 60:.1f} min; degenerate {report['modes'][mode]['degenerate']}", file=sys.stderr)
 
     # The deterministic comparison: fixed replies, teacher-forced, NLL of the assistant tokens.

@@ -291,7 +291,7 @@ def main(argv=None) -> int:
                     "torch": torch.__version__, "threads": torch.get_num_threads(),
                     "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
                     "loadavg_start": load_start, "loadavg_at_fill": load_fill, "loadavg_end": os.getloadavg()},
-        "cache_tokens_seen": cache.tokens_seen, "git": git,
+        "cache_tokens_seen": int(cache.tokens_seen[0]), "git": git,
     }
     print(f"soak: done {args.mode} {result['dtype']}: {n_done:,} tokens in {wall:.1f} s "
           f"({n_done / wall:.1f} tok/s), non-finite logits {nonfinite}, latency last/first: wall "

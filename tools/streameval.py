@@ -79,9 +79,9 @@ def run(model, tok, pieces, queries, sinks: int, window: int) -> dict:
         ok = got is not None and int(got.group()) == v
         right += ok
         answers.append({"line": j, "value": v, "answer": text.strip(), "correct": ok,
-                        "stream_position": cache.tokens_seen})
+                        "stream_position": int(cache.tokens_seen[0])})
     return {"accuracy": right / len(queries), "correct": right, "queries": len(queries),
-            "tokens": cache.tokens_seen, "seconds": round(time.perf_counter() - t0, 1), "answers": answers}
+            "tokens": int(cache.tokens_seen[0]), "seconds": round(time.perf_counter() - t0, 1), "answers": answers}
 
 
 def main(argv: list[str] | None = None) -> int:
