@@ -159,12 +159,13 @@ def plan_chunk(config: ModelConfig, n: int, cache: SinkCache, device, dtype, inv
     rope = config.positions == "rope"
     sinks, window, S = cache.sinks, cache.window, cache.capacity
     seen = cache.tokens_seen  # (B,), on the CPU
-    uniform = bool((seen == seen[0]).all())  # every row at the same stream position
-    t0max = int(seen.max())
+    t0 = cache.common_position()  # every row's position when they are all at one, else None
+    uniform = t0 is not None
+    t0max = t0 if uniform else int(seen.max())
     fed = torch.full_like(seen, n) if lengths is None else lengths
-    lastmax = int((seen + fed).max()) - 1  # the furthest stream position fed
+    lastmax = t0 + n - 1 if uniform and lengths is None else int((seen + fed).max()) - 1  # the furthest position fed
     if uniform:
-        t = torch.arange(int(seen[0]), int(seen[0]) + n, device=device)  # (n,) stream positions of the queries
+        t = torch.arange(t0, t0 + n, device=device)  # (n,) stream positions of the queries
         rot = rope_tables(t, inv_freq, dtype) if rope else None
     else:
         t = (seen[:, None] + torch.arange(n)).to(device)  # (B, n)
@@ -178,7 +179,7 @@ def plan_chunk(config: ModelConfig, n: int, cache: SinkCache, device, dtype, inv
     kp = key_positions((seen[:1] if uniform else seen).to(device), n, sinks, window, slots=t0max > 0)
     mask = _additive(kp.allowed, dtype)[:, None]  # (B|1, 1, n, Nk): 4-D, CPU SDPA's fast kernel wants 4-D
     if rope and sinks and lastmax >= S:  # some query sees the sinks at a position other than the text's
-        plan.sink = _sink_frame(kp, int(seen[0]) if uniform else None, n, S, plan.use_cache_cols, inv_freq, dtype)
+        plan.sink = _sink_frame(kp, t0, n, S, plan.use_cache_cols, inv_freq, dtype)
     if not rope:
         mask = mask + _alibi(config, slopes, kp, dtype)  # (B|1, H, n, Nk)
     plan.mask = mask
@@ -239,9 +240,9 @@ def plan_decode(config: ModelConfig, cache: SinkCache, device, dtype, inv_freq, 
                 lengths: torch.Tensor | None = None) -> DecodePlan:
     """One token per row (lengths[b] in {0, 1}; None: every row). Rows at one position take the
     lockstep form, in Python ints; rows at different positions the per-row form."""
-    seen = cache.tokens_seen
-    if lengths is None and bool((seen == seen[0]).all()):
-        return _plan_decode_lockstep(config, cache, int(seen[0]), device, dtype, inv_freq, slopes)
+    t0 = cache.common_position() if lengths is None else None
+    if t0 is not None:
+        return _plan_decode_lockstep(config, cache, t0, device, dtype, inv_freq, slopes)
     return _plan_decode_rows(config, cache, lengths, device, dtype, inv_freq, slopes)
 
 

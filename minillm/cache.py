@@ -148,6 +148,11 @@ class SinkCache:
     def device(self) -> torch.device:
         return self.k.device
 
+    def common_position(self) -> int | None:
+        """Every row's tokens_seen when they are all equal (rows in lockstep), else None."""
+        seen = self._seen.tolist()
+        return seen[0] if seen.count(seen[0]) == len(seen) else None
+
     def keys_held(self) -> torch.Tensor:
         """(B,) int64: the number of keys each row holds (at most S)."""
         return self._seen.clamp(max=self.capacity)
