@@ -2,6 +2,7 @@
 
     minillm generate [MODEL] --prompt TEXT        stream text from a fixed-size sink+window cache
     minillm chat     [MODEL] [--prompts F.jsonl]  a conversation over one persistent cache
+    minillm batch    [MODEL] --input F.jsonl      many prompts at once (continuous batching), JSONL out
     minillm ppl      [MODEL] --text FILE [...]    long-text perplexity: streaming/window/recompute/dense
     minillm attn     [MODEL] --text FILE --png P  attention maps and per-layer attention-sink scores
 
@@ -14,7 +15,7 @@ and no traceback (`ppl` first prints what it scored so far).
 
 Text rule: every text (`--prompt`, `--prompt-file`, `--text`, chat turns from a file or stdin)
 must be valid UTF-8. Invalid bytes or lone surrogates are refused, naming where and the offset;
-nothing is silently replaced. Outputs (`--json`, `--plot`, `--png`) are checked before the work,
+nothing is silently replaced. Outputs (`--json`, `--plot`, `--png`, `--output`) are checked before the work,
 never overwrite an input, and are written atomically (a temporary file renamed into place).
 """
 
@@ -149,6 +150,22 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--system", metavar="TEXT", help="a system prompt, rendered by the chat template")
     _sampling(c, "tokens per reply at most (default 256; 0: none; -1: until EOS)")
     c.set_defaults(func=cmd_chat)
+
+    b = sub.add_parser("batch", parents=[_common()], help="generate for many prompts at once",
+                       description="Generate for every prompt of a JSONL file through one cache of --batch-size "
+                                   "rows (continuous batching: a finished row takes the next prompt at once). "
+                                   'Input lines: {"prompt": "...", and optionally "max_new_tokens", "seed", '
+                                   '"temperature", "id"}. Output lines, in input order: {"line", "id", "prompt", '
+                                   '"text", "tokens", "stop"}, or {"line", "id", "error"} for a malformed line '
+                                   "(the others still run; the exit code is then 2). " + TEXT_RULE)
+    b.add_argument("--input", required=True, metavar="F.jsonl", help='JSONL prompts, one object per line ("-": stdin)')
+    b.add_argument("--output", default="-", metavar="OUT.jsonl",
+                   help="where to write the results (default -: stdout); a file is written atomically")
+    b.add_argument("--batch-size", type=_int_at_least(1), default=8, metavar="B",
+                   help="prompts generated at once: the cache's rows (default 8)")
+    _sampling(b, "tokens per prompt at most (default 256; 0: none; -1: until EOS); a line's "
+                 "\"max_new_tokens\" wins")
+    b.set_defaults(func=cmd_batch)
 
     p = sub.add_parser("ppl", parents=[_common()], help="long-text perplexity",
                        description="Perplexity of long text (files concatenated, Gutenberg boilerplate stripped). "
@@ -356,8 +373,9 @@ def _load(args):
     return model, tok
 
 
-def _cache_shape(args, model) -> tuple[int, int]:
-    """(sinks, window) from --sinks and --cache-size, with the trained-context warning."""
+def _cache_shape(args, model, rows: int = 1) -> tuple[int, int]:
+    """(sinks, window) from --sinks and --cache-size, with the trained-context warning; the cache
+    of `rows` streams must fit in memory."""
     trained = model.config.max_position_embeddings
     S = args.cache_size if args.cache_size is not None else min(DEFAULT_CACHE_SIZE, trained)
     if S <= args.sinks:
@@ -367,8 +385,10 @@ def _cache_shape(args, model) -> tuple[int, int]:
 
     from .limits import cache_bytes, check_fits
 
-    check_fits(cache_bytes(model.config, 1, args.sinks, S - args.sinks, torch.finfo(model.dtype).bits // 8),
-               model.device, f"--cache-size {S}: a KV cache of {S} keys")
+    what = f"--cache-size {S}: a KV cache of {S} keys" if rows == 1 else \
+        f"--batch-size {rows} --cache-size {S}: a KV cache of {rows} x {S} keys"
+    check_fits(cache_bytes(model.config, rows, args.sinks, S - args.sinks, torch.finfo(model.dtype).bits // 8),
+               model.device, what)
     if S > trained:
         _warn(f"--cache-size {S} exceeds the checkpoint's trained context ({trained} positions); "
               f"positions past it were never trained")
@@ -511,11 +531,220 @@ def cmd_chat(args) -> int:
         _flush_print("\n")
     seconds = time.perf_counter() - start
     cache = session.cache
-    print(f"minillm: {session.turns} turns, {cache.tokens_seen} tokens through a cache of "
+    print(f"minillm: {session.turns} turns, {int(cache.tokens_seen[0])} tokens through a cache of "
           f"{cache.sinks}+{cache.window} in {seconds:.1f} s"
           f"{' (chat template)' if session.template else ''}{', interrupted' if interrupted else ''}",
           file=sys.stderr)
     return 130 if interrupted else 0
+
+
+# ----------------------------------------------------------------------------------------------
+# batch
+
+
+PROMPT_KEYS = ("prompt", "max_new_tokens", "seed", "temperature", "id")
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def parse_prompt_line(line: str, where: str) -> dict:
+    """One JSONL line of `batch`: {"prompt": str, optionally "max_new_tokens" (int >= -1; -1:
+    until EOS), "seed" (0 to 2**64-1), "temperature" (a finite number >= 0), "id" (any JSON,
+    echoed)}; other keys are returned under "unknown". Raises MiniLLMError naming `where`."""
+    try:
+        obj = json.loads(line, parse_constant=_no_constant)
+    except ValueError as e:  # JSONDecodeError, NaN/Infinity, an integer of over 4300 digits
+        raise MiniLLMError(f"{where}: not valid JSON ({getattr(e, 'msg', None) or e})") from None
+    if not isinstance(obj, dict):
+        raise MiniLLMError(f'{where}: expected an object like {{"prompt": "..."}}, got {type(obj).__name__}')
+    if "prompt" not in obj:
+        raise MiniLLMError(f'{where}: no "prompt" (expected an object like {{"prompt": "..."}})')
+    prompt = obj["prompt"]
+    if not isinstance(prompt, str):
+        raise MiniLLMError(f'{where}: "prompt" must be a string, got {type(prompt).__name__}')
+    if not prompt:
+        raise MiniLLMError(f"{where}: the prompt is empty")
+    out = {"prompt": check_text(prompt, f"{where}: the prompt"), "id": obj.get("id"),
+           "unknown": [k for k in obj if k not in PROMPT_KEYS]}
+    for key, low, high in (("max_new_tokens", -1, None), ("seed", 0, MAX_SEED)):
+        if key in obj:
+            v = obj[key]
+            if isinstance(v, bool) or not isinstance(v, int) or v < low or (high is not None and v > high):
+                rule = f"an integer >= {low}" if high is None else f"an integer in [{low}, 2**64-1]"
+                raise MiniLLMError(f'{where}: "{key}" must be {rule}, got {json.dumps(v)[:40]}')
+            out[key] = v
+    if "temperature" in obj:
+        v = obj["temperature"]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf:
+            raise MiniLLMError(f'{where}: "temperature" must be a number >= 0, got {json.dumps(v)[:40]}')
+        out["temperature"] = v
+    return out
+
+
+def read_prompts(path: str) -> tuple[str, list[tuple[int, dict | str]]]:
+    """The name to report `path` by, and its non-blank lines as (line number, parsed line) or
+    (line number, error message). The whole input must be valid UTF-8 (the text rule)."""
+    from .text import MAX_TEXT_BYTES, read_text
+
+    if path == "-":
+        name = "stdin"
+        if sys.stdin is None:
+            raise MiniLLMError("--input -: there is no stdin")
+        try:
+            data = sys.stdin.buffer.read(MAX_TEXT_BYTES + 1)
+        except (OSError, ValueError, AttributeError) as e:
+            raise MiniLLMError(f"cannot read stdin: {getattr(e, 'strerror', None) or e}") from None
+        if len(data) > MAX_TEXT_BYTES:
+            raise MiniLLMError(f"stdin holds more than {MAX_TEXT_BYTES >> 30} GiB of prompts")
+        try:
+            text = data.decode("utf-8-sig").replace("\r\n", "\n")
+        except UnicodeDecodeError as e:
+            raise MiniLLMError(f"stdin is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start} "
+                               f"cannot be decoded)") from None
+    else:
+        name, text = path, read_text(path, gutenberg=False)
+    lines = []
+    for lineno, line in enumerate(text.split("\n"), 1):
+        if line.strip():
+            try:
+                lines.append((lineno, parse_prompt_line(line, f"{name}:{lineno}")))
+            except MiniLLMError as e:
+                lines.append((lineno, str(e)))
+    if not lines:
+        raise MiniLLMError(f"{name}: no prompts")
+    return name, lines
+
+
+class _Records:
+    """The output records, kept in input order: to stdout as soon as every earlier line is done,
+    or to a file, atomically, at the end."""
+
+    def __init__(self, path: str, order: list[int]):
+        self.path, self.order, self.done, self.printed = path, order, {}, 0
+
+    def add(self, lineno: int, record: dict) -> None:
+        self.done[lineno] = json.dumps(record, ensure_ascii=False, allow_nan=False)
+        if self.path == "-":
+            while self.printed < len(self.order) and self.order[self.printed] in self.done:
+                _flush_print(self.done[self.order[self.printed]] + "\n")
+                self.printed += 1
+
+    def finish(self) -> None:
+        """Write what is done (after Ctrl-C, the lines not finished have no record)."""
+        lines = [self.done[n] for n in self.order if n in self.done]
+        if self.path == "-":
+            for text in lines[self.printed:]:
+                _flush_print(text + "\n")
+            return
+
+        def write(tmp: str) -> None:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.writelines(t + "\n" for t in lines)
+        _write_atomic(self.path, "--output", write)
+
+
+def _line_error(records: _Records, lineno: int, message: str, line_id=None) -> None:
+    """A malformed line: one line on stderr, and an error record in its place in the output."""
+    print(f"minillm: error: {' '.join(message.split())}", file=sys.stderr)
+    records.add(lineno, {"line": lineno, "id": line_id, "error": message})
+
+
+def _batch_jobs(args, name: str, good: list[tuple[int, dict]], tok, records: _Records) -> tuple[list, int]:
+    """(line number, parsed line, Request) for each good line, and how many encode to nothing.
+
+    A line's seed defaults to --seed + (line number - 1): it depends on the line alone, whatever
+    the other lines hold, and the first line gets `minillm generate --seed S`'s stream."""
+    from .batch import Request, row_seed
+
+    jobs, empty = [], 0
+    for lineno, p in good:
+        ids = tok.encode(p["prompt"])
+        if not ids:
+            empty += 1
+            _line_error(records, lineno, f"{name}:{lineno}: the prompt encodes to no tokens", p["id"])
+            continue
+        settings = {"seed": p.get("seed", row_seed(args.seed, lineno - 1))}
+        if "max_new_tokens" in p:
+            settings["max_new_tokens"] = None if p["max_new_tokens"] == -1 else p["max_new_tokens"]
+        if "temperature" in p:
+            settings["temperature"] = p["temperature"]
+        jobs.append((lineno, p, Request(ids, **settings)))
+    return jobs, empty
+
+
+def _run_batch(args, name: str, model, tok, jobs: list, records: _Records) -> tuple[int, float, bool]:
+    """Generate every job, a record as each finishes; (tokens generated, EOS not counted, seconds,
+    interrupted)."""
+    from tqdm import tqdm
+
+    from .batch import generate_batch
+
+    rows = min(args.batch_size, len(jobs))
+    sinks, window = _cache_shape(args, model, rows)
+    print(f"minillm: {len(jobs)} prompts from {name}, {rows} at a time through a cache of {sinks}+{window}",
+          file=sys.stderr)
+    drawn: dict[int, list[int]] = {}
+    tokens, interrupted, start = 0, False, time.perf_counter()
+    bar = tqdm(total=len(jobs), unit="prompt", file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
+    try:
+        for index, token, stop in generate_batch(
+                model, [r for _, _, r in jobs], batch_size=rows, max_new_tokens=_max_new(args),
+                temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p, seed=args.seed,
+                sinks=sinks, window=window, eos_ids=tok.eos_ids, ignore_eos=args.ignore_eos,
+                vocab_size=tok.vocab_size):
+            got = drawn.setdefault(index, [])
+            if token is not None and stop != "eos":  # the EOS id ends the text; it is not part of it
+                got.append(token)
+                tokens += 1
+            if stop is None:
+                continue
+            del drawn[index]
+            lineno, p, _ = jobs[index]
+            decoder = tok.decoder(start_of_text=False)  # the text continues the prompt
+            text = "".join(decoder.push(t) for t in got) + decoder.flush()
+            records.add(lineno, {"line": lineno, "id": p["id"], "prompt": p["prompt"], "text": text,
+                                 "tokens": len(got), "stop": stop})
+            bar.update(1)
+            bar.set_postfix_str(f"{tokens / max(time.perf_counter() - start, 1e-9):.0f} tok/s", refresh=False)
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        bar.close()
+    return tokens, time.perf_counter() - start, interrupted
+
+
+def cmd_batch(args) -> int:
+    inputs = [] if args.input == "-" else [args.input]
+    if args.output != "-":
+        _check_outputs({"--output": args.output}, inputs, _model_dir(args))
+    name, lines = read_prompts(args.input)
+    records = _Records(args.output, [n for n, _ in lines])
+    bad, warned = 0, set()
+    for lineno, parsed in lines:
+        if isinstance(parsed, str):
+            bad += 1
+            _line_error(records, lineno, parsed)
+            continue
+        for key in parsed["unknown"]:
+            if key not in warned:
+                warned.add(key)
+                _warn(f"{name}:{lineno}: ignoring the unknown key {key!r} (known: {', '.join(PROMPT_KEYS)})")
+    good = [(n, p) for n, p in lines if not isinstance(p, str)]
+    jobs, tokens, seconds, interrupted = [], 0, 0.0, False
+    if good:
+        model, tok = _load(args)
+        jobs, empty = _batch_jobs(args, name, good, tok, records)
+        bad += empty
+        if jobs:
+            tokens, seconds, interrupted = _run_batch(args, name, model, tok, jobs, records)
+    records.finish()
+    done = sum(1 for n, _, _ in jobs if n in records.done)
+    print(f"minillm: {done} of {len(jobs)} prompts, {tokens} tokens in {seconds:.1f} s "
+          f"({tokens / max(seconds, 1e-9):.1f} tokens/s)" + (f"; {bad} malformed line(s)" if bad else "")
+          + (", interrupted" if interrupted else ""), file=sys.stderr)
+    return 130 if interrupted else 2 if bad else 0
 
 
 # ----------------------------------------------------------------------------------------------

@@ -14,13 +14,20 @@ feeds only the new text (rendered with the checkpoint's chat template, or a plai
 
 `sink_prefix` / `stream_tensor` are the one place that knows about a checkpoint's dedicated sink
 token (the paper's §3.3): it is prepended to every stream, before BOS, and never scored.
+
+Many streams share one cache of B rows through `run_rows`, the continuous-batching loop
+(`prefill_rows` for the prompts, one batched decode step for every row): `minillm.generate_batch`
+and `minillm.ChatSessions` (minillm/batch.py) are built on it, and `chat_turns` runs the turns of
+sessions that share a cache. Every stream samples through a `Sampler`, so a row draws exactly
+what `generate` draws for it alone.
 """
 
 from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -191,7 +198,7 @@ def prefill(model, ids: torch.Tensor, cache) -> torch.Tensor:
     position's logits only (`logits_to_keep=1`): memory is the cache plus one chunk's
     activations, however long the prompt (a (T, vocab) logits tensor would be 128 KB per token
     at a 32k vocabulary). Chunking never changes the result (the streaming contract)."""
-    step = max(1, int(getattr(model, "max_chunk", 1024)))
+    step = _chunk(model)
     logits = None
     with torch.no_grad():
         for p0 in range(0, ids.shape[1], step):
@@ -199,22 +206,68 @@ def prefill(model, ids: torch.Tensor, cache) -> torch.Tensor:
     return logits[0, -1]
 
 
-def generate(model, prompt_ids: Sequence[int] | torch.Tensor, *, max_new_tokens: int | None = 256,
-             temperature: float = 0.8, top_k: int | None = None, top_p: float | None = 0.95,
-             seed: int = 0, sinks: int = 4, window: int = 1020, eos_ids: Iterable[int] = (),
-             ignore_eos: bool = False, vocab_size: int | None = None, cache=None,
-             generator: torch.Generator | None = None) -> Iterator[int]:
-    """Yield generated token ids, one at a time, streaming through a fixed sink+window cache.
+def prefill_rows(model, cache, feeds: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+    """`prefill` for several streams of one cache at once: row b consumes its own ids feeds[b]
+    (1-D, any lengths), rows not in `feeds` consume nothing; returns {b: logits (V,)} at each
+    row's last fed token.
 
-    - `max_new_tokens=None` generates until an EOS id (or forever with `ignore_eos`).
-    - An id in `eos_ids` is yielded, then generation stops (unless `ignore_eos`).
-    - `cache`: continue an existing stream (a chat); by default a new `model.new_cache(1, sinks,
-      window)`. The sink token (if the checkpoint has one) is prepended when the cache is empty.
-    - The last yielded id is not fed to the cache (nothing needs its logits); a caller continuing
-      the stream must feed it first (ChatSession does).
-    - Sampling draws from `generator`, or from a new one seeded with `seed`.
-    """
-    check_model(model)
+    The rows go in together, right-padded, through ragged calls (`lengths`) of at most
+    `model.max_chunk` columns, each asking for one position's logits per row, so memory is bounded
+    as in `prefill`; a row whose ids end in an earlier chunk consumes nothing in the later ones."""
+    B = cache.batch_size
+    total = [len(feeds[b]) if b in feeds else 0 for b in range(B)]
+    ids = torch.zeros((B, max(total)), dtype=torch.long, device=model.device)  # right padding: id 0
+    for b, feed in feeds.items():
+        ids[b, : len(feed)] = feed
+    step, out = _chunk(model), {}
+    with torch.no_grad():
+        for p0 in range(0, ids.shape[1], step):
+            lengths = [min(max(t - p0, 0), step) for t in total]
+            logits = model(ids[:, p0 : p0 + max(lengths)], cache=cache, lengths=lengths, logits_to_keep=1)
+            out.update({b: logits[b, -1] for b in feeds if lengths[b] and p0 + lengths[b] == total[b]})
+    return out
+
+
+def _chunk(model) -> int:
+    return max(1, int(getattr(model, "max_chunk", 1024)))
+
+
+@dataclass
+class Sampler:
+    """How one stream picks its tokens and when it stops: `generate`'s settings and state.
+
+    `generate` and the batched loop (`run_rows`) draw every token through `next`, so a batch
+    row makes exactly the `sample` calls, with the same generator, that `generate` makes for the
+    same prompt alone."""
+    temperature: float
+    top_k: int | None
+    top_p: float | None
+    max_new_tokens: int | None  # None: no limit
+    eos: frozenset[int]  # empty with ignore_eos
+    vocab_size: int | None
+    generator: torch.Generator
+    n: int = 0  # tokens drawn so far
+
+    @property
+    def done(self) -> bool:
+        """The token limit is reached (at once for max_new_tokens=0)."""
+        return self.max_new_tokens is not None and self.n >= self.max_new_tokens
+
+    def next(self, logits: torch.Tensor) -> tuple[int, str | None]:
+        """The next token from a (V,) row of logits, and why the stream stops after it: "eos"
+        (the token is an EOS id, yielded all the same), "length" (max_new_tokens reached) or None."""
+        token = sample(logits, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+                       generator=self.generator, vocab_size=self.vocab_size)
+        self.n += 1
+        return token, "eos" if token in self.eos else "length" if self.done else None
+
+
+def make_sampler(model, *, max_new_tokens: int | None = 256, temperature: float = 0.8, top_k: int | None = None,
+                 top_p: float | None = 0.95, seed: int = 0, eos_ids: Iterable[int] = (),
+                 ignore_eos: bool = False, vocab_size: int | None = None,
+                 generator: torch.Generator | None = None) -> Sampler:
+    """A checked `Sampler` (every argument as `generate` takes it); draws from `generator`, or from
+    a new one on the model's device seeded with `seed`."""
     check_sampling(temperature, top_k, top_p)
     check_int("max_new_tokens", max_new_tokens, 0, none_ok=True)
     check_int("vocab_size", vocab_size, 1, none_ok=True)
@@ -228,38 +281,150 @@ def generate(model, prompt_ids: Sequence[int] | torch.Tensor, *, max_new_tokens:
         eos = frozenset(token_ids(eos_ids, "eos_ids"))
     except TypeError:  # not iterable
         raise MiniLLMError(f"eos_ids must be a collection of integer token ids, got {eos_ids!r}") from None
-    if ignore_eos:
-        eos = frozenset()
+    if generator is None:
+        generator = torch.Generator(device=model.device).manual_seed(seed)
+    return Sampler(temperature, top_k, top_p, max_new_tokens, frozenset() if ignore_eos else eos, vocab_size,
+                   generator)
+
+
+def new_stream_ids(model, prompt_ids, tokens_seen: int) -> torch.Tensor:
+    """(1, L) ids to feed a stream that has consumed `tokens_seen` tokens: the prompt, after the
+    sink prefix when the stream is new (a continued stream has it at its start already)."""
+    ids, _ = stream_tensor(model, prompt_ids)
+    if tokens_seen:
+        ids = ids[:, len(sink_prefix(model.config)):]
+    if ids.shape[1] == 0:
+        raise MiniLLMError("the prompt is empty (no token ids to start from)")
+    return ids
+
+
+def step_name(n: int, position: int, start: int) -> str:
+    """Where a stream is, for error messages: after its prompt (n = 0) or at generation step n + 1."""
+    if n == 0:
+        return f"the prompt's last token (stream position {position})"
+    return f"generation step {n + 1} (stream position {position}, {position + 1 - start} tokens into this call)"
+
+
+def generate(model, prompt_ids: Sequence[int] | torch.Tensor, *, max_new_tokens: int | None = 256,
+             temperature: float = 0.8, top_k: int | None = None, top_p: float | None = 0.95,
+             seed: int = 0, sinks: int = 4, window: int = 1020, eos_ids: Iterable[int] = (),
+             ignore_eos: bool = False, vocab_size: int | None = None, cache=None,
+             generator: torch.Generator | None = None) -> Iterator[int]:
+    """Yield generated token ids, one at a time, streaming through a fixed sink+window cache.
+
+    - `max_new_tokens=None` generates until an EOS id (or forever with `ignore_eos`).
+    - An id in `eos_ids` is yielded, then generation stops (unless `ignore_eos`).
+    - `cache`: continue an existing stream (a chat); by default a new `model.new_cache(1, sinks,
+      window)`. It holds one stream (batch_size 1; `minillm.generate_batch` runs many). The sink
+      token (if the checkpoint has one) is prepended when the cache is empty.
+    - The last yielded id is not fed to the cache (nothing needs its logits); a caller continuing
+      the stream must feed it first (ChatSession does).
+    - Sampling draws from `generator`, or from a new one seeded with `seed`.
+    """
+    check_model(model)
+    sampler = make_sampler(model, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                           top_p=top_p, seed=seed, eos_ids=eos_ids, ignore_eos=ignore_eos, vocab_size=vocab_size,
+                           generator=generator)
     if cache is None:
         cache = model.new_cache(batch_size=1, sinks=sinks, window=window)
     elif not hasattr(cache, "tokens_seen"):
         raise MiniLLMError(f"cache must be a SinkCache from model.new_cache(), got {type(cache).__name__}")
-    ids, _ = stream_tensor(model, prompt_ids)
-    if cache.tokens_seen:  # continuing a stream: the sink token is already at its start
-        ids = ids[:, len(sink_prefix(model.config)):]
-    if ids.shape[1] == 0:
-        raise MiniLLMError("the prompt is empty (no token ids to start from)")
-    if generator is None:
-        generator = torch.Generator(device=model.device).manual_seed(seed)
+    elif cache.batch_size != 1:
+        raise MiniLLMError(f"generate streams one prompt through a cache of batch_size 1, got {cache.batch_size} "
+                           f"rows (minillm.generate_batch runs many prompts at once)")
+    start = int(cache.tokens_seen[0])
+    ids = new_stream_ids(model, prompt_ids, start)
     limit = vocab_size
-    start = cache.tokens_seen
     logits = prefill(model, ids, cache)
-    check_finite(logits[:limit], model, ids, f"the prompt's last token (stream position {cache.tokens_seen - 1})")
+    check_finite(logits[:limit], model, ids, step_name(0, int(cache.tokens_seen[0]) - 1, start))
     step = torch.empty((1, 1), dtype=torch.long, device=model.device)  # reused every step
-    n = 0
-    while max_new_tokens is None or n < max_new_tokens:
-        token = sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
-                       vocab_size=limit)
-        n += 1
+    while not sampler.done:
+        token, stop = sampler.next(logits)
         yield token
-        if token in eos or (max_new_tokens is not None and n >= max_new_tokens):
+        if stop:
             return
         step.fill_(token)
         with torch.no_grad():
             logits = model(step, cache=cache)[0, -1]
-        check_finite(logits[:limit], model, step, f"generation step {n + 1} (stream position "
-                                                  f"{cache.tokens_seen - 1}, {cache.tokens_seen - start} "
-                                                  f"tokens into this call)")
+        check_finite(logits[:limit], model, step, step_name(sampler.n, int(cache.tokens_seen[0]) - 1, start))
+
+
+# ----------------------------------------------------------------------------------------------
+# Many streams in one cache (minillm/batch.py)
+
+
+@dataclass
+class Row:
+    """A stream in a row of the cache: whose it is, how it samples, and what it feeds next."""
+    key: object  # the prompt's index, or the ChatSession
+    label: str  # names the stream in errors: "prompt 3", "session row 1"
+    sampler: Sampler
+    ids: torch.Tensor  # (1, L): the prompt to prefill (with the sink prefix on a new stream)
+    new_stream: bool  # reset the row before the prefill
+    logits: torch.Tensor | None = None  # (V,): what the next token is drawn from
+    start: int = 0  # the row's tokens_seen before the prefill
+
+
+def run_rows(model, cache, take) -> Iterator[tuple[Row, int | None, str | None]]:
+    """The continuous-batching loop over the rows of `cache`: streams of their own in each row.
+
+    Each pass: (1) every free row b takes its next stream, `take(b)` (a new one is reset there);
+    (2) the streams just taken are prefilled together (`prefill_rows`); (3) every active row
+    draws its next token (`Sampler.next`, as `generate` draws it) and a row whose stream stops
+    is free again; (4) the rows still going feed their token in one batched decode step (the
+    others length 0). minillm/batch.py explains what this gives (`generate_batch`).
+
+    `take(b)` gives free row b its next stream (a `Row`), or None when there is none left; the
+    loop ends when no row is active and nothing is left. Yields (row, token, stop) for every
+    token drawn. A stream that may draw none (max_new_tokens=0) is prefilled all the same, as
+    `generate` prefills it, and yields (row, None, "length")."""
+    B = cache.batch_size
+    rows: list[Row | None] = [None] * B
+    step = torch.zeros((B, 1), dtype=torch.long, device=model.device)  # each row's last token
+    while True:
+        admitted: dict[int, Row] = {}
+        for b in range(B):
+            if rows[b] is None and (row := take(b)) is not None:
+                admitted[b] = row
+        if admitted:
+            fresh = [b for b, r in admitted.items() if r.new_stream and int(cache.tokens_seen[b])]
+            if fresh:
+                cache.reset(fresh)
+            for b, r in admitted.items():
+                rows[b], r.start = r, int(cache.tokens_seen[b])
+            for b, logits in prefill_rows(model, cache, {b: r.ids[0] for b, r in admitted.items()}).items():
+                r = admitted[b]
+                r.logits = logits
+                check_finite(logits[: r.sampler.vocab_size], model, r.ids,
+                             f"{r.label}: {step_name(0, int(cache.tokens_seen[b]) - 1, r.start)}")
+                if r.sampler.done:
+                    rows[b] = None
+                    yield r, None, "length"
+        active = [b for b in range(B) if rows[b] is not None]
+        if not active:
+            if admitted:  # all of them asked for no tokens: take more
+                continue
+            return
+        lengths = [0] * B
+        for b in active:
+            r = rows[b]
+            token, stop = r.sampler.next(r.logits)
+            yield r, token, stop
+            if stop:
+                rows[b] = None
+            else:
+                step[b, 0] = token
+                lengths[b] = 1
+        if not any(lengths):
+            continue
+        with torch.no_grad():
+            logits = model(step, cache=cache, lengths=lengths, logits_to_keep=1)
+        for b in active:
+            r = rows[b]
+            if r is not None:
+                r.logits = logits[b, -1]
+                check_finite(r.logits[: r.sampler.vocab_size], model, step[b : b + 1],
+                             f"{r.label}: {step_name(r.sampler.n, int(cache.tokens_seen[b]) - 1, r.start)}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -359,6 +524,10 @@ class ChatSession:
     keeps the reply as it was generated). If the part before the marker is not what was fed (a
     template that rewrites earlier turns), the new turn is rendered on its own instead. A reply
     ends at EOS or at the template's end-of-turn token (`<|im_end|>` for ChatML).
+
+    By default the session has a cache of its own. With `cache=` (a cache of B rows) and `row=`,
+    it keeps its conversation in that row of a cache shared with other sessions (`sinks` and
+    `window` are then the cache's); `minillm.ChatSessions` runs the turns of several at once.
     """
 
     MARK = "\ue000minillm-reply\ue001"  # private-use characters: no template alters them
@@ -366,7 +535,7 @@ class ChatSession:
     def __init__(self, model, tokenizer, *, sinks: int = 4, window: int = 1020,
                  max_new_tokens: int | None = 256, temperature: float = 0.8, top_k: int | None = None,
                  top_p: float | None = 0.95, seed: int = 0, ignore_eos: bool = False,
-                 use_template: bool = True, system: str | None = None):
+                 use_template: bool = True, system: str | None = None, cache=None, row: int = 0):
         check_sampling(temperature, top_k, top_p)
         if system is not None and not isinstance(system, str):
             raise MiniLLMError(f"system must be a string, got {type(system).__name__}")
@@ -375,7 +544,14 @@ class ChatSession:
         if system is not None and self.template is None:
             raise MiniLLMError("a system prompt needs a chat template to render it, and this chat has none "
                                "(the checkpoint has no template, or --no-template was given)")
-        self.cache = model.new_cache(batch_size=1, sinks=sinks, window=window)
+        if cache is None:
+            self.cache = model.new_cache(batch_size=1, sinks=sinks, window=window)
+            self.row = check_int("row", row, 0, 0, hint=" (a session with its own cache has one row)")
+        elif not hasattr(cache, "tokens_seen"):
+            raise MiniLLMError(f"cache must be a SinkCache from model.new_cache(), got {type(cache).__name__}")
+        else:
+            self.cache = cache
+            self.row = check_int("row", row, 0, cache.batch_size - 1, hint=f" (the cache has {cache.batch_size} rows)")
         self.stop_ids = frozenset(tokenizer.eos_ids) | self._end_of_turn_ids()
         self.sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                              ignore_eos=ignore_eos, eos_ids=self.stop_ids, vocab_size=tokenizer.vocab_size)
@@ -446,31 +622,129 @@ class ChatSession:
 
         Stopping early (not reading the generator to its end) still records the reply so far, so
         the next turn continues the conversation the cache holds."""
+        if self.cache.batch_size > 1:  # a row of a shared cache: the batched turn, with only this session
+            yield from (piece for _, piece in chat_turns({self: text}))
+            return
+        reply = self.begin_turn(text)
+        try:
+            for token in generate(self.model, reply.ids, cache=self.cache, generator=self.generator, **self.sampling):
+                piece = reply.push(token)
+                if piece is None:
+                    break
+                if piece:
+                    yield piece
+            tail = reply.flush()
+            if tail:
+                yield tail
+        finally:
+            reply.close()
+
+    def begin_turn(self, text: str) -> Reply:
+        """Start a turn: the ids to feed for `text` and the reply's bookkeeping (`Reply`). The
+        batched turns (`chat_turns`) use it too, so every session renders its turns alike."""
         if not isinstance(text, str):
             raise MiniLLMError(f"a chat turn must be a string, got {type(text).__name__}")
         ids = self._new_ids(text)
-        decoder = self.tok.decoder(start_of_text=False)
-        pieces: list[str] = []
         self.unfed = None
-        fed_prompt = False
-        try:
-            for token in generate(self.model, ids, cache=self.cache, generator=self.generator, **self.sampling):
-                fed_prompt = True
-                self.unfed = token
-                if token in self.stop_ids and not self.sampling["ignore_eos"]:
-                    break
-                piece = decoder.push(token)
-                if piece:
-                    pieces.append(piece)
-                    yield piece
-            tail = decoder.flush()
-            if tail:
-                pieces.append(tail)
-                yield tail
-        finally:
-            if fed_prompt or self.cache.tokens_seen:
-                pieces.append(decoder.flush())
-                if self.template:
-                    self.messages += [{"role": "user", "content": text},
-                                      {"role": "assistant", "content": "".join(pieces)}]
-                self.turns += 1
+        return Reply(self, text, ids)
+
+    def sampler(self) -> Sampler:
+        """This turn's sampling (the session's settings, its one generator across turns), as
+        `generate(**self.sampling, generator=self.generator)` samples."""
+        return make_sampler(self.model, generator=self.generator, **self.sampling)
+
+
+class Reply:
+    """One reply of a ChatSession as it is generated: its incremental decoder and its text so far.
+
+    `push(token)` for each token drawn (the token becomes the session's `unfed`: the next turn
+    feeds it first, or renders the stop it stands for); `close()` records the turn, also when the
+    reply stopped early, so the session's history is what its cache holds."""
+
+    def __init__(self, session: ChatSession, text: str, ids: list[int]):
+        self.session, self.text, self.ids = session, text, ids
+        self.decoder = session.tok.decoder(start_of_text=False)
+        self.pieces: list[str] = []
+        self.fed = False  # the prompt went through the cache (a token was drawn after it)
+        self.closed = False
+
+    def push(self, token: int) -> str | None:
+        """The text `token` adds to the reply ("" while a character is incomplete); None for the
+        stop token that ends it (EOS or end-of-turn), which adds no text."""
+        s = self.session
+        self.fed = True
+        s.unfed = token
+        if token in s.stop_ids and not s.sampling["ignore_eos"]:
+            return None
+        piece = self.decoder.push(token)
+        if piece:
+            self.pieces.append(piece)
+        return piece
+
+    def flush(self) -> str:
+        """The reply's last text (a character held back by the decoder)."""
+        tail = self.decoder.flush()
+        if tail:
+            self.pieces.append(tail)
+        return tail
+
+    def close(self) -> None:
+        """Record the turn in the session (once), if its prompt reached the cache."""
+        s = self.session
+        if self.closed:
+            return
+        self.closed = True
+        if self.fed or int(s.cache.tokens_seen[s.row]):
+            self.flush()
+            if s.template:
+                s.messages += [{"role": "user", "content": self.text},
+                               {"role": "assistant", "content": "".join(self.pieces)}]
+            s.turns += 1
+
+
+def chat_turns(turns: Mapping[ChatSession, str]) -> Iterator[tuple[ChatSession, str]]:
+    """One turn of each given session, run together; yield (session, text piece) as replies come.
+
+    The sessions must share one cache (`ChatSession(..., cache=, row=)`), each in its own row.
+    Every session renders its turn as `ChatSession.turn` does (`begin_turn`), the new ids of all
+    go through one ragged prefill, and the replies decode in the same batched steps, each with
+    its own sampling; sessions not given are not touched. Nothing is fed unless every session's
+    turn renders and checks; stopping early records each reply so far, as `turn` does."""
+    sessions = list(turns)
+    if not sessions:
+        return
+    if any(not isinstance(s, ChatSession) for s in sessions):
+        raise MiniLLMError("chat_turns: the keys must be ChatSessions")
+    cache = sessions[0].cache
+    if any(s.cache is not cache for s in sessions) or len({s.row for s in sessions}) < len(sessions):
+        raise MiniLLMError("chat_turns: the sessions must share one cache, each in its own row")
+    model = sessions[0].model
+    replies: dict[ChatSession, Reply] = {}
+    rows: list[Row] = []
+    saved = [(s, s.prompt_text, s.unfed) for s in sessions]
+    try:  # render and check every turn before anything is fed
+        for s in sessions:
+            replies[s] = reply = s.begin_turn(turns[s])
+            seen = int(cache.tokens_seen[s.row])
+            rows.append(Row(s, f"session row {s.row}", s.sampler(), new_stream_ids(model, reply.ids, seen),
+                             new_stream=False))
+    except BaseException:
+        for s, prompt_text, unfed in saved:
+            s.prompt_text, s.unfed = prompt_text, unfed
+        raise
+    by_row = {r.key.row: r for r in rows}
+    try:
+        for row, token, stop in run_rows(model, cache, lambda b: by_row.pop(b, None)):
+            s, reply = row.key, replies[row.key]
+            if token is None:  # max_new_tokens=0: the turn was fed, no token drawn
+                continue
+            piece = reply.push(token)
+            if piece:
+                yield s, piece
+            if stop or piece is None:
+                tail = reply.flush()
+                if tail:
+                    yield s, tail
+    finally:
+        for reply in replies.values():
+            reply.close()
