@@ -283,15 +283,30 @@ class Model(nn.Module):
         if cache is None or T <= self.max_chunk:
             return self._forward(input_ids, cache, attn_probs, keep, lengths)
         # Chunking never changes the result: pieces of max_chunk tokens, each row its share of each.
-        logits = []
+        # Only the logits asked for are computed: with logits_to_keep, at most the last `keep`
+        # positions of each piece (one is always computed, and dropped if not wanted).
+        logits, last = [], None
         for p0 in range(0, T, self.max_chunk):
             piece = input_ids[:, p0 : p0 + self.max_chunk]
-            share = None if lengths is None else (lengths - p0).clamp(0, piece.shape[1])
-            logits.append(self._forward(piece, cache, attn_probs, 0, share))
+            n = piece.shape[1]
+            if lengths is None:
+                want = min(n, keep - (T - p0 - n)) if keep else n  # this piece's share of the last `keep`
+                out = self._forward(piece, cache, attn_probs, max(1, want) if keep else 0)
+                if want > 0:
+                    logits.append(out[:, -want:])
+                continue
+            share = (lengths - p0).clamp(0, n)
+            if keep == 1:  # each row's last logits come from the last piece it has tokens in
+                out = self._forward(piece, cache, attn_probs, 1, share)
+                last = out if last is None else torch.where((share > 0).to(out.device)[:, None, None], out, last)
+            else:
+                logits.append(self._forward(piece, cache, attn_probs, 0, share))
+        if last is not None:
+            return last
         logits = torch.cat(logits, dim=1)
-        if not keep:
+        if lengths is None or not keep:
             return logits
-        return logits[:, -keep:] if lengths is None else _gather_rows(logits, _kept(lengths, keep, logits.device))
+        return _gather_rows(logits, _kept(lengths, keep, logits.device))
 
     @staticmethod
     def _lengths(lengths, B: int, T: int, cache) -> torch.Tensor | None:
@@ -365,7 +380,7 @@ class Model(nn.Module):
         elif logits_to_keep:
             x = x[:, -logits_to_keep:]
         x = self.norm(x)
-        logits = F.linear(x, self.embed.weight if self.lm_head is None else self.lm_head.weight)
+        logits = F.linear(x, self.embed.weight) if self.lm_head is None else self.lm_head(x)
         if c.logit_scale is not None:
             logits = logits * c.logit_scale
         return logits
