@@ -20,7 +20,7 @@ _EXPORTS = {
     "MiniLLMError": "errors", "generate": "generation", "from_hf_config": "models",
     "load_config": "models", "load": "api", "load_tokenizer": "api", "save_pretrained": "api",
     "parse_dtype": "api", "parse_device": "api", "DTYPES": "api", "ChatSession": "generation",
-    "generate_batch": "batch", "Request": "batch", "ChatSessions": "batch",
+    "generate_batch": "batch", "Request": "batch", "ChatSessions": "batch", "quantize_int8": "quant",
 }
 _SUBMODULES = ("evaluate",)
 
@@ -41,5 +41,5 @@ def __dir__():
 
 
 __all__ = ["Model", "ModelConfig", "ConfigWarning", "SinkCache", "MiniLLMError", "load", "load_tokenizer",
-           "save_pretrained", "generate", "generate_batch", "Request", "ChatSession", "ChatSessions", "evaluate",
+           "save_pretrained", "generate", "generate_batch", "Request", "ChatSession", "ChatSessions", "quantize_int8", "evaluate",
            "from_hf_config", "load_config", "parse_dtype", "parse_device", "__version__"]

@@ -178,6 +178,9 @@ def load_tensors(tensors, config: ModelConfig, dtype: torch.dtype, device: torch
 
 def hf_state_dict(model) -> dict[str, torch.Tensor]:
     """The model's weights under the family's checkpoint names and fused layouts."""
+    if getattr(model, "quantized", None):
+        raise MiniLLMError(f"this model was quantized ({model.quantized}) in memory; save the float model instead "
+                           f"(checkpoints are written in float)")
     c = model.config
     pairs = name_pairs(c)
     perm = qkv_permutation(c)

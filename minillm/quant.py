@@ -1,0 +1,68 @@
+"""Opt-in weight-only int8: every Linear weight as int8 with one float scale per output row.
+
+    model = minillm.load(path)
+    minillm.quantize_int8(model)        # in place; the float weights are freed
+
+Decode is bound by reading the weights, and int8 reads a quarter of float32's bytes. Activations
+stay in the model's dtype; each product is `torch._weight_int8pack_mm(x, w_int8, scales)`, which
+dequantizes inside the kernel. Scales are symmetric, absmax / 127 per output row, so a weight is
+off by at most half a step of its own row (llama.cpp's Q8_0 keeps one scale per 32 weights).
+
+This is not exact: the streaming properties hold for it (it is the same engine), but its logits
+differ from float32's by the rounding of the weights. tools/bench_real.py measures its perplexity
+cost on real text and its speed; `minillm ... --int8` uses it in the CLI. A quantized model cannot
+be saved (save_pretrained writes float checkpoints only).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .errors import MiniLLMError
+
+
+class Int8Linear(nn.Module):
+    """y = x @ (w_int8 * scale[:, None]).T + bias, with the int8 weight read as int8."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        w = weight.detach().float()
+        scale = w.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127.0
+        self.register_buffer("weight_int8", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous())
+        self.register_buffer("scale", scale.to(weight.dtype))
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.in_features, self.out_features = w.shape[1], w.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]), self.weight_int8, self.scale.to(x.dtype))
+        y = y.view(*shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-row scales"
+
+
+def quantize_int8(model, *, head: bool = True):
+    """Replace every Linear in the decoder (and the output head, `head=True`; a tied head gets its
+    own int8 copy, the embedding table stays float) with an Int8Linear, in place. CPU only."""
+    from .model import Model
+
+    if not isinstance(model, Model):
+        raise MiniLLMError(f"quantize_int8: model must be a minillm Model, got {type(model).__name__}")
+    if model.device.type != "cpu":
+        raise MiniLLMError(f"quantize_int8: the int8 kernel is CPU-only here, the model is on {model.device}")
+    if model.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise MiniLLMError(f"quantize_int8: needs a float32, bfloat16 or float16 model, got {model.dtype}")
+    for block in model.layers:
+        for parent, name in ((block.attn, "wqkv"), (block.attn, "wo"), (block.mlp, "w_in"), (block.mlp, "w_out")):
+            lin = getattr(parent, name)
+            if isinstance(lin, nn.Linear):
+                setattr(parent, name, Int8Linear(lin.weight, lin.bias))
+    if head:
+        w = model.embed.weight if model.lm_head is None else model.lm_head.weight
+        if not isinstance(model.lm_head, Int8Linear):
+            model.lm_head = Int8Linear(w, None)
+    model.quantized = "int8"
+    return model
