@@ -66,6 +66,10 @@ class SinkFrame:
     n_cached: int
     cached_rot: tuple
     is_sink: torch.Tensor | None = None
+    # The split form (`_sdpa_sink_split`): masks of the two parts, shared by every layer.
+    window_mask: torch.Tensor | None = None  # (B|1, 1, n, Nk): the plan's mask without the sink columns
+    sink_mask: torch.Tensor | None = None  # (B|1, 1, n, len(cols)): the sink columns' part of it
+    has_window: torch.Tensor | None = None  # (B|1, 1, n, 1) bool: the query sees a key that is not a sink
 
 
 @dataclass
@@ -180,6 +184,8 @@ def plan_chunk(config: ModelConfig, n: int, cache: SinkCache, device, dtype, inv
     mask = _additive(kp.allowed, dtype)[:, None]  # (B|1, 1, n, Nk): 4-D, CPU SDPA's fast kernel wants 4-D
     if rope and sinks and lastmax >= S:  # some query sees the sinks at a position other than the text's
         plan.sink = _sink_frame(kp, t0, n, S, plan.use_cache_cols, inv_freq, dtype)
+        if _SPLIT_SDPA is not None and device.type == "cpu" and not (want_probs or config.zero_sink):
+            _split_masks(plan.sink, mask)
     if not rope:
         mask = mask + _alibi(config, slopes, kp, dtype)  # (B|1, H, n, Nk)
     plan.mask = mask
@@ -234,6 +240,20 @@ def _sink_frame(kp: KeyPositions, t0: int | None, n: int, S: int, use_cache_cols
         is_sink = (key >= 0) & (key < sinks)
     return SinkFrame(q_rot=q_rot, cols=cols, n_cached=n_cached, is_sink=is_sink,
                      cached_rot=rope_tables(torch.arange(n_cached, device=device), inv_freq, dtype))
+
+
+def _split_masks(sink: SinkFrame, mask: torch.Tensor) -> None:
+    """The plan's mask split into the window part (sink columns masked out) and the sink part."""
+    cols = sink.cols
+    at_cols = mask[..., cols]
+    if sink.is_sink is None:  # every candidate column holds a sink, in every row
+        sink.sink_mask = at_cols
+        sink.window_mask = mask.index_fill(-1, cols, float("-inf"))
+    else:
+        is_sink = sink.is_sink[:, None, None, :]  # (B, 1, 1, C)
+        sink.sink_mask = at_cols.masked_fill(~is_sink, float("-inf"))
+        sink.window_mask = mask.index_copy(-1, cols, at_cols.masked_fill(is_sink, float("-inf")))
+    sink.has_window = (sink.window_mask > float("-inf")).any(-1, keepdim=True)
 
 
 def plan_decode(config: ModelConfig, cache: SinkCache, device, dtype, inv_freq, slopes,
@@ -318,6 +338,8 @@ def attend(config: ModelConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
 
     if plan.want_probs or config.zero_sink:
         out = _manual(config, q, keys, values, raw_q, plan.mask, sink, cache, layer, probs_out)
+    elif sink is not None and sink.window_mask is not None:
+        out = _sdpa_sink_split(config, q, keys, values, raw_q, sink, cache, layer)
     elif sink is not None:
         out = _sdpa_sink_corrected(config, q, keys, values, raw_q, plan.mask, sink, cache, layer)
     else:
@@ -371,6 +393,37 @@ def _sink_keys(sink: SinkFrame, keys, cache, layer) -> torch.Tensor:
         from_cache = rope_rotate(cache.raw_sink_k[layer][:, :, : sink.n_cached], scos, ssin)
         sink_keys = torch.cat([from_cache, sink_keys[:, :, sink.n_cached:]], dim=2)
     return sink_keys
+
+
+# CPU flash attention that also returns each query's log-sum-exp of scores (torch's own SDPA
+# kernel on CPU, which takes grouped K/V heads as they are); None where this torch lacks it.
+_SPLIT_SDPA = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _sdpa_sink_split(config, q, keys, values, raw_q, sink: SinkFrame, cache, layer) -> torch.Tensor:
+    """The sink correction as two attentions merged by their log-sum-exps (CPU).
+
+    The window part is one flash-attention call over every key column but the sinks, with the
+    queries at t. The sink part is the few sink columns scored explicitly, with the queries at c_t
+    and the sinks at i. A softmax over the union is the two softmaxes weighted by exp(lse_part -
+    lse_all). Half the arithmetic of `_sdpa_sink_corrected`'s doubled head dimension, the same
+    result to rounding (tests/test_streaming.py holds both paths to the same tolerances)."""
+    B, H, n, hd = q.shape
+    KV = keys.shape[1]
+    g = H // KV
+    out_w, lse_w = _SPLIT_SDPA(q, keys, values, attn_mask=sink.window_mask, scale=config.scale)[:2]
+    acc = lse_w.dtype  # float32 at least
+    lse_w = lse_w[..., None].masked_fill(~sink.has_window, float("-inf"))  # a query with only sinks
+    cos, sin = sink.q_rot
+    qrel = rope_rotate(raw_q, cos, sin).view(B, KV, g, n, hd)
+    sink_keys = _sink_keys(sink, keys, cache, layer)[:, :, None]  # (B, KV, 1, C, hd)
+    scores = (qrel @ sink_keys.transpose(-1, -2)).view(B, H, n, -1).to(acc) * config.scale + sink.sink_mask.to(acc)
+    lse_s = torch.logsumexp(scores, dim=-1, keepdim=True)  # -inf for a query that sees no sink
+    probs = torch.exp(scores - lse_s.clamp(min=torch.finfo(acc).min)).to(values.dtype).view(B, KV, g, n, -1)
+    out_s = (probs @ values[:, :, None, sink.cols]).view(B, H, n, hd)
+    lse = torch.logaddexp(lse_w, lse_s)
+    out = out_w.to(acc) * torch.exp(lse_w - lse) + out_s.to(acc) * torch.exp(lse_s - lse)
+    return out.to(q.dtype)
 
 
 def _sdpa_sink_corrected(config, q, keys, values, raw_q, mask, sink: SinkFrame, cache, layer) -> torch.Tensor:
