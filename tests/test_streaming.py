@@ -352,3 +352,24 @@ def test_float32_llama_matches_reference():
     ids = random_ids(2, 90, 9)
     got = stream(model, ids, model.new_cache(2, 4, 20), bounds_of([1, 2, 30, 31, 70], 90))
     check("e:float32", got, reference_stream(model, ids, 4, 20), torch.float32)
+
+
+@pytest.mark.parametrize("keep", [1, 2, 4, 5, 6, 13, 17, 20])
+@torch.no_grad()
+def test_long_chunk_computes_only_the_kept_logits(keep):
+    # A chunk longer than max_chunk is split into pieces; logits_to_keep=k must still return the
+    # last k positions of the whole chunk (spanning pieces when the last piece is shorter), and
+    # with ragged lengths each row's own last k.
+    model = random_model(tiny_config("llama_gqa", vocab=VOCAB), seed=3)
+    model.max_chunk = 5
+    ids = random_ids(3, 17, 4)
+    full = model(ids, cache=model.new_cache(3, 2, 4))
+    got = model(ids, cache=model.new_cache(3, 2, 4), logits_to_keep=keep)
+    assert got.shape == full[:, -keep:].shape and torch.equal(got, full[:, -keep:])
+    lengths = [17, 3, 11]
+    ragged = model(ids, cache=model.new_cache(3, 2, 4), lengths=lengths)
+    kept = model(ids, cache=model.new_cache(3, 2, 4), lengths=lengths, logits_to_keep=keep)
+    assert kept.shape[:2] == (3, min(keep, 17))
+    for b, n in enumerate(lengths):
+        want = ragged[b, max(0, n - keep) : n]
+        assert torch.equal(kept[b, kept.shape[1] - want.shape[0]:], want), (keep, b)
