@@ -299,15 +299,17 @@ def _plan_decode_rows(config, cache, lengths, device, dtype, inv_freq, slopes) -
     t = cache.tokens_seen  # (B,), on the CPU
     active = torch.ones_like(t, dtype=torch.bool) if lengths is None else lengths > 0
     shift = (t - (S - 1)).clamp(min=0)  # t - c_t: where the sinks sit in this query's frame
-    write = CacheWrite(dst=slot_of(t, sinks, window).to(device), keep=active.to(device))
+    write = CacheWrite(dst=slot_of(t, sinks, window).to(device), keep=active.to(device),
+                       every_row=bool(active.all()))
     held = slot_positions(t + 1, sinks, window)  # (B, S) after this token's write; -1: empty
     plan = DecodePlan(rot=None, mask=_additive(held >= 0, dtype).to(device)[:, None, None],  # (B, 1, 1, S)
                       n_valid=S, sink_rot=None, write=write)
     if config.positions == "rope":
         plan.rot = _per_row(_per_row(rope_tables(t.to(device), inv_freq, dtype)))  # (B, 1, 1, rot)
         if cache.raw_sink_k is not None:  # rows at a sink keep its un-rotated key too
-            write.raw_dst = t.clamp(max=sinks - 1).to(device)
-            write.raw_keep = (active & (t < sinks)).to(device)
+            raw_keep = active & (t < sinks)
+            write.raw_dst, write.raw_keep = t.clamp(max=sinks - 1).to(device), raw_keep.to(device)
+            write.raw_any = bool(raw_keep.any())
         if sinks:
             at = (torch.arange(sinks)[None, :] + shift[:, None]).to(device)  # (B, sinks)
             plan.sink_rot = _per_row(rope_tables(at, inv_freq, dtype))  # (B, 1, sinks, rot)
@@ -355,7 +357,9 @@ def rotate_sinks(plan: DecodePlan, cache: SinkCache) -> None:
 
     Once per step for all layers (sinks x KV heads keys each); the window keys never move."""
     cos, sin = plan.sink_rot
-    cache.put_sinks(rope_rotate(cache.raw_sink_k, cos, sin), plan.write.keep)
+    w = plan.write
+    cache.put_sinks(rope_rotate(cache.raw_sink_k, cos, sin),
+                    None if not torch.compiler.is_compiling() and w.every_row else w.keep)
 
 
 def decode_attend(config: ModelConfig, qkv: torch.Tensor, plan: DecodePlan, cache: SinkCache, layer: int) -> torch.Tensor:

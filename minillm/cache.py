@@ -82,6 +82,9 @@ class CacheWrite:
     raw_row: torch.Tensor | None = None
     keep: torch.Tensor | None = None
     raw_keep: torch.Tensor | None = None
+    # Eager shortcuts of a per-row step (a compiled step ignores them: its graph stays fixed):
+    every_row: bool = False  # keep is all True: no old values to keep
+    raw_any: bool = True  # some raw_keep is True: there are raw sink keys to write
 
 
 @dataclass(frozen=True)
@@ -239,10 +242,12 @@ class SinkCache:
         k, v, raw_k (B, KV, n, hd). The only place a forward writes the cache; `advance` follows."""
         if w.src is None:  # one token per row: in place, also under torch.compile
             put = self.put_token if w.dst.shape[0] == 1 and w.keep is None else self.put_rows
-            if w.raw_dst is not None:
+            eager = not torch.compiler.is_compiling()
+            keep = None if eager and w.every_row else w.keep
+            if w.raw_dst is not None and not (eager and not w.raw_any):
                 put(self.raw_sink_k, layer, w.raw_dst, raw_k, w.raw_keep)
-            put(self.k, layer, w.dst, k, w.keep)
-            put(self.v, layer, w.dst, v, w.keep)
+            put(self.k, layer, w.dst, k, keep)
+            put(self.v, layer, w.dst, v, keep)
             return
         if w.row is None:  # every row writes the same columns to the same slots
             self.k[layer].index_copy_(2, w.dst, k[:, :, w.src])  # into the fixed buffers
@@ -274,18 +279,24 @@ class SinkCache:
         """buf[layer][b, :, slot[b]] = x[b] for every row b where keep[b] (None: all), x (B, KV, 1, hd).
 
         Fixed shapes whatever the rows do: a row not kept gets its old value back, bit for bit."""
-        x = x[:, :, 0]
-        rows = self._row_ids
-        if keep is not None:
-            x = torch.where(keep[:, None, None], x, buf[layer][rows, :, slot])
         if torch.compiler.is_compiling():
+            x, rows = x[:, :, 0], self._row_ids
+            if keep is not None:
+                x = torch.where(keep[:, None, None], x, buf[layer][rows, :, slot])
             buf[self._layer_ids[layer], rows, :, slot] = x  # on the buffer itself: in place (put_token)
-        else:
-            buf[layer][rows, :, slot] = x
+            return
+        idx = slot.view(-1, 1, 1, 1).expand(x.shape)  # eager: gather / scatter_ along the slots
+        if keep is not None:
+            x = torch.where(keep.view(-1, 1, 1, 1), x, buf[layer].gather(2, idx))
+        buf[layer].scatter_(2, idx, x)
 
     def put_sinks(self, keys: torch.Tensor, keep: torch.Tensor | None = None) -> None:
         """k[:, :, :, :sinks] = keys (layers, B, KV, sinks, hd), in place when compiled too; only
         rows where keep (B,) bool (None: all; the others keep their keys bit for bit)."""
+        if not torch.compiler.is_compiling():  # eager: through a view of the sink slots
+            view = self.k[:, :, :, : self.sinks]
+            view.copy_(keys if keep is None else torch.where(keep[None, :, None, None, None], keys, view))
+            return
         if keep is not None:
             keys = torch.where(keep[None, :, None, None, None], keys, self.k[:, :, :, self._sink_ids])
         self.k[:, :, :, self._sink_ids] = keys
