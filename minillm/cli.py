@@ -104,7 +104,11 @@ def _common(cache_flags: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--device", type=_device_name, default="cpu", help="cpu (default), cuda, cuda:N or mps")
     p.add_argument("--threads", type=_int_at_least(1, MAX_THREADS, " (far more than any machine has cores)"),
                    help=f"torch CPU threads, at most {MAX_THREADS} (default: torch's choice)")
+    p.add_argument("--int8", action="store_true",
+                   help="weight-only int8 (CPU; not exact: per-row scales, see minillm/quant.py)")
     if cache_flags:
+        p.add_argument("--compile", action="store_true",
+                       help="torch.compile the decode step (compiles once, ~20 s for SmolLM2; pays on long streams)")
         p.add_argument("--sinks", type=_int_at_least(0), default=4, help="attention-sink tokens kept (default 4)")
         p.add_argument("--cache-size", type=_int_at_least(1), metavar="S",
                        help=f"keys in the cache, sinks + window, the new token included "
@@ -370,6 +374,11 @@ def _load(args):
         first = (str(e).strip().splitlines() or [""])[0]
         raise MiniLLMError(f"cannot load model {name}: {type(e).__name__}: {first}") from None
     model.eval()
+    if getattr(args, "int8", False):
+        from .quant import quantize_int8
+        quantize_int8(model)
+    if getattr(args, "compile", False):
+        model.compile_decode()
     return model, tok
 
 

@@ -86,6 +86,19 @@ def test_generate_matches_the_library(tiny_checkpoint, files):
     assert stats.startswith(f"minillm: {len(tokens)} tokens in ") and stats.endswith("cache 2+298")
 
 
+def test_generate_int8_matches_the_quantized_library(tiny_checkpoint, files):
+    # --int8 is minillm.quantize_int8 on the loaded model: the CLI prints what the library generates.
+    p = run("generate", tiny_checkpoint, "--prompt-file", files / "prompt.txt", "--temperature", "0",
+            "--max-new-tokens", 12, "--cache-size", 200, "--sinks", 2, "--threads", 1, "--int8")
+    assert p.returncode == 0, p.stderr
+    model, tok = minillm.quantize_int8(minillm.load(tiny_checkpoint)), minillm.load_tokenizer(tiny_checkpoint)
+    dec = tok.decoder(start_of_text=False)
+    tokens = list(generate(model, tok.encode("The whale and the sea"), max_new_tokens=12, temperature=0, sinks=2,
+                           window=198, eos_ids=tok.eos_ids, vocab_size=tok.vocab_size))
+    tokens = tokens[:-1] if tokens[-1] in tok.eos_ids else tokens
+    assert p.stdout == "".join(dec.push(t) for t in tokens) + dec.flush() + "\n"
+
+
 def interrupt_after(args, pattern: str, stream: str, timeout: float = 120):
     """Start minillm, wait until `pattern` (a regex) shows on stdout/stderr, send SIGINT, return
     (rc, out, err)."""
