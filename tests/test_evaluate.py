@@ -82,7 +82,10 @@ def test_window_mode_is_sliding_window_attention(variant):
     assert (got.nll - want.nll).abs().max().item() < 1e-10
     # ...and the sinks matter: once the text is past S, the 3-sink cache scores differently.
     streaming = perplexity(model, ids, "streaming", 3, 13)
-    assert torch.equal(streaming.nll[:15], got.nll[:15]) and not torch.equal(streaming.nll, got.nll)
+    # (Equal to rounding before eviction, not bit for bit: a chunk that reaches past S scores its sinks
+    # in a separate attention merged by log-sum-exp, attention._sdpa_sink_split.)
+    assert (streaming.nll[:15] - got.nll[:15]).abs().max().item() < 1e-12
+    assert (streaming.nll[15:] - got.nll[15:]).abs().max().item() > 1e-3
 
 
 def slow_recompute(model, stream, S, n_prefix, start=None):
