@@ -121,21 +121,22 @@ class SinkCache:
 
     @property
     def tokens_seen(self) -> torch.Tensor:
-        """(B,) int64 CPU tensor: how many tokens each row's stream has consumed."""
-        return self._seen
+        """(B,) int64 CPU tensor: how many tokens each row's stream has consumed (a copy: changing
+        it changes nothing until it is assigned back, which checks it)."""
+        return self._seen.clone()
 
     @tokens_seen.setter
     def tokens_seen(self, value) -> None:
         """Set every row's count (an int), or each row's ((B,) integers). Tests and benchmarks
         use it to start from a steady state; the keys in the buffers are not changed."""
         if isinstance(value, torch.Tensor):
-            if value.shape != self._seen.shape or value.dtype.is_floating_point or value.dtype == torch.bool:
+            if (value.shape != self._seen.shape or value.dtype.is_floating_point or value.dtype.is_complex
+                    or value.dtype == torch.bool):
                 raise MiniLLMError(f"tokens_seen must be an int or a ({self.batch_size},) integer tensor, got a "
                                    f"{tuple(value.shape)} {value.dtype} tensor")
             if bool((value < 0).any()):
                 raise MiniLLMError("tokens_seen must be >= 0 in every row")
-            if value is not self._seen:  # `cache.tokens_seen += n` has already updated it in place
-                self._seen.copy_(value)
+            self._seen.copy_(value)
         else:
             self._seen.fill_(check_int("tokens_seen", value, 0))
 

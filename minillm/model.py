@@ -18,6 +18,7 @@ fixed-shape step with torch.compile.
 from __future__ import annotations
 
 import itertools
+import operator
 
 import torch
 import torch.nn.functional as F
@@ -330,8 +331,12 @@ class Model(nn.Module):
             raise MiniLLMError(f"lengths must give one length per row: the batch has {B} rows, lengths has "
                                f"{len(values)}")
         for b, n in enumerate(values):
-            if isinstance(n, bool) or not isinstance(n, int):
-                raise MiniLLMError(f"lengths[{b}] must be an integer, got {n!r} ({type(n).__name__})")
+            try:
+                if isinstance(n, bool) or getattr(n, "dtype", None) == bool:
+                    raise TypeError
+                values[b] = n = operator.index(n)  # ints, numpy integers
+            except TypeError:
+                raise MiniLLMError(f"lengths[{b}] must be an integer, got {n!r} ({type(n).__name__})") from None
             if not 0 <= n <= T:
                 raise MiniLLMError(f"lengths[{b}] must be in [0, {T}] (the input has {T} tokens per row), got {n}")
         if all(n == T for n in values):

@@ -55,6 +55,12 @@ def quantize_int8(model, *, head: bool = True):
         raise MiniLLMError(f"quantize_int8: the int8 kernel is CPU-only here, the model is on {model.device}")
     if model.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise MiniLLMError(f"quantize_int8: needs a float32, bfloat16 or float16 model, got {model.dtype}")
+    if model.dtype == torch.bfloat16:  # torch's bfloat16 int8 kernel crashes the process on other widths
+        c = model.config
+        odd = [w for w in (c.hidden_size, c.num_heads * c.head_dim, c.intermediate_size) if w % 16]
+        if odd:
+            raise MiniLLMError(f"quantize_int8: in bfloat16 every projection's input width must be a multiple of 16 "
+                               f"(torch's int8 kernel fails otherwise); this model has {odd[0]}; use float32")
     for block in model.layers:
         for parent, name in ((block.attn, "wqkv"), (block.attn, "wo"), (block.mlp, "w_in"), (block.mlp, "w_out")):
             lin = getattr(parent, name)

@@ -164,3 +164,29 @@ def test_cache_of_another_model(model):
 def test_not_a_cache(model):
     with _raises("cache"):
         model(torch.zeros(1, 2, dtype=torch.long), cache={"k": None})
+
+
+def test_tokens_seen_is_checked_before_it_changes(model):
+    # The getter hands out a copy, so `cache.tokens_seen -= n` below zero is refused by the setter
+    # with the cache's counts unchanged; complex and float counts are refused by name.
+    cache = model.new_cache(2, sinks=2, window=4)
+    cache.tokens_seen = 3
+    with _raises("tokens_seen"):
+        cache.tokens_seen -= 5
+    assert cache.tokens_seen.tolist() == [3, 3]
+    saved = cache.tokens_seen
+    cache.tokens_seen += 1
+    assert saved.tolist() == [3, 3] and cache.tokens_seen.tolist() == [4, 4]
+    for bad in (torch.zeros(2, dtype=torch.complex64), torch.zeros(2), torch.zeros(3, dtype=torch.long)):
+        with _raises("tokens_seen"):
+            cache.tokens_seen = bad
+
+
+@torch.no_grad()
+def test_numpy_lengths_are_integers(model):
+    np = pytest.importorskip("numpy")
+    ids = torch.randint(0, model.config.vocab_size, (2, 3), generator=torch.Generator().manual_seed(0))
+    a, b = model.new_cache(2, sinks=2, window=4), model.new_cache(2, sinks=2, window=4)
+    assert torch.equal(model(ids, cache=a, lengths=np.array([1, 3]))[1], model(ids, cache=b, lengths=[1, 3])[1])
+    with _raises("lengths"):
+        model(ids, cache=a, lengths=np.array([True, False]))

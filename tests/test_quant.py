@@ -73,3 +73,12 @@ def test_int8_refusals(tmp_path):
     with pytest.raises(MiniLLMError, match="quantized"):
         minillm.save_pretrained(model, tmp_path / "out")
     assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_int8_bfloat16_needs_widths_of_16():
+    # torch's bfloat16 int8 kernel crashes the process on other input widths: refused up front.
+    with pytest.raises(MiniLLMError, match="multiple of 16"):
+        quantize_int8(random_model(tiny_config("llama_gqa"), dtype=torch.bfloat16))  # intermediate 68
+    model = quantize_int8(random_model(tiny_config("llama_gqa", heads=4, head_dim=16, intermediate_size=64),
+                                       dtype=torch.bfloat16))
+    assert model(torch.randint(0, 61, (1, 5))).shape == (1, 5, 61)
