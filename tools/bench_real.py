@@ -9,8 +9,8 @@ llama-cpp-python`, which compiles llama.cpp from source (about 15 minutes on 2 c
 that column is skipped with a message. transformers reads the GGUF with its own loader (it needs
 `gguf` and `accelerate`, both in minillm's `dev` extra).
 
-The weights: the package's Q4_1 GGUF, dequantized once into an F32 GGUF (`f32_gguf`, cached beside
-the JSON output), which all three engines read: minillm and transformers with their GGUF loaders,
+The weights: the package's Q4_1 GGUF, dequantized once into an F32 GGUF (`f32_gguf`, 540 MB, kept
+at /tmp/SmolLM2-135M-Instruct.F32.gguf or $MINILLM_F32_GGUF and reused), which all three engines read: minillm and transformers with their GGUF loaders,
 llama.cpp natively. So every engine multiplies by the same float32 numbers.
 
 What it measures, each engine in its own child process (a llama.cpp build can die on an
