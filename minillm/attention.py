@@ -174,7 +174,7 @@ def plan_chunk(config: ModelConfig, n: int, cache: SinkCache, device, dtype, inv
     else:
         t = (seen[:, None] + torch.arange(n)).to(device)  # (B, n)
         rot = _per_row(rope_tables(t, inv_freq, dtype)) if rope else None
-    write = _chunk_write(cache, n, lengths, uniform and lengths is None, rope, device)
+    write = _chunk_write(cache, seen, fed, n, uniform and lengths is None, rope, device)
 
     plan = ChunkPlan(rot=rot, mask=None, use_cache_cols=t0max > 0, sink=None, write=write, want_probs=want_probs)
     if rope and not (want_probs or config.zero_sink) and t0max == 0 and lastmax < S:
@@ -192,13 +192,12 @@ def plan_chunk(config: ModelConfig, n: int, cache: SinkCache, device, dtype, inv
     return plan
 
 
-def _chunk_write(cache: SinkCache, n: int, lengths, same: bool, rope: bool, device) -> CacheWrite:
-    """Row b's tokens t0_b .. t0_b + lengths[b] - 1 go to their slots: the sinks, then only the
+def _chunk_write(cache: SinkCache, seen: torch.Tensor, fed: torch.Tensor, n: int, same: bool, rope: bool,
+                 device) -> CacheWrite:
+    """Row b's tokens seen[b] .. seen[b] + fed[b] - 1 go to their slots: the sinks, then only the
     last `window` ring tokens (earlier ones would be overwritten within the same chunk). Sinks also
     keep their un-rotated key, at raw slot i. `same`: one list of columns serves every row."""
     sinks, window = cache.sinks, cache.window
-    seen = cache.tokens_seen
-    fed = torch.full_like(seen, n) if lengths is None else lengths
     idx = torch.arange(n)
     t = seen[:, None] + idx  # (B, n) stream positions
     last = (seen + fed - 1)[:, None]
