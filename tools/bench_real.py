@@ -61,34 +61,44 @@ SINKS, WINDOW = 4, 1020
 UNTIMED = 8  # decode steps after the prompt before the clock starts (minillm's cache is then full)
 
 
-def f32_gguf(src: Path, dst: Path) -> Path:
-    """Rewrite a GGUF with every tensor dequantized to F32 (metadata copied; file type ALL_F32)."""
+def rewrite_gguf(src: Path, dst: Path, file_type: str, convert) -> Path:
+    """Copy a GGUF with every tensor passed through `convert(reader_tensor) -> (array, GGML type)`
+    and general.file_type set to gguf.LlamaFileType.<file_type>; reused while newer than `src`."""
     import gguf
-    import numpy as np
 
     if dst.is_file() and dst.stat().st_mtime >= src.stat().st_mtime:
         return dst
     reader = gguf.GGUFReader(src)
-    arch = reader.get_field(gguf.Keys.General.ARCHITECTURE).contents()
     tmp = dst.with_suffix(".partial")
-    writer = gguf.GGUFWriter(tmp, arch)
+    writer = gguf.GGUFWriter(tmp, reader.get_field(gguf.Keys.General.ARCHITECTURE).contents())
     for field in reader.fields.values():
         if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
             continue
         value, kind = field.contents(), field.types[0]
         if field.name == gguf.Keys.General.FILE_TYPE:
-            value = int(gguf.LlamaFileType.ALL_F32)
+            value = int(getattr(gguf.LlamaFileType, file_type))
         sub = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
         writer.add_key_value(field.name, value, kind, sub_type=sub)
     for t in reader.tensors:
-        data = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
-        writer.add_tensor(t.name, data, raw_dtype=gguf.GGMLQuantizationType.F32)
+        data, kind = convert(t)
+        writer.add_tensor(t.name, data, raw_dtype=kind)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
     tmp.replace(dst)
     return dst
+
+
+def f32_gguf(src: Path, dst: Path) -> Path:
+    """Rewrite a GGUF with every tensor dequantized to F32 (metadata copied; file type ALL_F32)."""
+    import gguf
+    import numpy as np
+
+    def to_f32(t):
+        return gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32), gguf.GGMLQuantizationType.F32
+
+    return rewrite_gguf(src, dst, "ALL_F32", to_f32)
 
 
 def peak_rss_mb() -> float:

@@ -39,31 +39,15 @@ def q8_gguf(src: Path, dst: Path) -> Path:
     """The F32 GGUF with every 2-D weight quantized to Q8_0 (1-D norms stay F32, as llama.cpp does)."""
     import gguf
     import numpy as np
+    from bench_real import rewrite_gguf
 
-    if dst.is_file() and dst.stat().st_mtime >= src.stat().st_mtime:
-        return dst
-    reader = gguf.GGUFReader(src)
-    writer = gguf.GGUFWriter(dst.with_suffix(".partial"), reader.get_field(gguf.Keys.General.ARCHITECTURE).contents())
-    for field in reader.fields.values():
-        if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
-            continue
-        value, kind = field.contents(), field.types[0]
-        if field.name == gguf.Keys.General.FILE_TYPE:
-            value = int(gguf.LlamaFileType.MOSTLY_Q8_0)
-        writer.add_key_value(field.name, value, kind, sub_type=field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None)
-    for t in reader.tensors:
+    def to_q8(t):
         data = np.asarray(t.data, dtype=np.float32)
         if data.ndim == 2:
-            q = gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0)
-            writer.add_tensor(t.name, q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-        else:
-            writer.add_tensor(t.name, data, raw_dtype=gguf.GGMLQuantizationType.F32)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    dst.with_suffix(".partial").replace(dst)
-    return dst
+            return gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0
+        return data, gguf.GGMLQuantizationType.F32
+
+    return rewrite_gguf(src, dst, "MOSTLY_Q8_0", to_q8)
 
 
 def ppl_of(nll_sum: float, n: int) -> float:
