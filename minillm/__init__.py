@@ -9,7 +9,17 @@
 
 from __future__ import annotations
 
-import importlib
+import sys
+
+# Started as the command line (`python -m minillm`, or the `minillm` script): install its Ctrl-C
+# handling in the very first statement the package runs, so no moment of start-up can end in a
+# traceback (minillm/_entry.py). A plain `import minillm` leaves the signal handlers alone.
+if sys.argv and (sys.argv[0] == "-m" or sys.argv[0].replace("\\", "/").rsplit("/", 1)[-1] in ("minillm", "minillm.exe")):
+    from ._entry import install_signal_handling
+
+    install_signal_handling()
+
+import importlib  # noqa: E402
 
 __version__ = "0.1.0"
 

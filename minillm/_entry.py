@@ -2,14 +2,12 @@
 
 Importing torch takes about a second, and a Ctrl-C inside it either escapes as a traceback or is
 swallowed by an import that catches everything (the run then goes on, endlessly with
-`--max-new-tokens 0`). So this module imports only the standard library, installs a SIGINT
-handler that records the interrupt as well as raising it, makes closed standard streams harmless,
-and only then imports `minillm.cli`. An interrupt seen at any point exits with code 130 and no
-traceback; a broken pipe (`minillm generate ... | head`) stops quietly; a full or failing stdout
-(`> /dev/full`) is one line on stderr and exit code 2.
-
-(`import minillm` is light, PEP 562 in `minillm/__init__.py`, so the handler is in place before
-torch even under `python -m minillm`.)
+`--max-new-tokens 0`), or aborts the process from C++. So the package's very first statement,
+when it runs as the command line, installs a SIGINT handler that records the interrupt (and raises
+it once the imports are done); this module imports only the standard library, makes closed
+standard streams harmless, and only then imports torch and `minillm.cli`. An interrupt seen at any
+point exits with code 130 and no traceback; a broken pipe (`minillm generate ... | head`) stops
+quietly; a full or failing stdout (`> /dev/full`) is one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -22,10 +20,36 @@ EXIT_INTERRUPTED = 130
 _interrupted = False
 
 
+_raising = False  # until `main` is inside its try block, an interrupt is only recorded
+_early = False  # installed by the package's first statement: keep what it recorded
+
+
 def _on_sigint(signum, frame):
     global _interrupted
     _interrupted = True
-    raise KeyboardInterrupt
+    if _raising:
+        raise KeyboardInterrupt
+
+
+def _reached(point: str) -> None:
+    """Tell a test which point of start-up the process has reached (MINILLM_STARTUP_PROBE names a
+    file to append to), so its signal lands after that point, whatever the machine's speed."""
+    probe = os.environ.get("MINILLM_STARTUP_PROBE")
+    if probe:
+        try:
+            with open(probe, "a", encoding="utf-8") as f:
+                f.write(point + "\n")
+        except OSError:
+            pass
+
+
+def install_signal_handling(*, at_start_up: bool = True) -> None:
+    """Record SIGINT (also where a parent shell left it ignored), and raise it once `main` runs;
+    the package's first statement calls this when it runs as the command line."""
+    global _early
+    _early = at_start_up
+    signal.signal(signal.SIGINT, _on_sigint)
+    _reached("handler")
 
 
 def interrupted() -> bool:
@@ -54,16 +78,29 @@ def _fill_closed_streams() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    global _interrupted
-    _interrupted = False
-    signal.signal(signal.SIGINT, _on_sigint)  # also where a parent shell left SIGINT ignored
+    global _interrupted, _raising, _early
+    if not _early:  # not installed by the package's first statement (or a second run in one process)
+        _interrupted = False
+        install_signal_handling(at_start_up=False)
+    _early = False
     _fill_closed_streams()
     try:
-        import torch  # noqa: F401  (the slow import, here, where an interrupt it swallows is seen)
+        # The imports only record an interrupt: raised inside torch's import, it can abort the
+        # process from C++ ("terminate called after throwing ... KeyboardInterrupt") or surface as
+        # another error (numpy's "cannot load module more than once per process"). It is acted on
+        # as soon as they are done, about a second later at most.
+        try:
+            import torch  # noqa: F401  (the slow import)
 
-        from minillm.cli import main as cli_main
-
-        if _interrupted:  # an interrupt that some import swallowed
+            _reached("torch")
+            from minillm.cli import main as cli_main
+        except Exception:
+            if _interrupted:
+                raise KeyboardInterrupt from None
+            raise
+        _reached("cli")
+        _raising = True
+        if _interrupted:  # it came during start-up
             raise KeyboardInterrupt
         code = cli_main(argv)
         if _interrupted and code == 0:

@@ -128,13 +128,23 @@ def test_generate_endless_until_ctrl_c(tiny_checkpoint):
     assert out.endswith("\n") and "interrupted" in err.strip().splitlines()[-1]
 
 
-@pytest.mark.parametrize("delay", [0.1, 0.25, 0.4, 0.6, 0.9, 1.3])
+@pytest.mark.parametrize("delay", [0, 0.1, 0.25, 0.4, 0.6, 0.9, 1.3])
 def test_ctrl_c_at_any_moment_of_start_up(tiny_checkpoint, delay):
     """A SIGINT during the imports (torch takes a second) or the load exits 130, no traceback, and
     is never swallowed (an endless run would then go on)."""
+    # The signal goes out `delay` seconds after the process reports its handler in place (the
+    # package's first statement), never by the clock alone: before that point the interpreter
+    # itself is starting, which no Python code can guard.
+    probe = tiny_checkpoint.parent / f"probe-{delay}-{os.getpid()}.txt"
+    probe.unlink(missing_ok=True)
     proc = subprocess.Popen([*CMD, "generate", str(tiny_checkpoint), "--prompt", "Once", "--max-new-tokens", "-1",
                              "--ignore-eos", "--cache-size", "16", "--threads", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**ENV, "MINILLM_STARTUP_PROBE": str(probe)})
+    deadline = time.monotonic() + 120
+    while not (probe.exists() and "handler" in probe.read_text()):
+        assert time.monotonic() < deadline and proc.poll() is None, "the CLI never reported its handler"
+        time.sleep(0.005)
     time.sleep(delay)
     proc.send_signal(signal.SIGINT)
     try:

@@ -365,11 +365,13 @@ def test_long_chunk_computes_only_the_kept_logits(keep):
     ids = random_ids(3, 17, 4)
     full = model(ids, cache=model.new_cache(3, 2, 4))
     got = model(ids, cache=model.new_cache(3, 2, 4), logits_to_keep=keep)
-    assert got.shape == full[:, -keep:].shape and torch.equal(got, full[:, -keep:])
+    # Fewer logits means products over fewer rows: the same values to rounding, not bit for bit
+    # (seen 1e-15 apart on an AVX2 machine), so the suite's float64 tolerance applies.
+    assert got.shape == full[:, -keep:].shape and rel_err(got, full[:, -keep:]) < TOL[torch.float64]
     lengths = [17, 3, 11]
     ragged = model(ids, cache=model.new_cache(3, 2, 4), lengths=lengths)
     kept = model(ids, cache=model.new_cache(3, 2, 4), lengths=lengths, logits_to_keep=keep)
     assert kept.shape[:2] == (3, min(keep, 17))
     for b, n in enumerate(lengths):
         want = ragged[b, max(0, n - keep) : n]
-        assert torch.equal(kept[b, kept.shape[1] - want.shape[0]:], want), (keep, b)
+        assert rel_err(kept[b, kept.shape[1] - want.shape[0]:], want) < TOL[torch.float64], (keep, b)
