@@ -19,9 +19,9 @@ import pytest
 import torch
 
 import minillm
-from minillm.checkpoint import hf_state_dict
+from minillm.formats.checkpoint import hf_state_dict
 from minillm.errors import MiniLLMError
-from minillm.gguf_file import ARCHITECTURES
+from minillm.formats.gguf import ARCHITECTURES
 from tiny_ckpt import tiny_checkpoint  # noqa: F401  (fixture)
 
 gguf = pytest.importorskip("gguf")

@@ -1,4 +1,4 @@
-"""Long-text perplexity in the paper's four settings (attention-sink measurements: minillm/sinks.py).
+"""Long-text perplexity in the paper's four settings (attention-sink measurements: attention_maps.py).
 
 `perplexity(model, ids, mode=..., sinks=4, window=1020)` scores every token of a text: entry i of
 `result.nll` is -log p(ids[i+1] | ids[0..i]) for i in 0..N-2 (BOS, if any, is ids[0] and is
@@ -39,9 +39,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .checks import check_int, check_model
-from .errors import MiniLLMError
-from .generation import NonFiniteError, stream_tensor, token_ids
+from ..checks import check_int, check_model
+from ..errors import MiniLLMError
+from .generation import stream_tensor
+from .sampling import NonFiniteError, token_ids
 
 MODES = ("streaming", "window", "recompute", "dense")
 MAX_CURVE_POINTS = 1000

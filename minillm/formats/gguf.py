@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
+from ..errors import MiniLLMError, first_line
 from .config import ConfigWarning
-from .errors import MiniLLMError, first_line
 
 # ----------------------------------------------------------------------------------------------
 # The mappings, per GGUF architecture (`general.architecture`).
@@ -416,7 +416,7 @@ def tokenizer_json(f: GGUFFile) -> tuple[str, dict]:
 def load_model(path: str | Path, dtype: torch.dtype, device: torch.device, *, strict: bool = False):
     """A GGUF file -> the model, dequantized into `dtype` and loaded as strictly as safetensors."""
     from .checkpoint import load_tensors
-    from .models import from_hf_config
+    from .families import from_hf_config
 
     f = open_gguf(path)
     with warnings.catch_warnings():
