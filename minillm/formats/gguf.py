@@ -269,9 +269,6 @@ class GGUFTensors:
         g = self.hf_to_gguf.get(hf_name)
         return f"{g} ({hf_name})" if g else hf_name
 
-    def where(self) -> str:
-        return self.file.path.name
-
     def get(self, hf_name: str) -> torch.Tensor:
         from gguf import GGMLQuantizationType, quants
 
