@@ -27,6 +27,10 @@ from .generation import generate, new_stream_ids
 from .sampling import Sampler, check_sampling, make_sampler
 
 
+# ----------------------------------------------------------------------------------------------
+# Rendering a turn: the plain format, or the checkpoint's chat template
+
+
 def encode_continuation(tokenizer, text: str) -> list[int]:
     """Ids of `text` as it continues a stream. SentencePiece-style tokenizers put a space in front
     of every text they encode ("\nUSER" would come back as " \nUSER"); encoding "\n" + text and
@@ -101,6 +105,10 @@ def _jinja_env(jinja2, sandbox):
     env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
     _ENV = env
     return env
+
+
+# ----------------------------------------------------------------------------------------------
+# One conversation
 
 
 # End-of-turn tokens of common chat formats: a reply stops on these too, when the template uses them.
@@ -296,6 +304,10 @@ class Reply:
                 s.messages += [{"role": "user", "content": self.text},
                                {"role": "assistant", "content": "".join(self.pieces)}]
             s.turns += 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Conversations sharing one cache
 
 
 def chat_turns(turns: Mapping[ChatSession, str]) -> Iterator[tuple[ChatSession, str]]:
