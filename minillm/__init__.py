@@ -26,11 +26,13 @@ __version__ = "0.1.0"
 # The public names, imported on first use (PEP 562): `import minillm` stays light, so the console
 # entry point (minillm/_entry.py) can install its signal handling before torch is imported.
 _EXPORTS = {
-    "Model": "model", "ModelConfig": "config", "ConfigWarning": "config", "SinkCache": "cache",
-    "MiniLLMError": "errors", "generate": "generation", "from_hf_config": "models",
-    "load_config": "models", "load": "api", "load_tokenizer": "api", "save_pretrained": "api",
-    "parse_dtype": "api", "parse_device": "api", "DTYPES": "api", "ChatSession": "generation",
-    "generate_batch": "batch", "Request": "batch", "ChatSessions": "batch", "quantize_int8": "quant",
+    "Model": "model", "ModelConfig": "model_config", "SinkCache": "cache", "MiniLLMError": "errors",
+    "quantize_int8": "quant",
+    "load": "api", "load_tokenizer": "api", "save_pretrained": "api", "parse_dtype": "api",
+    "parse_device": "api", "DTYPES": "api",
+    "ConfigWarning": "formats.config", "from_hf_config": "formats.families", "load_config": "formats.families",
+    "generate": "apps.generation", "generate_batch": "apps.batching", "Request": "apps.batching",
+    "ChatSession": "apps.chat", "ChatSessions": "apps.chat",
 }
 _SUBMODULES = ("evaluate",)
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 
 from .errors import MiniLLMError
+from .formats.families import load_config
 from .model import Model
-from .models import load_config
 
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -47,9 +47,9 @@ def load(name_or_path: str | Path, dtype=torch.float32, device="cpu", *, strict:
 
     Config keys minillm does not know give one ConfigWarning naming them; `strict=True` makes
     that an error. Keys that would change the forward pass are refused by name either way."""
-    from .checkpoint import load_model
-    from .gguf_file import is_gguf
-    from .hub import resolve_model_dir
+    from .formats.checkpoint import load_model
+    from .formats.gguf import is_gguf
+    from .formats.hub import resolve_model_dir
 
     if not isinstance(strict, bool):
         raise MiniLLMError(f"load: strict must be True or False, got {strict!r}")
@@ -57,7 +57,7 @@ def load(name_or_path: str | Path, dtype=torch.float32, device="cpu", *, strict:
     if device.type == "meta":  # the weights would load as shapes only, and every call would fail
         raise MiniLLMError(f"unsupported device {str(device)!r} for a model (use cpu, cuda, cuda:N or mps)")
     if is_gguf(name_or_path):
-        from .gguf_file import load_model as load_gguf
+        from .formats.gguf import load_model as load_gguf
 
         model = load_gguf(name_or_path, dtype, device, strict=strict)
         model.source = str(name_or_path)
@@ -71,13 +71,13 @@ def load(name_or_path: str | Path, dtype=torch.float32, device="cpu", *, strict:
 
 def load_tokenizer(name_or_path: str | Path):
     """tokenizer.json (tokenizers), tokenizer.model (sentencepiece) or a .gguf file: .encode / .decode."""
-    from .tokenizer import load_tokenizer as _load
+    from .formats.tokenizer import load_tokenizer as _load
 
     return _load(name_or_path)
 
 
 def save_pretrained(model: Model, directory: str | Path, dtype=None) -> Path:
     """Write the model as config.json + model.safetensors in its family's Hugging Face format."""
-    from .checkpoint import save_pretrained as _save
+    from .formats.checkpoint import save_pretrained as _save
 
     return _save(model, directory, None if dtype is None else parse_dtype(dtype))

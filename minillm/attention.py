@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from .cache import CacheWrite, SinkCache, slot_of, slot_positions
-from .config import ModelConfig
+from .model_config import ModelConfig
 from .keys import KeyPositions, key_positions
 from .positions import alibi_bias, rope_rotate, rope_tables
 

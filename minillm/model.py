@@ -5,7 +5,7 @@ One `Block` with a few flags covers them (as in litgpt):
 - GPT-NeoX: x + attn(ln1(x)) + mlp(ln2(x))                             (parallel residual)
 - Falcon:   x + attn(ln(x)) + mlp(ln(x))   7B: one shared norm;  40B: ln_attn / ln_mlp
 - MPT:      sequential LayerNorm blocks with ALiBi
-The family files in `minillm/models/` only parse configs and name weights.
+The family files in `minillm/formats/families/` only parse configs and name weights.
 
 `Model.forward(input_ids)` is the dense causal forward. With `cache=`, it streams the chunk through
 the fixed-shape sink+window cache (docs/streaming.md: the contract, the slots, a worked example).
@@ -26,7 +26,7 @@ from torch import nn
 
 from .attention import DecodePlan, attend, decode_attend, make_plan, rotate_sinks
 from .cache import SinkCache
-from .config import ModelConfig
+from .model_config import ModelConfig
 from .errors import MiniLLMError
 from .positions import alibi_slopes, rope_inv_freq
 

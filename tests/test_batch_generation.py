@@ -26,9 +26,12 @@ import pytest
 import torch
 
 import minillm
-from minillm.batch import ChatSessions, Request, generate_batch, row_seed
+from minillm.apps.batching import Request, generate_batch, row_seed
+from minillm.apps.chat import ChatSessions
 from minillm.errors import MiniLLMError
-from minillm.generation import ChatSession, NonFiniteError, generate
+from minillm.apps.chat import ChatSession
+from minillm.apps.generation import generate
+from minillm.apps.sampling import NonFiniteError
 from tiny_ckpt import tiny_checkpoint  # noqa: F401  (fixture)
 from util import random_model, tiny_config
 
@@ -296,7 +299,7 @@ def test_chat_sessions_errors_feed_nothing(tiny_checkpoint, tmp_path):
     with pytest.raises(MiniLLMError, match="session index"):
         list(chats.turns({2: "x"}))
     other = ChatSession(model, tok, window=30)
-    from minillm.batch import chat_turns
+    from minillm.apps.chat import chat_turns
 
     with pytest.raises(MiniLLMError, match="share one cache"):
         list(chat_turns({chats[0]: "a", other: "b"}))
@@ -377,7 +380,7 @@ def test_cli_batch_jsonl_end_to_end(tiny_checkpoint, tmp_path):
     ('{"prompt": "a", "temperature": "hot"}', 'got "hot"'),
 ])
 def test_malformed_lines_are_named(line, message):
-    from minillm.cli import parse_prompt_line
+    from minillm.cli.jsonl import parse_prompt_line
 
     with pytest.raises(MiniLLMError) as info:
         parse_prompt_line(line, "in.jsonl:4")
@@ -385,7 +388,7 @@ def test_malformed_lines_are_named(line, message):
 
 
 def test_well_formed_line():
-    from minillm.cli import parse_prompt_line
+    from minillm.cli.jsonl import parse_prompt_line
 
     got = parse_prompt_line('{"prompt": "caf\\u00e9", "max_new_tokens": -1, "seed": 5, "temperature": 0, '
                             '"id": {"k": 1}, "note": "x"}', "w")

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import minillm
-from minillm.generation import ChatSession, encode_continuation
+from minillm.apps.chat import ChatSession, encode_continuation
 from util import Scripted, tiny_config
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
@@ -175,7 +175,7 @@ JINJA_CASES = {
 def test_template_rendering_equals_transformers(tmp_path, name):
     d = _with_template(WEIGHTS / "pythia-tiny", tmp_path, JINJA_CASES[name])
     tok, hf = minillm.load_tokenizer(d), _hf_tokenizer(d)
-    from minillm.generation import render_chat_template
+    from minillm.apps.chat import render_chat_template
 
     messages = [{"role": "system", "content": "sys <b> & 'q'"}, {"role": "user", "content": "café \u2014 \"x\""},
                 {"role": "assistant", "content": "ok"}, {"role": "user", "content": "more"}]

@@ -21,8 +21,8 @@ import pytest
 import minillm
 from minillm import cli
 from minillm.evaluate import perplexity
-from minillm.generation import generate
-from minillm.text import read_text, read_texts
+from minillm.apps.generation import generate
+from minillm.formats.text import read_text, read_texts
 from tiny_ckpt import tiny_checkpoint, training_text  # noqa: F401  (fixture)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -369,7 +369,7 @@ def test_more_bad_input_in_process(tiny_checkpoint, files, capsys, args, message
 def test_in_process_main(monkeypatch, capsys, tmp_path):
     assert cli.main(["--version"]) == 0 and capsys.readouterr().out.startswith("minillm ")
     assert cli.main([]) == 0 and "generate" in capsys.readouterr().out
-    monkeypatch.setattr(cli, "DEFAULT_MODEL", tmp_path / "weights" / "llama-tiny")
+    monkeypatch.setattr(cli.commands, "DEFAULT_MODEL", tmp_path / "weights" / "llama-tiny")
     (tmp_path / "t.txt").write_text("some text")
     assert cli.main(["ppl", "--text", str(tmp_path / "t.txt")]) == 2
     err = capsys.readouterr().err

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from minillm.config import ModelConfig
-from minillm.models import from_hf_config, to_hf_config
+from minillm.model_config import ModelConfig
+from minillm.formats.families import from_hf_config, to_hf_config
 import minillm
 from minillm.errors import MiniLLMError
 from util import VARIANTS, tiny_config
@@ -337,8 +337,8 @@ def _tf_params(cls) -> set[str]:
 def test_every_transformers_config_parameter_has_a_policy(cls_name, model_type):
     # Each __init__ parameter of transformers' config class is parsed, known-neutral or refused by
     # name: a new transformers option shows up here instead of being dropped or warned about.
-    from minillm.config import NEUTRAL_KEYS, REFUSED_KEYS
-    from minillm.models import family_for_model_type
+    from minillm.formats.config import NEUTRAL_KEYS, REFUSED_KEYS
+    from minillm.formats.families import family_for_model_type
 
     fam = family_for_model_type(model_type)
     policy = fam.PARSED | fam.REFUSED | fam.NEUTRAL | NEUTRAL_KEYS | set(REFUSED_KEYS)
@@ -353,8 +353,8 @@ def test_every_transformers_config_parameter_has_a_policy(cls_name, model_type):
 
 
 def test_policy_sets_are_disjoint():
-    from minillm.config import NEUTRAL_KEYS, REFUSED_KEYS
-    from minillm.models import FAMILIES
+    from minillm.formats.config import NEUTRAL_KEYS, REFUSED_KEYS
+    from minillm.formats.families import FAMILIES
 
     for name, fam in FAMILIES.items():
         groups = [fam.PARSED, fam.REFUSED, fam.NEUTRAL | NEUTRAL_KEYS - {"model_type"}, set(REFUSED_KEYS)]

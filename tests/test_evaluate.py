@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from minillm.errors import MiniLLMError
 from minillm.evaluate import MAX_CURVE_POINTS, block_size, perplexity, stride_subset
-from minillm.sinks import attention_maps, attention_probs, attention_sink_scores
+from minillm.apps.attention_maps import attention_maps, attention_probs, attention_sink_scores
 from minillm.reference import reference_stream
 from util import random_model, rel_err, tiny_config
 
@@ -291,7 +291,7 @@ def test_attention_maps_and_sink_scores():
 def test_nonfinite_logits_are_an_error_or_kept_as_scored():
     """A NaN weight is a clear error naming the token; with on_nonfinite="keep" the tokens count as
     scored (NaN), never as "not scored"."""
-    from minillm.generation import NonFiniteError
+    from minillm.apps.sampling import NonFiniteError
 
     model = random_model(tiny_config("llama_gqa"), dtype=torch.float32, seed=3)
     with torch.no_grad():

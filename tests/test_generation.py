@@ -10,8 +10,9 @@ import torch
 
 import minillm
 from minillm.errors import MiniLLMError
-from minillm.generation import (ChatSession, encode_continuation, generate, render_chat_template, sample,
-                                stream_tensor)
+from minillm.apps.chat import ChatSession, encode_continuation, render_chat_template
+from minillm.apps.generation import generate, stream_tensor
+from minillm.apps.sampling import sample
 from minillm.reference import reference_stream
 from tiny_ckpt import tiny_checkpoint  # noqa: F401  (fixture)
 from util import Scripted, random_model, tiny_config
@@ -261,7 +262,7 @@ class FakeTok:
 
 
 def test_nonfinite_logits_stop_generation_naming_the_step_and_layer():
-    from minillm.generation import NonFiniteError
+    from minillm.apps.sampling import NonFiniteError
 
     model = random_model(tiny_config("llama_gqa"), dtype=torch.float32)
     with torch.no_grad():

@@ -19,9 +19,9 @@ import pytest
 import torch
 
 import minillm
-from minillm.checkpoint import hf_state_dict
+from minillm.formats.checkpoint import hf_state_dict
 from minillm.errors import MiniLLMError
-from minillm.gguf_file import ARCHITECTURES
+from minillm.formats.gguf import ARCHITECTURES
 from tiny_ckpt import tiny_checkpoint  # noqa: F401  (fixture)
 
 gguf = pytest.importorskip("gguf")
@@ -35,7 +35,8 @@ def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 def write_gguf(path: Path, ckpt: Path, *, qtype=Q.F32, arch="llama", drop=(), extra_tensor=None,
                drop_token=False, meta=None, tokenizer_model="gpt2", add_bos=True, extra_values=None,
-               raw_meta=None, types_patch=None) -> Path:
+               raw_meta=None, types_patch=None, pre="default") -> Path:
+    """A GGUF of the checkpoint at `ckpt`; `add_bos=None` writes no tokenizer.ggml.add_bos_token key."""
     model = minillm.load(ckpt)
     c = model.config
     tj = json.loads((ckpt / "tokenizer.json").read_text(encoding="utf-8"))
@@ -61,13 +62,14 @@ def write_gguf(path: Path, ckpt: Path, *, qtype=Q.F32, arch="llama", drop=(), ex
     w.add_layer_norm_rms_eps(c.norm_eps)
     w.add_rope_dimension_count(c.head_dim)
     w.add_tokenizer_model(tokenizer_model)
-    w.add_tokenizer_pre("default")
+    w.add_tokenizer_pre(pre)
     w.add_token_list(tokens)
     w.add_token_types(types)
     w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in tj["model"]["merges"]])
     w.add_bos_token_id(0)
     w.add_eos_token_id(1)
-    w.add_add_bos_token(add_bos)
+    if add_bos is not None:
+        w.add_add_bos_token(add_bos)
     w.add_chat_template("{% for m in messages %}{{ m['content'] }}{% endfor %}")
     for key, value in (meta or {}).items():
         if isinstance(value, str):
@@ -162,6 +164,20 @@ def test_gguf_tokenizer_equals_the_checkpoints(ckpt, f32_file):
 def test_gguf_without_bos_flag_adds_none(ckpt, tmp_path):
     tok = minillm.load_tokenizer(write_gguf(tmp_path / "nobos.gguf", ckpt, add_bos=False))
     assert not tok.adds_bos and tok.encode("the sea")[0] != 0
+
+
+@pytest.mark.parametrize("pre, adds", [("default", False), ("smollm", False), ("starcoder", False),
+                                       ("llama-bpe", True), ("llama3", True)])
+def test_gguf_without_the_bos_key_follows_llama_cpp(ckpt, tmp_path, pre, adds):
+    """No tokenizer.ggml.add_bos_token: llama.cpp's default for the pre-tokenizer (true for the
+    Llama-3 group, false for the others, src/llama-vocab.cpp), not always false."""
+    tok = minillm.load_tokenizer(write_gguf(tmp_path / f"{pre}.gguf", ckpt, add_bos=None, pre=pre))
+    assert tok.adds_bos == adds
+    assert (tok.encode("the sea")[0] == 0) == adds
+    # The key, when present, wins over the default either way.
+    for flag in (True, False):
+        tok = minillm.load_tokenizer(write_gguf(tmp_path / f"{pre}-{flag}.gguf", ckpt, add_bos=flag, pre=pre))
+        assert tok.adds_bos == flag
 
 
 def test_transformers_reads_our_gguf_the_same(ckpt, f32_file):

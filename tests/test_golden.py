@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import minillm
-from minillm.generation import generate
+from minillm.apps.generation import generate
 
 REPO = Path(__file__).resolve().parents[1]
 WEIGHTS = REPO / "weights" / "llama-tiny"

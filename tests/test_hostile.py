@@ -20,6 +20,7 @@ real process: they are in test_cli.py. Run `python -m pytest -q tests/test_hosti
 
 from __future__ import annotations
 
+import importlib
 import io
 import json
 import math
@@ -390,9 +391,9 @@ api("perplexity(block=7) scores all", _ppl(block=7), "", expect=None, check=lamb
 
 def _sinks(fn_name, **kw):
     def run(ctx):
-        from minillm import sinks
+        from minillm.apps import attention_maps
 
-        return getattr(sinks, fn_name)(ctx.model("sp"), [1, 2, 3, 4, 5, 6], **kw)
+        return getattr(attention_maps, fn_name)(ctx.model("sp"), [1, 2, 3, 4, 5, 6], **kw)
     return run
 
 
@@ -421,7 +422,7 @@ for name, fn in [("generate(a string as the model)", lambda ctx: list(minillm.ge
                  ("generate(cache of another model)", lambda ctx: list(minillm.generate(
                      ctx.model("sp"), [1, 2], cache=ctx.model("hf").new_cache(1, 2, 8)))),
                  ("perplexity(None as the model)", lambda ctx: minillm.evaluate.perplexity(None, [1, 2, 3])),
-                 ("attention_probs(a path as the model)", lambda ctx: __import__("minillm.sinks").sinks.attention_probs(
+                 ("attention_probs(a path as the model)", lambda ctx: importlib.import_module("minillm.apps.attention_maps").attention_probs(
                      str(LLAMA), [1, 2, 3]))]:
     api(name, fn, {"cache='x'": "cache must be a SinkCache", "another": "different model"}.get(
         next((k for k in ("cache='x'", "another") if k in name), ""), "must be a minillm Model"))
@@ -650,7 +651,7 @@ def test_a_failed_write_keeps_the_old_output_and_leaves_no_temporary_file(ctx, c
     def full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(cli.os, "fsync", full)
+    monkeypatch.setattr(cli.files.os, "fsync", full)
     rc, out, err = run_cli(ctx, BASE["ppl"] + ["--json", str(target)], capsys, monkeypatch)
     assert rc == 2 and "Traceback" not in err and err.strip().splitlines()[-1] == (
         f"minillm: error: cannot write --json {target}: No space left on device")

@@ -1,4 +1,4 @@
-"""Tests for minillm.hub.resolve_model_dir: local paths, repo-id checks, and the offline hub cache.
+"""Tests for minillm.formats.hub.resolve_model_dir: local paths, repo-id checks, and the offline hub cache.
 
 huggingface_hub reads HF_HOME / HF_HUB_OFFLINE / HF_ENDPOINT when it is imported, so the cases
 that touch the hub run in a fresh subprocess with those variables set. No test uses the network:
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from minillm.errors import MiniLLMError
-from minillm.hub import resolve_model_dir
+from minillm.formats.hub import resolve_model_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,7 +25,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 _SCRIPT = """
 import json, sys
 from minillm.errors import MiniLLMError
-from minillm.hub import resolve_model_dir
+from minillm.formats.hub import resolve_model_dir
 for repo in sys.argv[1:]:
     try:
         print(json.dumps(["ok", str(resolve_model_dir(repo))]))

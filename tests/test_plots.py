@@ -1,4 +1,4 @@
-"""Every figure in minillm/plots.py draws from data shaped like its callers' (the CLI and
+"""Every figure in minillm/apps/plots.py draws from data shaped like its callers' (the CLI and
 tools/reproduce.py), so a refactor of either cannot break a figure unnoticed."""
 
 import io
@@ -6,7 +6,7 @@ import io
 import pytest
 import torch
 
-from minillm import plots
+from minillm.apps import plots
 
 matplotlib = pytest.importorskip("matplotlib")
 matplotlib.use("Agg")

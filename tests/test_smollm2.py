@@ -25,7 +25,7 @@ import pytest
 import torch
 
 import minillm
-from minillm.generation import ChatSession, encode_continuation
+from minillm.apps.chat import ChatSession, encode_continuation
 
 DATA = Path(__file__).resolve().parent / "data"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from minillm.errors import MiniLLMError
-from minillm.text import read_text, read_texts, strip_gutenberg
+from minillm.formats.text import read_text, read_texts, strip_gutenberg
 
 BOOK = (
     "The Project Gutenberg EBook of Something\r\n"

@@ -1,4 +1,4 @@
-"""Tests for minillm.tokenizer, on tiny tokenizers trained here from seeded pseudo-English.
+"""Tests for minillm.formats.tokenizer, on tiny tokenizers trained here from seeded pseudo-English.
 
 Tokenizer shapes, built in-process (well under a second):
 - "bytelevel":  a GPT-NeoX-style byte-level BPE tokenizer.json (no post-processor: no BOS),
@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from minillm.errors import MiniLLMError
-from minillm.tokenizer import StreamDecoder, Tokenizer, load_tokenizer
+from minillm.formats.tokenizer import StreamDecoder, Tokenizer, load_tokenizer
 from tiny_ckpt import training_text
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "weights"

@@ -6,8 +6,8 @@ import torch
 
 import minillm
 
-from minillm.config import ModelConfig
-from minillm.init import init_random
+from minillm.model_config import ModelConfig
+from minillm.random_init import init_random
 from minillm.model import Model
 
 # Engine-level configs of every variant the property tests cover (sizes are overridden per test).

@@ -52,9 +52,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import minillm  # noqa: E402
-from minillm.config import ModelConfig  # noqa: E402
+from minillm.model_config import ModelConfig  # noqa: E402
 from minillm.model import Model  # noqa: E402
-from minillm.init import init_random  # noqa: E402
+from minillm.random_init import init_random  # noqa: E402
 from minillm.positions import rope_rotate, rope_tables  # noqa: E402
 
 LLAMA = dict(family="llama", norm="rmsnorm", norm_bias=False, activation="swiglu", norm_eps=1e-5,

@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO))
 
 import minillm  # noqa: E402
 from minillm.evaluate import perplexity  # noqa: E402
-from minillm.text import read_texts  # noqa: E402
+from minillm.formats.text import read_texts  # noqa: E402
 
 DEFAULT_MODEL = REPO / "weights" / "llama-tiny"
 CORPUS = REPO.parent / "shared" / "corpus"
@@ -46,8 +46,8 @@ HELD_OUT = ["frankenstein.txt", "katrine.txt"]
 
 def random_llama(vocab: int, layers: int, hidden: int, heads: int, intermediate: int, seed: int = 0):
     """A Llama-shaped model with random weights (the speed of the paths does not depend on them)."""
-    from minillm.config import ModelConfig
-    from minillm.init import init_random
+    from minillm.model_config import ModelConfig
+    from minillm.random_init import init_random
     from minillm.model import Model
 
     config = ModelConfig(family="llama", vocab_size=vocab, hidden_size=hidden, num_layers=layers,

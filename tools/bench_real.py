@@ -124,7 +124,7 @@ def child_minillm(task: dict) -> dict:
     import torch
     import minillm
     from minillm.evaluate import perplexity
-    from minillm.generation import prefill
+    from minillm.apps.generation import prefill
 
     torch.set_num_threads(task["threads"])
     model = minillm.load(task["gguf"], dtype=torch.float32)
@@ -308,7 +308,7 @@ def read_bandwidth(threads: int, gib: float = 2.0, reps: int = 5) -> dict:
 def decode_bytes(gguf_path: Path, keys: int) -> int:
     """Bytes a float32 decode step must read: every weight once (SmolLM2's embedding is tied: read
     as the output head, one row gathered as the input), plus K and V of `keys` keys per layer."""
-    from minillm.gguf_file import GGUFFile
+    from minillm.formats.gguf import GGUFFile
     f = GGUFFile(gguf_path)
     c = f.hf_config()
     weights = sum(4 * int(t.n_elements) for t in f.reader.tensors)

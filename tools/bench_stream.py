@@ -43,9 +43,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, no install needed
 
-from minillm.config import ModelConfig  # noqa: E402
+from minillm.model_config import ModelConfig  # noqa: E402
 from minillm.model import Model  # noqa: E402
-from minillm.init import init_random  # noqa: E402
+from minillm.random_init import init_random  # noqa: E402
 
 SINKS, WINDOW = 4, 1020
 

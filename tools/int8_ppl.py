@@ -106,7 +106,7 @@ def main(argv=None) -> int:
     import minillm
     from bench_real import f32_gguf
     from real_results import gguf_path
-    from minillm.text import read_text
+    from minillm.formats.text import read_text
 
     torch.set_num_threads(args.threads)
     f32 = f32_gguf(gguf_path(), Path("/tmp/SmolLM2-135M-Instruct.F32.gguf"))

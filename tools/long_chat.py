@@ -36,7 +36,7 @@ import minillm  # noqa: E402
 sys.path.insert(0, str(REPO / "tools"))
 from real_results import GGUF_NAME, gguf_path  # noqa: E402  (one place finds the SmolLM2 GGUF)
 from minillm.evaluate import perplexity  # noqa: E402
-from minillm.generation import ChatSession  # noqa: E402
+from minillm.apps.chat import ChatSession  # noqa: E402
 
 SUBJECTS = [
     ("the capital of France", "Paris"), ("the largest ocean", "the Pacific"), ("the boiling point of water",
@@ -176,7 +176,7 @@ def _mean(xs):
 def teacher_forced_ids(tok, turns: int) -> tuple[list[int], torch.Tensor]:
     """The whole conversation with the fixed ANSWERS, as the chat template renders it (so as a
     ChatSession would feed it), and a mask of the answer tokens."""
-    from minillm.generation import render_chat_template
+    from minillm.apps.chat import render_chat_template
 
     msgs = []
     for k in range(turns):

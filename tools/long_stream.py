@@ -37,7 +37,7 @@ import minillm  # noqa: E402
 sys.path.insert(0, str(REPO / "tools"))
 from real_results import GGUF_NAME, gguf_path  # noqa: E402  (one place finds the SmolLM2 GGUF)
 from minillm.evaluate import block_size, perplexity  # noqa: E402
-from minillm.text import read_text  # noqa: E402
+from minillm.formats.text import read_text  # noqa: E402
 
 CORPUS = REPO.parent / "shared" / "corpus"
 BOOKS = ("war_and_peace.txt", "moby_dick.txt", "jack_sheppard.txt", "pride_and_prejudice.txt",

@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # runs from a checkout without installing
 
 import minillm  # noqa: E402
-from minillm.generation import generate  # noqa: E402
+from minillm.apps.generation import generate  # noqa: E402
 
 WEIGHTS = REPO / "weights" / "llama-tiny"
 OUT = REPO / "tests" / "data" / "golden_llama_tiny.json"

@@ -35,10 +35,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import minillm  # noqa: E402
-from minillm import plots  # noqa: E402
+from minillm.apps import plots  # noqa: E402
 from minillm.evaluate import perplexity  # noqa: E402
-from minillm.sinks import attention_probs  # noqa: E402
-from minillm.text import read_text  # noqa: E402
+from minillm.apps.attention_maps import attention_probs  # noqa: E402
+from minillm.formats.text import read_text  # noqa: E402
 
 CORPUS = REPO.parent / "shared" / "corpus"
 BOOK = "pride_and_prejudice.txt"

@@ -36,9 +36,9 @@ sys.path.insert(0, str(REPO))  # runs from a checkout without installing
 
 import minillm  # noqa: E402
 from minillm.evaluate import PerplexityResult, perplexity  # noqa: E402
-from minillm.sinks import attention_maps, attention_probs, attention_sink_scores  # noqa: E402
-from minillm.text import read_texts  # noqa: E402
-from minillm import plots  # noqa: E402
+from minillm.apps.attention_maps import attention_maps, attention_probs, attention_sink_scores  # noqa: E402
+from minillm.formats.text import read_texts  # noqa: E402
+from minillm.apps import plots  # noqa: E402
 
 CORPUS = REPO.parent / "shared" / "corpus"
 HELD_OUT = ("frankenstein.txt", "katrine.txt")  # never seen in training (tools/train.py)
@@ -419,7 +419,7 @@ def write_results(out: Path, results: list[dict], train: dict, attempt1_train: d
     w("")
     w("## Setup\n")
     w(f"- **Text.** The two held-out books (`{HELD_OUT[0]}` + `{HELD_OUT[1]}`, concatenated, Project "
-      f"Gutenberg header and footer stripped by `minillm.text`), first {args.tokens:,} tokens after BOS, "
+      f"Gutenberg header and footer stripped by `minillm.formats.text`), first {args.tokens:,} tokens after BOS, "
       f"tokenized with each model's own tokenizer. At this length all of them lie in Frankenstein. "
       f"llama-tiny has its own sentencepiece vocabulary, the others share one byte-level BPE, so "
       f"PPLs compare across the BPE models but not with llama-tiny.")

@@ -12,10 +12,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .checks import check_int, check_model
-from .errors import MiniLLMError
-from .generation import NonFiniteError, stream_tensor
-from .limits import check_fits
+from ..checks import check_int, check_model
+from ..errors import MiniLLMError
+from ..limits import check_fits
+from .generation import stream_tensor
+from .sampling import NonFiniteError
 
 
 def probs_bytes(model, T: int) -> int:

@@ -9,8 +9,9 @@ Falcon's fused QKV is stored three ways, recorded in `qkv_layout`:
 
 from __future__ import annotations
 
-from ..config import ConfigReader, ModelConfig, extensions_to_hf, minillm_extensions, rope_settings
-from ..errors import MiniLLMError
+from ...errors import MiniLLMError
+from ...model_config import ModelConfig
+from ..config import ConfigReader, extensions_to_hf, minillm_extensions, rope_settings
 
 MODEL_TYPES = ("falcon", "RefinedWeb", "RefinedWebModel")
 
@@ -39,7 +40,7 @@ LAYER_PREFIX = "transformer.h.{i}."
 IGNORED = (r"transformer\.h\.\d+\.self_attention\.(rotary_emb\.inv_freq|maybe_rotary\.inv_freq)",)
 
 
-# The config policy, as data (see minillm/config.py).
+# The config policy, as data (see minillm/formats/config.py).
 PARSED = frozenset({
     "model_type", "vocab_size", "hidden_size", "num_attention_heads", "n_head", "num_hidden_layers",
     "n_layer", "num_kv_heads", "n_head_kv", "new_decoder_architecture", "multi_query", "parallel_attn",

@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
+from ..errors import MiniLLMError, first_line
 from .config import ConfigWarning
-from .errors import MiniLLMError, first_line
 
 # ----------------------------------------------------------------------------------------------
 # The mappings, per GGUF architecture (`general.architecture`).
@@ -102,6 +102,15 @@ PRE_TOKENIZERS["llama3"] = PRE_TOKENIZERS["llama-bpe"]
 # Llama-3's tokenizer.json (and llama.cpp for these) looks a whole pre-token up in the vocabulary
 # before merging, which can give a different split than the merges alone.
 IGNORE_MERGES = {"llama-bpe", "llama3"}
+
+# Whether llama.cpp adds a BOS when a file has no `tokenizer.ggml.add_bos_token`: for a byte-level
+# BPE vocabulary (tokenizer.ggml.model "gpt2") it depends on the pre-tokenizer. llama.cpp's
+# src/llama-vocab.cpp, `llama_vocab::impl::load`, starts from add_bos = false and sets it true only
+# for the Llama-3 group ("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", ...),
+# "tekken" and "chameleon"; of the pre-tokenizers minillm reads, only these two are in that group.
+# ("gpt2" here is minillm's alias of GPT-2's split; llama.cpp spells it "gpt-2", also false.)
+ADD_BOS_DEFAULT: dict[str, bool] = {"default": False, "gpt2": False, "smollm": False, "starcoder": False,
+                                    "llama-bpe": True, "llama3": True}
 
 # llama.cpp's token types (tokenizer.ggml.token_type).
 TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
@@ -260,9 +269,6 @@ class GGUFTensors:
         g = self.hf_to_gguf.get(hf_name)
         return f"{g} ({hf_name})" if g else hf_name
 
-    def where(self) -> str:
-        return self.file.path.name
-
     def get(self, hf_name: str) -> torch.Tensor:
         from gguf import GGMLQuantizationType, quants
 
@@ -341,13 +347,16 @@ def tokenizer_json(f: GGUFFile) -> tuple[str, dict]:
     bos, eos = special_id("bos_token_id"), special_id("eos_token_id")
     eot = special_id("eot_token_id")
 
-    def flag(key: str) -> bool:
-        v = m.get(f"tokenizer.ggml.{key}", False)
+    def flag(key: str, default: bool = False) -> bool:
+        v = m.get(f"tokenizer.ggml.{key}", default)
         if not isinstance(v, bool):
             raise MiniLLMError(f"{f.path.name}: tokenizer.ggml.{key} must be a bool, got {v!r}")
         return v
 
-    add_bos, add_eos = flag("add_bos_token"), flag("add_eos_token")
+    # Without the key, llama.cpp's default for this pre-tokenizer (llama.cpp would then fall back
+    # to BOS id 11 for a file that names none; minillm adds no BOS it has to guess).
+    add_bos = flag("add_bos_token", ADD_BOS_DEFAULT[pre] and bos is not None)
+    add_eos = flag("add_eos_token")
     for want, ok in (("add_bos_token", bos), ("add_eos_token", eos)):
         if flag(want) and ok is None:
             raise MiniLLMError(f"{f.path.name}: tokenizer.ggml.{want} is true but there is no "
@@ -404,7 +413,7 @@ def tokenizer_json(f: GGUFFile) -> tuple[str, dict]:
 def load_model(path: str | Path, dtype: torch.dtype, device: torch.device, *, strict: bool = False):
     """A GGUF file -> the model, dequantized into `dtype` and loaded as strictly as safetensors."""
     from .checkpoint import load_tensors
-    from .models import from_hf_config
+    from .families import from_hf_config
 
     f = open_gguf(path)
     with warnings.catch_warnings():

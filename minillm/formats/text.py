@@ -17,7 +17,7 @@ import re
 import stat
 from pathlib import Path
 
-from .errors import MiniLLMError
+from ..errors import MiniLLMError
 
 # The largest text read (1 GiB, a few hundred books): its token ids alone would take ~10 GB as
 # Python ints, so anything larger, or an endless pipe, is refused instead of exhausting memory.

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from ..config import ConfigReader, ModelConfig, extensions_to_hf, minillm_extensions, rope_settings
-from ..errors import MiniLLMError
+from ...errors import MiniLLMError
+from ...model_config import ModelConfig
+from ..config import ConfigReader, extensions_to_hf, minillm_extensions, rope_settings
 
 MODEL_TYPES = ("llama",)
 
@@ -28,7 +29,7 @@ LAYER_PREFIX = "model.layers.{i}."
 IGNORED = (r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",)
 
 
-# The config policy, as data (see minillm/config.py).
+# The config policy, as data (see minillm/formats/config.py).
 PARSED = frozenset({
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
     "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "rms_norm_eps",

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from minillm.errors import MiniLLMError, first_line
-from minillm.hub import resolve_model_dir
+from .hub import resolve_model_dir
 
 _REPLACEMENT = "\ufffd"  # what decoders print for an incomplete UTF-8 sequence
 
@@ -214,7 +214,7 @@ class Tokenizer:
     @classmethod
     def from_gguf(cls, path: str | os.PathLike) -> Tokenizer:
         """Build the tokenizer a GGUF file describes (vocab, merges, token types, special ids)."""
-        from .gguf_file import GGUFFile, open_gguf, tokenizer_json
+        from .gguf import GGUFFile, open_gguf, tokenizer_json
 
         f = path if isinstance(path, GGUFFile) else open_gguf(path)
         text, settings = tokenizer_json(f)
@@ -356,7 +356,7 @@ class StreamDecoder:
 
 def load_tokenizer(name_or_path: str | os.PathLike) -> Tokenizer:
     """The tokenizer of a local model directory, a hub repo id (fetched into the hub cache) or a GGUF file."""
-    from .gguf_file import is_gguf
+    from .gguf import is_gguf
 
     if is_gguf(name_or_path):
         return Tokenizer.from_gguf(name_or_path)

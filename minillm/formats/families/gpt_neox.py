@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from ..config import ConfigReader, ModelConfig, extensions_to_hf, minillm_extensions, rope_settings
-from ..errors import MiniLLMError
+from ...errors import MiniLLMError
+from ...model_config import ModelConfig
+from ..config import ConfigReader, extensions_to_hf, minillm_extensions, rope_settings
 
 MODEL_TYPES = ("gpt_neox",)
 
@@ -35,7 +36,7 @@ ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "ge
                "relu": "relu", "silu": "silu"}
 
 
-# The config policy, as data (see minillm/config.py).
+# The config policy, as data (see minillm/formats/config.py).
 PARSED = frozenset({
     "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
     "hidden_act", "max_position_embeddings", "layer_norm_eps", "use_parallel_residual",

@@ -22,25 +22,126 @@ A short answer therefore never waits for a long one, and a finished row is refil
 step. Rows never interact (the engine's per-row contract), so each prompt's tokens are those
 `generate(model, ids, seed=...)` produces for it alone (tests/test_batch_generation.py).
 
-`ChatSessions` keeps several conversations in one cache, a row each, and `turns({i: text, ...})`
-runs a turn of any of them together: their new tokens in one ragged prefill, their replies decoded
-in the same batched steps, each session rendering its turns exactly as a lone `ChatSession`.
-
-The loop itself, `run_rows`, lives in minillm/generation.py beside `generate` and `ChatSession`,
-whose sampling (`Sampler`) and turn bookkeeping (`ChatSession.begin_turn`, `Reply`) it shares;
-this module holds the batched APIs on top of it.
+The loop is `run_rows`, over `Row`s (a stream each: its sampling, its prompt); `generate_batch`
+feeds it prompts, and `minillm.ChatSessions` (minillm/apps/chat.py) feeds it chat turns.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 
-from .checks import check_int, check_model
-from .errors import MiniLLMError
-from .generation import SEED_RANGE, ChatSession, Row, chat_turns, make_sampler, new_stream_ids, run_rows
+from ..checks import check_int, check_model
+from ..errors import MiniLLMError
+from .generation import new_stream_ids, prefill_chunk, step_name
+from .sampling import SEED_RANGE, Sampler, check_finite, make_sampler
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+
+
+def prefill_rows(model, cache, feeds: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+    """`prefill` for several streams of one cache at once: row b consumes its own ids feeds[b]
+    (1-D, any lengths), rows not in `feeds` consume nothing; returns {b: logits (V,)} at each
+    row's last fed token.
+
+    The rows go in together, right-padded, through ragged calls (`lengths`) of at most
+    `model.max_chunk` columns, each asking for one position's logits per row, so memory is bounded
+    as in `prefill`; a row whose ids end in an earlier chunk consumes nothing in the later ones."""
+    B = cache.batch_size
+    total = [len(feeds[b]) if b in feeds else 0 for b in range(B)]
+    ids = torch.zeros((B, max(total)), dtype=torch.long, device=model.device)  # right padding: id 0
+    for b, feed in feeds.items():
+        ids[b, : len(feed)] = feed
+    step, out = prefill_chunk(model), {}
+    with torch.no_grad():
+        for p0 in range(0, ids.shape[1], step):
+            lengths = [min(max(t - p0, 0), step) for t in total]
+            logits = model(ids[:, p0 : p0 + max(lengths)], cache=cache, lengths=lengths, logits_to_keep=1)
+            out.update({b: logits[b, -1] for b in feeds if lengths[b] and p0 + lengths[b] == total[b]})
+    return out
+
+
+@dataclass
+class Row:
+    """A stream in a row of the cache: whose it is, how it samples, and what it feeds next."""
+    key: object  # the prompt's index, or the ChatSession
+    label: str  # names the stream in errors: "prompt 3", "session row 1"
+    sampler: Sampler
+    ids: torch.Tensor  # (1, L): the prompt to prefill (with the sink prefix on a new stream)
+    new_stream: bool  # reset the row before the prefill
+    logits: torch.Tensor | None = None  # (V,): what the next token is drawn from
+    start: int = 0  # the row's tokens_seen before the prefill
+
+
+def run_rows(model, cache, take) -> Iterator[tuple[Row, int | None, str | None]]:
+    """The continuous-batching loop over the rows of `cache`: streams of their own in each row.
+
+    Each pass: (1) every free row b takes its next stream, `take(b)` (a new one is reset there);
+    (2) the streams just taken are prefilled together (`prefill_rows`); (3) every active row
+    draws its next token (`Sampler.next`, as `generate` draws it) and a row whose stream stops
+    is free again; (4) the rows still going feed their token in one batched decode step (the
+    others length 0). The module docstring explains what this gives (`generate_batch`).
+
+    `take(b)` gives free row b its next stream (a `Row`), or None when there is none left; the
+    loop ends when no row is active and nothing is left. Yields (row, token, stop) for every
+    token drawn. A stream that may draw none (max_new_tokens=0) is prefilled all the same, as
+    `generate` prefills it, and yields (row, None, "length")."""
+    B = cache.batch_size
+    rows: list[Row | None] = [None] * B
+    step = torch.zeros((B, 1), dtype=torch.long, device=model.device)  # each row's last token
+    while True:
+        admitted: dict[int, Row] = {}
+        for b in range(B):
+            if rows[b] is None and (row := take(b)) is not None:
+                admitted[b] = row
+        if admitted:
+            fresh = [b for b, r in admitted.items() if r.new_stream and int(cache.tokens_seen[b])]
+            if fresh:
+                cache.reset(fresh)
+            for b, r in admitted.items():
+                rows[b], r.start = r, int(cache.tokens_seen[b])
+            for b, logits in prefill_rows(model, cache, {b: r.ids[0] for b, r in admitted.items()}).items():
+                r = admitted[b]
+                r.logits = logits
+                check_finite(logits[: r.sampler.vocab_size], model, r.ids,
+                             f"{r.label}: {step_name(0, int(cache.tokens_seen[b]) - 1, r.start)}")
+                if r.sampler.done:
+                    rows[b] = None
+                    yield r, None, "length"
+        active = [b for b in range(B) if rows[b] is not None]
+        if not active:
+            if admitted:  # all of them asked for no tokens: take more
+                continue
+            return
+        lengths = [0] * B
+        for b in active:
+            r = rows[b]
+            token, stop = r.sampler.next(r.logits)
+            yield r, token, stop
+            if stop:
+                rows[b] = None
+            else:
+                step[b, 0] = token
+                lengths[b] = 1
+        if not any(lengths):
+            continue
+        with torch.no_grad():
+            logits = model(step, cache=cache, lengths=lengths, logits_to_keep=1)
+        for b in active:
+            r = rows[b]
+            if r is not None:
+                r.logits = logits[b, -1]
+                check_finite(r.logits[: r.sampler.vocab_size], model, step[b : b + 1],
+                             f"{r.label}: {step_name(r.sampler.n, int(cache.tokens_seen[b]) - 1, r.start)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Many prompts
 
 
 class Request:
@@ -123,44 +224,3 @@ def generate_batch(model, prompts: Iterable[Sequence[int] | torch.Tensor | Reque
 
     for row, token, stop in run_rows(model, cache, take):
         yield BatchEvent(row.key, token, stop)
-
-
-# ----------------------------------------------------------------------------------------------
-# Chat
-
-
-class ChatSessions:
-    """`n` conversations over one shared cache of `n` rows, one row each.
-
-        chats = minillm.ChatSessions(model, tok, 4, window=1020, temperature=0)
-        for i, piece in chats.turns({0: "Hello!", 2: "What is the capital of France?"}):
-            ...
-
-    Every keyword is `ChatSession`'s; session i samples from `seed + i`, so session i's fed ids
-    and replies are those of `ChatSession(model, tok, seed=seed + i, ...)` having the same
-    conversation alone. `chats[i]` is session i (a `ChatSession`; `chats[i].turn(text)` runs a
-    turn of it alone, in its row). `turns` runs one turn of each session given, together.
-    """
-
-    def __init__(self, model, tokenizer, n: int, *, sinks: int = 4, window: int = 1020, seed: int = 0, **settings):
-        check_model(model)
-        check_int("n", n, 1)
-        self.cache = model.new_cache(batch_size=n, sinks=sinks, window=window)
-        self.sessions = [ChatSession(model, tokenizer, cache=self.cache, row=i, seed=row_seed(seed, i), **settings)
-                         for i in range(n)]
-
-    def __len__(self) -> int:
-        return len(self.sessions)
-
-    def __getitem__(self, i: int) -> ChatSession:
-        return self.sessions[i]
-
-    def turns(self, texts: Mapping[int, str]) -> Iterator[tuple[int, str]]:
-        """One turn of each session i in `texts` ({i: user text}), together; yield (i, piece)."""
-        if not isinstance(texts, Mapping):
-            raise MiniLLMError(f"turns takes a mapping {{session index: text}}, got {type(texts).__name__}")
-        for i in texts:
-            check_int("session index", i, 0, len(self.sessions) - 1, hint=f" ({len(self.sessions)} sessions)")
-        index = {self.sessions[i]: i for i in texts}
-        for session, piece in chat_turns({self.sessions[i]: text for i, text in texts.items()}):
-            yield index[session], piece

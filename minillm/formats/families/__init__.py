@@ -4,13 +4,13 @@ Each family module is thin. It provides, as data:
 - `MODEL_TYPES`: the `model_type` values it reads;
 - `PARSED`, `REFUSED`, `NEUTRAL`: the config keys it reads, the ones it refuses unless they hold
   their default, and the family-specific keys that cannot change the forward pass (the policy is
-  described in `minillm/config.py`);
+  described in `minillm/formats/config.py`);
 - `parse(reader) -> ModelConfig` and `to_hf(config) -> dict` (the reverse, for saving);
 - `weight_map(config)`: our parameter name -> the checkpoint's name (or a tuple of names that are
   concatenated along dim 0, such as Llama's q/k/v into one fused projection). `{i}` is the layer;
 - `IGNORED`: regexes of checkpoint tensors that are deliberately not used (rotary caches, masks).
-The blocks themselves live in `minillm/model.py`, shared by every family. The families import
-`minillm.config`; nothing there imports them, so there is no import cycle.
+The blocks themselves live in the engine (`minillm/model.py`), shared by every family. The families
+import `minillm.formats.config`; nothing there imports them, so there is no import cycle.
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ import json
 from pathlib import Path
 from types import ModuleType
 
-from ..config import ConfigReader, ModelConfig
-from ..errors import MiniLLMError
+from ...errors import MiniLLMError
+from ...model_config import ModelConfig
+from ..config import ConfigReader
 from . import falcon, gpt_neox, llama, mpt
 
 FAMILIES: dict[str, ModuleType] = {

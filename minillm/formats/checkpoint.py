@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from .config import ModelConfig
-from .errors import MiniLLMError, first_line
-from .models import FAMILIES, to_hf_config
+from ..errors import MiniLLMError, first_line
+from ..model_config import ModelConfig
+from .families import FAMILIES, to_hf_config
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -119,8 +119,8 @@ def load_tensors(tensors, config: ModelConfig, dtype: torch.dtype, device: torch
     """Build the model on the meta device and assign a tensor source's tensors, strictly.
 
     `tensors` has `names()` (Hugging Face names), `get(name)` and `describe(name)` (the name as the
-    file spells it, for errors): safetensors files here, a GGUF file in `gguf_file.py`."""
-    from .model import Model
+    file spells it, for errors): safetensors files here, a GGUF file in `gguf.py`."""
+    from ..model import Model
 
     names = tensors.names()
     family = FAMILIES[config.family]

@@ -7,8 +7,9 @@ of them; the tests check the rest against hand-computed references.
 
 from __future__ import annotations
 
-from ..config import NEUTRAL_KEYS, ConfigReader, ModelConfig, extensions_to_hf, minillm_extensions
-from ..errors import MiniLLMError
+from ...errors import MiniLLMError
+from ...model_config import ModelConfig
+from ..config import NEUTRAL_KEYS, ConfigReader, extensions_to_hf, minillm_extensions
 
 MODEL_TYPES = ("mpt",)
 
@@ -37,7 +38,7 @@ LAYER_PREFIX = "transformer.blocks.{i}."
 IGNORED = ()
 WPE = "transformer.wpe.weight"
 
-# The config policy, as data (see minillm/config.py); ATTN_* for the nested attn_config block.
+# The config policy, as data (see minillm/formats/config.py); ATTN_* for the nested attn_config block.
 PARSED = frozenset({
     "d_model", "n_heads", "n_layers", "expansion_ratio", "max_seq_len", "vocab_size",
     "layer_norm_epsilon", "learned_pos_emb", "attn_config", "logit_scale", "no_bias", "norm_type",

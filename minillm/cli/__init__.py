@@ -1,0 +1,28 @@
+"""The `minillm` command line: a thin layer over the library.
+
+    minillm generate [MODEL] --prompt TEXT        stream text from a fixed-size sink+window cache
+    minillm chat     [MODEL] [--prompts F.jsonl]  a conversation over one persistent cache
+    minillm batch    [MODEL] --input F.jsonl      many prompts at once (continuous batching), JSONL out
+    minillm ppl      [MODEL] --text FILE [...]    long-text perplexity: streaming/window/recompute/dense
+    minillm attn     [MODEL] --text FILE --png P  attention maps and per-layer attention-sink scores
+
+MODEL is a local checkpoint directory or a hub repo id; without it, the shipped default
+`weights/llama-tiny`. The cache is `--sinks N` plus a window, `--cache-size S` keys in all (the
+new token included), as in the library's `new_cache(sinks=N, window=S-N)`.
+
+Bad input is one line on stderr (`minillm: error: ...`) and exit code 2; Ctrl-C exits with 130
+and no traceback (`ppl` first prints what it scored so far).
+
+Text rule: every text (`--prompt`, `--prompt-file`, `--text`, chat turns from a file or stdin)
+must be valid UTF-8. Invalid bytes or lone surrogates are refused, naming where and the offset;
+nothing is silently replaced. Outputs (`--json`, `--plot`, `--png`, `--output`) are checked before the work,
+never overwrite an input, and are written atomically (a temporary file renamed into place).
+
+    parser.py    the arguments          commands.py  the commands and `main`
+    files.py     the text rule; outputs checked first and written atomically
+    jsonl.py     the JSONL prompts, turns and records of chat and batch
+"""
+
+from .commands import main
+
+__all__ = ["main"]

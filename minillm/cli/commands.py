@@ -1,0 +1,432 @@
+"""The commands: each reads its inputs, loads the model, runs the library, and writes its outputs.
+
+    generate  minillm.generate          chat  minillm.ChatSession     batch  minillm.generate_batch
+    ppl       minillm.evaluate.perplexity                              attn   attention maps, sink scores
+
+Arguments are minillm/cli/parser.py; safe reading and writing of files is minillm/cli/files.py
+(the text rule, outputs checked first and written atomically); the JSONL inputs and outputs are
+minillm/cli/jsonl.py. `main` turns every MiniLLMError into one line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+import warnings
+from pathlib import Path
+
+from ..errors import MiniLLMError
+from .files import check_outputs, check_text, flush_print, need_matplotlib, save_figure, write_json
+from .jsonl import PROMPT_KEYS, Records, read_prompts, read_turns, stdin_turns
+from .parser import DEFAULT_CACHE_SIZE, build_parser
+
+DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "weights" / "llama-tiny"
+
+
+def _warn(message: str) -> None:
+    print(f"minillm: warning: {message}", file=sys.stderr)
+
+
+def _load(args):
+    """(model, tokenizer) named by args.model, or the shipped default; any failure is one line."""
+    import torch
+
+    import minillm
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    name = args.model
+    if name is None:
+        if not DEFAULT_MODEL.is_dir():
+            raise MiniLLMError(f"no MODEL given and the default checkpoint {DEFAULT_MODEL} is missing")
+        name = str(DEFAULT_MODEL)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", minillm.ConfigWarning)
+            model = minillm.load(name, dtype=args.dtype, device=args.device, strict=args.strict_config)
+            tok = minillm.load_tokenizer(name)
+        for w in caught:  # one line each, as every other warning of the CLI
+            if issubclass(w.category, minillm.ConfigWarning):
+                _warn(" ".join(str(w.message).split()) + " (--strict-config refuses them)")
+            else:
+                warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    except MiniLLMError:
+        raise
+    except Exception as e:  # a corrupt file can raise anything; the user needs one line, not a trace
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise MiniLLMError(f"cannot load model {name}: {type(e).__name__}: {first}") from None
+    model.eval()
+    if getattr(args, "int8", False):
+        from ..quant import quantize_int8
+        quantize_int8(model)
+    if getattr(args, "compile", False):
+        model.compile_decode()
+    return model, tok
+
+
+def _cache_shape(args, model, rows: int = 1) -> tuple[int, int]:
+    """(sinks, window) from --sinks and --cache-size, with the trained-context warning; the cache
+    of `rows` streams must fit in memory."""
+    trained = model.config.max_position_embeddings
+    S = args.cache_size if args.cache_size is not None else min(DEFAULT_CACHE_SIZE, trained)
+    if S <= args.sinks:
+        raise MiniLLMError(f"--cache-size must exceed --sinks (got --cache-size {S}, --sinks {args.sinks}): "
+                           f"the window needs at least one slot")
+    import torch
+
+    from ..limits import cache_bytes, check_fits
+
+    what = f"--cache-size {S}: a KV cache of {S} keys" if rows == 1 else \
+        f"--batch-size {rows} --cache-size {S}: a KV cache of {rows} x {S} keys"
+    check_fits(cache_bytes(model.config, rows, args.sinks, S - args.sinks, torch.finfo(model.dtype).bits // 8),
+               model.device, what)
+    if S > trained:
+        _warn(f"--cache-size {S} exceeds the checkpoint's trained context ({trained} positions); "
+              f"positions past it were never trained")
+    return args.sinks, S - args.sinks
+
+
+def _max_new(args) -> int | None:
+    return None if args.max_new_tokens == -1 else args.max_new_tokens
+
+
+# ----------------------------------------------------------------------------------------------
+# generate
+
+
+def cmd_generate(args) -> int:
+    from ..apps.generation import generate
+    from ..formats.text import read_text
+
+    if args.prompt is not None:
+        prompt = check_text(args.prompt, "--prompt")
+    else:
+        prompt = read_text(args.prompt_file, gutenberg=False)
+    if not prompt:
+        raise MiniLLMError("the prompt is empty")
+    model, tok = _load(args)
+    sinks, window = _cache_shape(args, model)
+    ids = tok.encode(prompt)
+    decoder = tok.decoder(start_of_text=False)  # the output continues the prompt
+    n, interrupted, start = 0, False, time.perf_counter()
+    try:
+        for token in generate(model, ids, max_new_tokens=_max_new(args),
+                              temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
+                              seed=args.seed, sinks=sinks, window=window, eos_ids=tok.eos_ids,
+                              ignore_eos=args.ignore_eos, vocab_size=tok.vocab_size):
+            if token in tok.eos_ids and not args.ignore_eos:
+                break
+            n += 1
+            text = decoder.push(token)
+            if text:
+                flush_print(text)
+    except KeyboardInterrupt:
+        interrupted = True
+    flush_print(decoder.flush() + "\n")
+    seconds = time.perf_counter() - start
+    print(f"minillm: {n} tokens in {seconds:.1f} s ({n / max(seconds, 1e-9):.1f} tokens/s), "
+          f"cache {sinks}+{window}{', interrupted' if interrupted else ''}", file=sys.stderr)
+    return 130 if interrupted else 0
+
+
+def cmd_chat(args) -> int:
+    from ..apps.chat import ChatSession
+
+    turns = read_turns(args.prompts) if args.prompts is not None else None
+    model, tok = _load(args)
+    sinks, window = _cache_shape(args, model)
+    session = ChatSession(model, tok, sinks=sinks, window=window, max_new_tokens=_max_new(args),
+                          temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
+                          seed=args.seed, ignore_eos=args.ignore_eos, use_template=not args.no_template,
+                          system=args.system)
+    source = ((t, False) for t in turns) if turns is not None else stdin_turns()
+    interrupted, start = False, time.perf_counter()
+    try:
+        for turn, echoed in source:
+            if not echoed:
+                flush_print(f"USER: {turn}\n")
+            flush_print("ASSISTANT:")
+            for piece in session.turn(turn):
+                flush_print(piece)
+            flush_print("\n")
+    except KeyboardInterrupt:
+        interrupted = True
+        flush_print("\n")
+    seconds = time.perf_counter() - start
+    cache = session.cache
+    print(f"minillm: {session.turns} turns, {int(cache.tokens_seen[0])} tokens through a cache of "
+          f"{cache.sinks}+{cache.window} in {seconds:.1f} s"
+          f"{' (chat template)' if session.template else ''}{', interrupted' if interrupted else ''}",
+          file=sys.stderr)
+    return 130 if interrupted else 0
+
+
+# ----------------------------------------------------------------------------------------------
+# batch
+
+
+def _line_error(records: Records, lineno: int, message: str, line_id=None) -> None:
+    """A malformed line: one line on stderr, and an error record in its place in the output."""
+    print(f"minillm: error: {' '.join(message.split())}", file=sys.stderr)
+    records.add(lineno, {"line": lineno, "id": line_id, "error": message})
+
+
+def _batch_jobs(args, name: str, good: list[tuple[int, dict]], tok, records: Records) -> tuple[list, int]:
+    """(line number, parsed line, Request) for each good line, and how many encode to nothing.
+
+    A line's seed defaults to --seed + (line number - 1): it depends on the line alone, whatever
+    the other lines hold, and the first line gets `minillm generate --seed S`'s stream."""
+    from ..apps.batching import Request, row_seed
+
+    jobs, empty = [], 0
+    for lineno, p in good:
+        ids = tok.encode(p["prompt"])
+        if not ids:
+            empty += 1
+            _line_error(records, lineno, f"{name}:{lineno}: the prompt encodes to no tokens", p["id"])
+            continue
+        settings = {"seed": p.get("seed", row_seed(args.seed, lineno - 1))}
+        if "max_new_tokens" in p:
+            settings["max_new_tokens"] = None if p["max_new_tokens"] == -1 else p["max_new_tokens"]
+        if "temperature" in p:
+            settings["temperature"] = p["temperature"]
+        jobs.append((lineno, p, Request(ids, **settings)))
+    return jobs, empty
+
+
+def _run_batch(args, name: str, model, tok, jobs: list, records: Records) -> tuple[int, float, bool]:
+    """Generate every job, a record as each finishes; (tokens generated, EOS not counted, seconds,
+    interrupted)."""
+    from tqdm import tqdm
+
+    from ..apps.batching import generate_batch
+
+    rows = min(args.batch_size, len(jobs))
+    sinks, window = _cache_shape(args, model, rows)
+    print(f"minillm: {len(jobs)} prompts from {name}, {rows} at a time through a cache of {sinks}+{window}",
+          file=sys.stderr)
+    drawn: dict[int, list[int]] = {}
+    tokens, interrupted, start = 0, False, time.perf_counter()
+    bar = tqdm(total=len(jobs), unit="prompt", file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
+    try:
+        for index, token, stop in generate_batch(
+                model, [r for _, _, r in jobs], batch_size=rows, max_new_tokens=_max_new(args),
+                temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p, seed=args.seed,
+                sinks=sinks, window=window, eos_ids=tok.eos_ids, ignore_eos=args.ignore_eos,
+                vocab_size=tok.vocab_size):
+            got = drawn.setdefault(index, [])
+            if token is not None and stop != "eos":  # the EOS id ends the text; it is not part of it
+                got.append(token)
+                tokens += 1
+            if stop is None:
+                continue
+            del drawn[index]
+            lineno, p, _ = jobs[index]
+            decoder = tok.decoder(start_of_text=False)  # the text continues the prompt
+            text = "".join(decoder.push(t) for t in got) + decoder.flush()
+            records.add(lineno, {"line": lineno, "id": p["id"], "prompt": p["prompt"], "text": text,
+                                 "tokens": len(got), "stop": stop})
+            bar.update(1)
+            bar.set_postfix_str(f"{tokens / max(time.perf_counter() - start, 1e-9):.0f} tok/s", refresh=False)
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        bar.close()
+    return tokens, time.perf_counter() - start, interrupted
+
+
+def cmd_batch(args) -> int:
+    inputs = [] if args.input == "-" else [args.input]
+    if args.output != "-":
+        check_outputs({"--output": args.output}, inputs, _model_dir(args))
+    name, lines = read_prompts(args.input)
+    records = Records(args.output, [n for n, _ in lines])
+    bad, warned = 0, set()
+    for lineno, parsed in lines:
+        if isinstance(parsed, str):
+            bad += 1
+            _line_error(records, lineno, parsed)
+            continue
+        for key in parsed["unknown"]:
+            if key not in warned:
+                warned.add(key)
+                _warn(f"{name}:{lineno}: ignoring the unknown key {key!r} (known: {', '.join(PROMPT_KEYS)})")
+    good = [(n, p) for n, p in lines if not isinstance(p, str)]
+    jobs, tokens, seconds, interrupted = [], 0, 0.0, False
+    if good:
+        model, tok = _load(args)
+        jobs, empty = _batch_jobs(args, name, good, tok, records)
+        bad += empty
+        if jobs:
+            tokens, seconds, interrupted = _run_batch(args, name, model, tok, jobs, records)
+    records.finish()
+    done = sum(1 for n, _, _ in jobs if n in records.done)
+    print(f"minillm: {done} of {len(jobs)} prompts, {tokens} tokens in {seconds:.1f} s "
+          f"({tokens / max(seconds, 1e-9):.1f} tokens/s)" + (f"; {bad} malformed line(s)" if bad else "")
+          + (", interrupted" if interrupted else ""), file=sys.stderr)
+    return 130 if interrupted else 2 if bad else 0
+
+
+# ----------------------------------------------------------------------------------------------
+# ppl
+
+
+def _fmt(x: float | None, width: int = 10) -> str:
+    return f"{'-':>{width}}" if x is None else f"{x:>{width}.3f}"
+
+
+def _finite(x):
+    return None if x is None or not math.isfinite(x) else x
+
+
+def _model_dir(args) -> str:
+    return str(DEFAULT_MODEL) if args.model is None else args.model
+
+
+def cmd_ppl(args) -> int:
+    from ..apps.evaluate import check_dense, perplexity
+    from ..apps.generation import sink_prefix
+    from ..formats.text import read_texts
+
+    modes = list(dict.fromkeys(args.mode))
+    check_outputs({"--json": args.json, "--plot": args.plot}, args.text, _model_dir(args), figures=("--plot",))
+    plt = need_matplotlib("--plot") if args.plot else None
+    text = read_texts(args.text)
+    model, tok = _load(args)
+    sinks, window = _cache_shape(args, model)
+    ids = tok.encode(text)
+    if args.max_tokens:
+        ids = ids[: args.max_tokens]
+    if len(ids) < 2:
+        raise MiniLLMError(f"the text is {len(ids)} token(s) long; perplexity needs at least 2")
+    if "dense" in modes:  # refuse before spending time on the other modes
+        check_dense(model, len(ids) - 1 + len(sink_prefix(model.config)), args.dense_max_tokens)
+    S = sinks + window
+    print(f"minillm: {len(ids)} tokens from {len(args.text)} file(s); cache {sinks}+{window} (S={S}); "
+          f"modes: {' '.join(modes)}", file=sys.stderr)
+
+    results = {}
+    for mode in modes:
+        r = perplexity(model, ids, mode, sinks, window, stride=args.stride, seed=args.seed,
+                       exact_loop=args.exact_loop, progress=True, dense_max_tokens=args.dense_max_tokens,
+                       interruptible=True)
+        results[mode] = r
+        if r.interrupted:
+            break
+    interrupted = any(r.interrupted for r in results.values())
+
+    strided = args.stride is not None
+    head = f"{'mode':<10} {'tokens':>8} {'PPL':>10}" + (f" {'PPL@stride':>10}" if strided else "") + f" {'tokens/s':>10}"
+    lines = [head]
+    for mode, r in results.items():  # "-": nothing scored (never a NaN standing in for it)
+        ppl = r.ppl if r.tokens else None
+        ppl_strided = r.ppl_strided if (strided and int((r.subset & r.scored).sum())) else None
+        rate = f"{r.tokens_per_s:>10.0f}" if r.tokens and r.seconds > 0 else f"{'-':>10}"
+        row = f"{mode:<10} {r.tokens:>8} {_fmt(ppl)}" + (f" {_fmt(ppl_strided)}" if strided else "")
+        lines.append(row + f" {rate}" + ("  (interrupted)" if r.interrupted else ""))
+    if strided:
+        first = next(iter(results.values()))
+        lines.append(f"stride {args.stride}, offset {first.offset}: PPL@stride is over the same "
+                     f"{int(first.subset.sum())} tokens in every mode")
+    flush_print("\n".join(lines) + "\n")
+
+    if args.json:
+        out = {"model": args.model or str(DEFAULT_MODEL), "files": list(args.text), "tokens": len(ids),
+               "sinks": sinks, "cache_size": S, "dtype": args.dtype, "exact_loop": args.exact_loop,
+               "modes": {}}
+        if strided:
+            first = next(iter(results.values()))
+            out.update(stride=args.stride, offset=first.offset, seed=args.seed)
+        for mode, r in results.items():
+            d = {k: _finite(v) if isinstance(v, float) else v for k, v in r.summary().items()}
+            d["nll_curve"] = r.nll_curve()
+            out["modes"][mode] = d
+        if interrupted:
+            out["interrupted"] = True
+        write_json(args.json, "--json", out)
+    if plt is not None:
+        from ..apps.plots import running_ppl_figure
+
+        curves = {f"{mode} (PPL {r.ppl:.2f})": r.nll_curve() for mode, r in results.items() if r.tokens}
+        title = f"{Path(args.model or DEFAULT_MODEL).name}: cache {sinks}+{window}"
+        fig = running_ppl_figure(plt, curves, S, model.config.max_position_embeddings, len(ids), title)
+        save_figure(plt, fig, args.plot, "--plot", dpi=120)
+    return 130 if interrupted else 0
+
+
+# ----------------------------------------------------------------------------------------------
+# attn
+
+
+def cmd_attn(args) -> int:
+    from ..apps.attention_maps import attention_maps, attention_probs, attention_sink_scores
+    from ..apps.generation import sink_prefix
+    from ..formats.text import read_texts
+
+    check_outputs({"--png": args.png, "--json": args.json}, args.text, _model_dir(args), figures=("--png",))
+    plt = need_matplotlib("--png")
+    text = read_texts(args.text)
+    model, tok = _load(args)
+    ids = tok.encode(text)
+    T = min(args.tokens, len(ids) + len(sink_prefix(model.config)))
+    if T < 2:
+        raise MiniLLMError(f"the text is {len(ids)} token(s) long; attention maps need at least 2")
+    if T < args.tokens:
+        _warn(f"the text has only {T} tokens; mapping those")
+    if args.min_query is not None and args.min_query >= T:
+        raise MiniLLMError(f"--min-query {args.min_query} must be below the number of tokens ({T})")
+    probs = attention_probs(model, ids, T)
+    maps = attention_maps(model, ids, probs=probs)
+    scores = attention_sink_scores(model, ids, min_query=args.min_query, probs=probs)
+
+    lines = [f"attention on token 0 from queries {scores.min_query}..{T - 1} (uniform would be "
+             f"{scores.uniform:.4f})", f"{'layer':>5} {'mean':>8} {'max head':>9}"]
+    for i, (m, h) in enumerate(zip(scores.per_layer, scores.strongest_head)):
+        lines.append(f"{i:>5} {m:>8.4f} {h:>9.4f}")
+    flush_print("\n".join(lines) + "\n")
+    if args.json:
+        out = {"model": args.model or str(DEFAULT_MODEL), "files": list(args.text), **scores.to_dict()}
+        write_json(args.json, "--json", out)
+    from ..apps.plots import attention_map_figure
+
+    title = f"{Path(args.model or DEFAULT_MODEL).name}: first {maps.shape[1]} tokens"
+    fig = attention_map_figure(plt, maps, scores.per_layer, title)
+    save_figure(plt, fig, args.png, "--png", dpi=110)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "batch": cmd_batch, "ppl": cmd_ppl, "attn": cmd_attn}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, or a one-line usage error
+        return e.code if isinstance(e.code, int) else 2
+    if args.command is None:
+        parser.print_help()
+        return 0
+    for stream in (sys.stdout, sys.stderr):  # a model can sample bytes a console cannot show
+        if stream is not None and hasattr(stream, "reconfigure"):
+            try:
+                stream.reconfigure(errors="replace")
+            except (ValueError, OSError):  # a closed stream
+                pass
+    try:
+        return COMMANDS[args.command](args)
+    except MiniLLMError as e:
+        print(f"minillm: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `minillm generate ... | head`: stop quietly
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
