@@ -26,15 +26,15 @@ __version__ = "0.1.0"
 # The public names, imported on first use (PEP 562): `import minillm` stays light, so the console
 # entry point (minillm/_entry.py) can install its signal handling before torch is imported.
 _EXPORTS = {
-    "Model": "model", "ModelConfig": "model_config", "SinkCache": "cache", "MiniLLMError": "errors",
-    "quantize_int8": "quant",
+    "Model": "core.model", "ModelConfig": "core.config", "SinkCache": "core.cache", "RowState": "core.cache",
+    "MiniLLMError": "errors", "quantize_int8": "fast.quant", "compile_decode": "fast",
     "load": "api", "load_tokenizer": "api", "save_pretrained": "api", "parse_dtype": "api",
     "parse_device": "api", "DTYPES": "api",
     "ConfigWarning": "formats.config", "from_hf_config": "formats.families", "load_config": "formats.families",
     "generate": "apps.generation", "generate_batch": "apps.batching", "Request": "apps.batching",
     "ChatSession": "apps.chat", "ChatSessions": "apps.chat",
 }
-_SUBMODULES = ("evaluate",)
+_SUBMODULES = ("evaluate", "fast", "core")
 
 
 def __getattr__(name: str):
@@ -52,6 +52,6 @@ def __dir__():
     return sorted(set(globals()) | set(_EXPORTS) | set(_SUBMODULES))
 
 
-__all__ = ["Model", "ModelConfig", "ConfigWarning", "SinkCache", "MiniLLMError", "load", "load_tokenizer",
+__all__ = ["Model", "ModelConfig", "RowState", "compile_decode", "fast", "core", "ConfigWarning", "SinkCache", "MiniLLMError", "load", "load_tokenizer",
            "save_pretrained", "generate", "generate_batch", "Request", "ChatSession", "ChatSessions", "quantize_int8", "evaluate",
            "from_hf_config", "load_config", "parse_dtype", "parse_device", "__version__"]

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from minillm import MiniLLMError
-from minillm.cache import SinkCache
+from minillm.core.cache import SinkCache
 from util import random_model, tiny_config
 
 
@@ -190,3 +190,16 @@ def test_numpy_lengths_are_integers(model):
     assert torch.equal(model(ids, cache=a, lengths=np.array([1, 3]))[1], model(ids, cache=b, lengths=[1, 3])[1])
     with _raises("lengths"):
         model(ids, cache=a, lengths=np.array([True, False]))
+
+
+def test_a_cache_is_always_truthy():
+    # SinkCache has __len__, so without __bool__ an empty cache was falsy and
+    # `cache = cache or model.new_cache()` silently replaced it; a cache whose rows differ raised.
+    model = random_model(tiny_config("llama_gqa"))
+    cache = model.new_cache(2, 2, 4)
+    assert bool(cache) and (cache or None) is cache
+    with torch.no_grad():
+        model(torch.tensor([[1, 2, 3], [4, 5, 6]]), cache=cache, lengths=[3, 1])
+    assert bool(cache)  # rows holding different numbers of keys: still a cache
+    with pytest.raises(MiniLLMError, match="different numbers of keys"):
+        len(cache)

@@ -86,6 +86,24 @@ def test_generate_matches_the_library(tiny_checkpoint, files):
     assert stats.startswith(f"minillm: {len(tokens)} tokens in ") and stats.endswith("cache 2+298")
 
 
+def test_no_fast_prints_what_the_core_generates(tiny_checkpoint, files):
+    # --no-fast is minillm.load(..., fast=False): the core alone, through and past the cache (S = 24).
+    p = run("generate", tiny_checkpoint, "--prompt-file", files / "prompt.txt", "--temperature", "0",
+            "--max-new-tokens", 30, "--cache-size", 24, "--sinks", 2, "--threads", 1, "--no-fast")
+    assert p.returncode == 0, p.stderr
+    model, tok = minillm.load(tiny_checkpoint, fast=False), minillm.load_tokenizer(tiny_checkpoint)
+    assert model.fast is None
+    dec = tok.decoder(start_of_text=False)
+    tokens = list(generate(model, tok.encode("The whale and the sea"), max_new_tokens=30, temperature=0, sinks=2,
+                           window=22, eos_ids=tok.eos_ids, vocab_size=tok.vocab_size))
+    tokens = tokens[:-1] if tokens[-1] in tok.eos_ids else tokens
+    assert p.stdout == "".join(dec.push(t) for t in tokens) + dec.flush() + "\n"
+    for flag in ("--int8", "--compile"):
+        bad = run("generate", tiny_checkpoint, "--prompt", "x", "--no-fast", flag)
+        assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and f"--no-fast runs the core alone; {flag}" \
+            in bad.stderr, bad.stderr
+
+
 def test_generate_int8_matches_the_quantized_library(tiny_checkpoint, files):
     # --int8 is minillm.quantize_int8 on the loaded model: the CLI prints what the library generates.
     p = run("generate", tiny_checkpoint, "--prompt-file", files / "prompt.txt", "--temperature", "0",

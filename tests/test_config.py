@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from minillm.model_config import ModelConfig
+from minillm.core.config import ModelConfig
 from minillm.formats.families import from_hf_config, to_hf_config
 import minillm
 from minillm.errors import MiniLLMError

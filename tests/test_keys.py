@@ -1,9 +1,9 @@
-"""`keys.key_positions`, the streaming contract in code, against the contract's own words.
+"""`core.contract.key_positions`, the streaming contract in code, against the contract's own words.
 
 - key sets and positions, from the definitions in docs/streaming.md (K_t as a set, a key's
   position as its rank in sorted K_t), for every chunk start and length in a grid, per row;
 - the dense case (window=None) and the plain-causal shortcut the plans take when nothing is evicted;
-- the decode fast path (`attention.decode_frame`, `decode_key_positions`: slot arithmetic in ints)
+- the decode fast path (`fast.decode.decode_frame`, `decode_key_positions`: slot arithmetic in ints)
   against key_positions, on a grid of (sinks, window, t) and under Hypothesis up to t = 10^7;
 - reference.py, the test oracle, imports no engine position code.
 """
@@ -18,9 +18,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from minillm.attention import decode_frame, decode_key_positions
-from minillm.cache import slot_positions
-from minillm.keys import key_positions
+from minillm.fast.decode import decode_frame, decode_key_positions
+from minillm.core.contract import slot_positions
+from minillm.core.contract import key_positions
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,10 +1,10 @@
 """The fast decode path (issue 6) computes exactly what the slow paths compute.
 
-- Wide CPU Linear weights are stored column-major (model.py `_fit_layout`): after construction,
+- Wide CPU Linear weights are stored column-major (fast/layout.py): after construction,
   loading, `.to()` and `.double()`, with unchanged values and an unchanged saved checkpoint.
 - `logits_to_keep` gives the last positions' logits, with or without a cache.
 - A RoPE decode step allocates nothing in proportion to the cache (profiled at several S).
-- `compile_decode()`: one graph at steady state, no recompile from step to step, eager's logits,
+- `minillm.fast.compile_decode`: one graph at steady state, no recompile from step to step, eager's logits,
   and the same cache contents afterwards.
 - `tools/bench.py` runs every section end to end on a toy model and writes its JSON and PNG.
 """
@@ -93,7 +93,7 @@ def test_compiled_decode_equals_eager_and_never_recompiles():
     from torch._dynamo.utils import counters
 
     eager = random_model(tiny_config("llama_gqa", layers=1), dtype=torch.float32)
-    compiled = copy.deepcopy(eager).compile_decode()
+    compiled = minillm.fast.compile_decode(copy.deepcopy(eager))
     S = 16
     caches = [m.new_cache(1, 2, S - 2) for m in (eager, compiled)]
     g = torch.Generator().manual_seed(0)

@@ -17,7 +17,7 @@ import torch
 
 import minillm
 from minillm.errors import MiniLLMError
-from minillm.quant import Int8Linear, quantize_int8
+from minillm.fast.quant import Int8Linear, quantize_int8
 from minillm.reference import reference_stream
 
 from util import rel_err, random_model, tiny_config

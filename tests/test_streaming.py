@@ -33,7 +33,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minillm.positions import apply_rope, rope_cos_sin, rope_inv_freq
+from minillm.core.positions import rope_inv_freq, rope_rotate, rope_tables
 from minillm.reference import reference_stream
 from util import VARIANTS, random_model, rel_err, tiny_config
 
@@ -268,9 +268,9 @@ def test_rope_is_exact_after_millions_of_tokens(rotary_dim, theta):
     k = torch.randn(64, rotary_dim, generator=g)
 
     def scores(tq, tk):
-        cq, sq = rope_cos_sin(torch.tensor([tq]), inv_freq, torch.float32)
-        ck, sk = rope_cos_sin(torch.tensor([tk]), inv_freq, torch.float32)
-        return (apply_rope(q, cq, sq) * apply_rope(k, ck, sk)).sum(-1)
+        at_q = rope_tables(torch.tensor([tq]), inv_freq, torch.float32)
+        at_k = rope_tables(torch.tensor([tk]), inv_freq, torch.float32)
+        return (rope_rotate(q, *at_q) * rope_rotate(k, *at_k)).sum(-1)
 
     near = scores(10, 3)
     for offset in (3_000_000, 2**24 + 5, 10**8):

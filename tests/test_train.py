@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 import minillm
 from minillm.errors import MiniLLMError
-from minillm.model import Model
+from minillm.core.model import Model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tiny_ckpt import training_text  # noqa: E402
@@ -226,7 +226,7 @@ def test_export_reloads_and_matches_transformers(prepared, tmp_path, case):
     assert tok.backend == ("sentencepiece" if kind == "sp" else "tokenizers")
 
     model = minillm.load(out, dtype=torch.float32)
-    trained = Model(model.config)
+    trained = minillm.fast.enable(Model(model.config))  # the same path as `load` gives: the same computation
     trained.load_state_dict(trained_weights(out))
     ids = tok.encode("The whale rose from the sea, and all the crew cried out.")
     if model.config.sink_token_id is not None:

@@ -6,9 +6,9 @@ import torch
 
 import minillm
 
-from minillm.model_config import ModelConfig
+from minillm.core.config import ModelConfig
 from minillm.random_init import init_random
-from minillm.model import Model
+from minillm.core.model import Model
 
 # Engine-level configs of every variant the property tests cover (sizes are overridden per test).
 VARIANTS: dict[str, dict] = {
@@ -45,10 +45,17 @@ def tiny_config(variant: str, *, heads: int = 4, head_dim: int = 8, layers: int 
     return ModelConfig(**fields)
 
 
-def random_model(config: ModelConfig, dtype=torch.float64, seed: int = 0, std: float = 0.3) -> Model:
+def random_model(config: ModelConfig, dtype=torch.float64, seed: int = 0, std: float = 0.3, fast: bool = True,
+                 **fast_options) -> Model:
     """A model with random weights large enough that attention is far from uniform (drawn in
-    float32, then cast, so every dtype of a test sees the same weights)."""
-    return init_random(Model(config), seed, std, norm_jitter=0.1).to(dtype).eval()
+    float32, then cast, so every dtype of a test sees the same weights). `fast`: with the fast
+    layer, as `minillm.load` gives it (options: minillm.fast.FastPath's); False: the core alone."""
+    model = init_random(Model(config), seed, std, norm_jitter=0.1).to(dtype).eval()
+    if fast:
+        from minillm.fast import enable
+
+        enable(model, **fast_options)
+    return model
 
 
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:

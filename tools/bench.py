@@ -14,7 +14,7 @@ Sections (`--only`, comma-separated):
   bandwidth  the machine's read bandwidth (a sum over a >= 1 GiB float32 tensor) vs the bytes a
              decode step must read (weights but the input embedding, plus the K/V it attends);
              also what the cache-relative positions cost (sink re-rotation vs the paper's).
-  compile    model.compile_decode() (torch.compile of the fixed-shape decode step) vs eager.
+  compile    minillm.fast.compile_decode(model) (torch.compile of the fixed-shape decode step) vs eager.
 
 Models are random (Llama-shaped, std 0.02): the timings do not depend on the values. "134M" is
 12 layers, hidden 768, 12 heads, intermediate 2048, vocab 32000, untied; "tiny" is the shipped
@@ -52,10 +52,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import minillm  # noqa: E402
-from minillm.model_config import ModelConfig  # noqa: E402
-from minillm.model import Model  # noqa: E402
+from minillm.core.config import ModelConfig  # noqa: E402
+from minillm.core.model import Model  # noqa: E402
 from minillm.random_init import init_random  # noqa: E402
-from minillm.positions import rope_rotate, rope_tables  # noqa: E402
+from minillm.core.positions import rope_rotate, rope_tables  # noqa: E402
 
 LLAMA = dict(family="llama", norm="rmsnorm", norm_bias=False, activation="swiglu", norm_eps=1e-5,
              max_position_embeddings=4096)
@@ -177,7 +177,7 @@ def random_model(name: str, dtype: torch.dtype, device: torch.device, seed: int 
     exists in float32 or on the CPU."""
     with torch.device("meta"):
         model = Model(config_for(name))
-    return init_random(model.to(dtype).to_empty(device=device), seed, 0.02)
+    return minillm.fast.enable(init_random(model.to(dtype).to_empty(device=device), seed, 0.02))
 
 
 def bench_model(name: str, dtype, device) -> tuple[Model, str]:
@@ -407,11 +407,11 @@ def section_hf(args, device, dtype) -> dict:
                 ours_generate(ours, prompt[:, :64], 4, args.sinks, args.cache_size)  # compiles here
             o_runs, h_runs, c_runs = [], [], []
             for _ in range(args.reps):  # alternate the engines
-                ours._decode_step = None
+                ours.fast.compiled_step = None
                 o_runs.append(ours_generate(ours, prompt, args.new_tokens, args.sinks, args.cache_size))
                 h_runs.append(hf_generate(hf, prompt, args.new_tokens))
                 if compiled is not None:
-                    ours._decode_step = compiled
+                    ours.fast.compiled_step = compiled
                     c_runs.append(ours_generate(ours, prompt, args.new_tokens, args.sinks, args.cache_size))
             o_tps = median([r["decode_tokens"] / r["decode_s"] for r in o_runs])
             h_tps = median([r["decode_tokens"] / r["decode_s"] for r in h_runs])
@@ -499,7 +499,7 @@ def positions_cost(model, cache, step_s: float) -> dict:
     (all layers at once, from their un-rotated keys); the paper re-rotates every cached key of
     every layer to 0..L-1."""
     c, device, dtype = model.config, model.device, model.dtype
-    inv_freq = model._positional_tables(device)[0]
+    inv_freq = model.spec().inv_freq
     S = cache.capacity
     pos = torch.arange(S, device=device)
     cos, ssin = rope_tables(pos[: cache.sinks] + 12345, inv_freq, dtype)
@@ -548,13 +548,13 @@ def section_compile(args, device, dtype) -> dict:
 
 
 def _compiled_step(model, device, args):
-    """model.compile_decode() with the section-4 settings; returns the compiled step (lazy: it
+    """minillm.fast.compile_decode(model) with the section-4 settings; returns the compiled step (lazy: it
     compiles on its first call)."""
     kwargs = args.compile_kwargs if args.compile_kwargs is not None else COMPILE_DEFAULTS.get(device.type, {})
     # CPU: the weights frozen as constants, so inductor may lay them out for its own kernels.
     torch._inductor.config.freezing = device.type == "cpu"
-    model.compile_decode(**kwargs)
-    return model._decode_step
+    minillm.fast.compile_decode(model, **kwargs)
+    return model.fast.compiled_step
 
 
 @torch.inference_mode()
@@ -579,9 +579,9 @@ def _compile_one(args, name, device, dtype, kwargs) -> dict:
     decode_steps(model, cache, 3)  # any last recompile (or CUDA graph recording) happens here
     e_times, c_times = [], []
     for _ in range(args.reps):  # alternate eager and compiled on the same model and cache
-        model._decode_step = None
+        model.fast.compiled_step = None
         e_times.append(decode_steps(model, cache, args.steps))
-        model._decode_step = compiled_fn
+        model.fast.compiled_step = compiled_fn
         c_times.append(decode_steps(model, cache, args.steps))
     e, cm = median(e_times), median(c_times)
     print(f"  {name:5s} S={S}: eager {e * 1e3:.2f} ms/token, compiled {cm * 1e3:.2f} ms/token: x{e / cm:.2f} "

@@ -46,15 +46,15 @@ HELD_OUT = ["frankenstein.txt", "katrine.txt"]
 
 def random_llama(vocab: int, layers: int, hidden: int, heads: int, intermediate: int, seed: int = 0):
     """A Llama-shaped model with random weights (the speed of the paths does not depend on them)."""
-    from minillm.model_config import ModelConfig
+    from minillm.core.config import ModelConfig
     from minillm.random_init import init_random
-    from minillm.model import Model
+    from minillm.core.model import Model
 
     config = ModelConfig(family="llama", vocab_size=vocab, hidden_size=hidden, num_layers=layers,
                          num_heads=heads, num_kv_heads=heads, head_dim=hidden // heads,
                          intermediate_size=intermediate, max_position_embeddings=4096, norm="rmsnorm",
                          norm_bias=False, activation="swiglu", tie_word_embeddings=True)
-    return init_random(Model(config), seed, 0.02)
+    return minillm.fast.enable(init_random(Model(config), seed, 0.02))
 
 
 def timed(fn):

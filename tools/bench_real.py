@@ -131,7 +131,7 @@ def child_minillm(task: dict) -> dict:
     if task.get("int8"):
         minillm.quantize_int8(model)
     if task.get("compile") is not None:
-        model.compile_decode(**task["compile"])
+        minillm.fast.compile_decode(model, **task["compile"])
     V = model.config.vocab_size
     out: dict = {"engine": "minillm", "threads": torch.get_num_threads()}
     with torch.inference_mode():

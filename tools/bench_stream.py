@@ -43,8 +43,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, no install needed
 
-from minillm.model_config import ModelConfig  # noqa: E402
-from minillm.model import Model  # noqa: E402
+from minillm.core.config import ModelConfig  # noqa: E402
+import minillm  # noqa: E402
+from minillm.core.model import Model  # noqa: E402
 from minillm.random_init import init_random  # noqa: E402
 
 SINKS, WINDOW = 4, 1020
@@ -64,7 +65,7 @@ def build_model(seed: int) -> Model:
     config = ModelConfig(family="llama", vocab_size=4096, hidden_size=256, num_layers=4, num_heads=4,
                          num_kv_heads=4, head_dim=64, intermediate_size=688, max_position_embeddings=2048,
                          norm="rmsnorm", norm_bias=False, activation="swiglu")
-    return init_random(Model(config), seed, 0.02)
+    return minillm.fast.enable(init_random(Model(config), seed, 0.02))
 
 
 def timed(model, ids, cache) -> float:

@@ -105,7 +105,7 @@ def build_model(seed: int, dtype: torch.dtype, layers: int = 2, hidden: int = 64
                 p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[1]))
             else:
                 p.copy_(torch.randn(p.shape, generator=g))
-    return model.to(dtype).eval()
+    return minillm.fast.enable(model.to(dtype).eval())
 
 
 def chunk_pattern(seed: int, S: int) -> list[int]:

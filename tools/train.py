@@ -50,10 +50,10 @@ if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 
 import minillm  # noqa: E402
-from minillm.model_config import ModelConfig  # noqa: E402
+from minillm.core.config import ModelConfig  # noqa: E402
 from minillm.formats.families import from_hf_config, to_hf_config  # noqa: E402
 from minillm.errors import MiniLLMError  # noqa: E402
-from minillm.model import Model  # noqa: E402
+from minillm.core.model import Model  # noqa: E402
 from minillm.formats.text import read_text  # noqa: E402
 
 CORPUS = REPO.parent / "shared" / "corpus"

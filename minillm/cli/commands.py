@@ -36,6 +36,10 @@ def _load(args):
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.no_fast:
+        for flag in ("int8", "compile"):
+            if getattr(args, flag, False):
+                raise MiniLLMError(f"--no-fast runs the core alone; --{flag} belongs to the fast layer (drop one of them)")
     name = args.model
     if name is None:
         if not DEFAULT_MODEL.is_dir():
@@ -44,7 +48,8 @@ def _load(args):
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", minillm.ConfigWarning)
-            model = minillm.load(name, dtype=args.dtype, device=args.device, strict=args.strict_config)
+            model = minillm.load(name, dtype=args.dtype, device=args.device, strict=args.strict_config,
+                                 fast=not args.no_fast)
             tok = minillm.load_tokenizer(name)
         for w in caught:  # one line each, as every other warning of the CLI
             if issubclass(w.category, minillm.ConfigWarning):
@@ -58,10 +63,13 @@ def _load(args):
         raise MiniLLMError(f"cannot load model {name}: {type(e).__name__}: {first}") from None
     model.eval()
     if getattr(args, "int8", False):
-        from ..quant import quantize_int8
+        from ..fast.quant import quantize_int8
+
         quantize_int8(model)
     if getattr(args, "compile", False):
-        model.compile_decode()
+        from ..fast import compile_decode
+
+        compile_decode(model)
     return model, tok
 
 

@@ -81,7 +81,9 @@ def _common(cache_flags: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_int_at_least(1, MAX_THREADS, " (far more than any machine has cores)"),
                    help=f"torch CPU threads, at most {MAX_THREADS} (default: torch's choice)")
     p.add_argument("--int8", action="store_true",
-                   help="weight-only int8 (CPU; not exact: per-row scales, see minillm/quant.py)")
+                   help="weight-only int8 (CPU; not exact: per-row scales, see minillm/fast/quant.py)")
+    p.add_argument("--no-fast", action="store_true",
+                   help="run the core alone (minillm/core/), without the fast layer: the same results, slower")
     if cache_flags:
         p.add_argument("--compile", action="store_true",
                        help="torch.compile the decode step (compiles once, ~20 s for SmolLM2; pays on long streams)")

@@ -8,5 +8,5 @@
     hub.py         hub repo ids -> local directories (huggingface_hub)
     text.py        reading UTF-8 text files (Project Gutenberg boilerplate stripped)
 
-The engine never imports this package: it takes a ModelConfig (minillm/model_config.py) and tensors.
+The engine never imports this package: it takes a ModelConfig (minillm/core/config.py) and tensors.
 """

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ..errors import MiniLLMError, first_line
-from ..model_config import ModelConfig
+from ..core.config import ModelConfig
 from .families import FAMILIES, to_hf_config
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -120,7 +120,7 @@ def load_tensors(tensors, config: ModelConfig, dtype: torch.dtype, device: torch
 
     `tensors` has `names()` (Hugging Face names), `get(name)` and `describe(name)` (the name as the
     file spells it, for errors): safetensors files here, a GGUF file in `gguf.py`."""
-    from ..model import Model
+    from ..core.model import Model
 
     names = tensors.names()
     family = FAMILIES[config.family]

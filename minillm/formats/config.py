@@ -1,7 +1,7 @@
 """Reading a checkpoint's `config.json`: the key policy, and the helpers every family shares.
 
 Each family file in `minillm/formats/families/` turns its own `config.json` shapes into a
-ModelConfig (minillm/model_config.py, the engine's dataclass), and back again for saving.
+ModelConfig (minillm/core/config.py, the engine's dataclass), and back again for saving.
 
 The policy for keys, checkable as data (tests/test_config.py enumerates transformers' own config
 parameters against it):
@@ -22,7 +22,7 @@ import warnings
 from typing import Any
 
 from ..errors import MiniLLMError
-from ..model_config import ModelConfig
+from ..core.config import ModelConfig
 
 
 class ConfigWarning(UserWarning):

@@ -20,7 +20,7 @@ from pathlib import Path
 from types import ModuleType
 
 from ...errors import MiniLLMError
-from ...model_config import ModelConfig
+from ...core.config import ModelConfig
 from ..config import ConfigReader
 from . import falcon, gpt_neox, llama, mpt
 

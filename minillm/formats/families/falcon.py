@@ -10,7 +10,7 @@ Falcon's fused QKV is stored three ways, recorded in `qkv_layout`:
 from __future__ import annotations
 
 from ...errors import MiniLLMError
-from ...model_config import ModelConfig
+from ...core.config import ModelConfig
 from ..config import ConfigReader, extensions_to_hf, minillm_extensions, rope_settings
 
 MODEL_TYPES = ("falcon", "RefinedWeb", "RefinedWebModel")

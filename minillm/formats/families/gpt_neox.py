@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ...errors import MiniLLMError
-from ...model_config import ModelConfig
+from ...core.config import ModelConfig
 from ..config import ConfigReader, extensions_to_hf, minillm_extensions, rope_settings
 
 MODEL_TYPES = ("gpt_neox",)

@@ -8,7 +8,7 @@ of them; the tests check the rest against hand-computed references.
 from __future__ import annotations
 
 from ...errors import MiniLLMError
-from ...model_config import ModelConfig
+from ...core.config import ModelConfig
 from ..config import NEUTRAL_KEYS, ConfigReader, extensions_to_hf, minillm_extensions
 
 MODEL_TYPES = ("mpt",)

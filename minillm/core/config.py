@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import MiniLLMError
+from ..errors import MiniLLMError
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .errors import MiniLLMError
+from ..errors import MiniLLMError
 
 
 class Int8Linear(nn.Module):
@@ -47,7 +47,7 @@ class Int8Linear(nn.Module):
 def quantize_int8(model, *, head: bool = True):
     """Replace every Linear in the decoder (and the output head, `head=True`; a tied head gets its
     own int8 copy, the embedding table stays float) with an Int8Linear, in place. CPU only."""
-    from .model import Model
+    from ..core.model import Model
 
     if not isinstance(model, Model):
         raise MiniLLMError(f"quantize_int8: model must be a minillm Model, got {type(model).__name__}")

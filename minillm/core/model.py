@@ -1,4 +1,4 @@
-"""The decoder shared by all four families.
+"""The decoder shared by all four families, and `Model.forward`: validate, plan, blocks, head.
 
 One `Block` with a few flags covers them (as in litgpt):
 - Llama:    x + attn(rms(x)); then + swiglu(rms(x))                    (sequential)
@@ -7,12 +7,11 @@ One `Block` with a few flags covers them (as in litgpt):
 - MPT:      sequential LayerNorm blocks with ALiBi
 The family files in `minillm/formats/families/` only parse configs and name weights.
 
-`Model.forward(input_ids)` is the dense causal forward. With `cache=`, it streams the chunk through
-the fixed-shape sink+window cache (docs/streaming.md: the contract, the slots, a worked example).
-
-Speed (docs/performance.md): a one-token step is bound by reading the weights, so on CPU the
-Linear weights are stored column-major (`_fit_layout`), and `compile_decode()` compiles the
-fixed-shape step with torch.compile.
+`model(ids)` is the dense causal forward; `model(ids, cache=cache)` streams the chunk through the
+fixed-shape sink + window cache. A forward plans its attention once (attention.plan: key sets and
+positions from the contract), runs the blocks, applies the head, and then the cache advances.
+`model.fast`, when set (minillm/fast/, on by default in `minillm.load`), may offer a faster plan
+for the same computation; it is None here, and this file works without it.
 """
 
 from __future__ import annotations
@@ -24,10 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import DecodePlan, attend, decode_attend, make_plan, rotate_sinks
+from .config import ModelConfig
+from ..checks import check_int, parse_device, parse_dtype
+from ..errors import MiniLLMError
+from .attention import Spec, plan
 from .cache import SinkCache
-from .model_config import ModelConfig
-from .errors import MiniLLMError
 from .positions import alibi_slopes, rope_inv_freq
 
 _model_ids = itertools.count(1)
@@ -40,12 +40,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:  # one call instead of six; the same arithmetic (bit-identical on CPU)
+        if x.dtype == torch.float32:  # one call, the same arithmetic as below
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        dtype = x.dtype
-        x = x.to(torch.promote_types(dtype, torch.float32))  # float32 at least; float64 stays exact
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        acc = torch.promote_types(x.dtype, torch.float32)  # float32 at least; float64 stays exact
+        return self.weight * F.rms_norm(x.to(acc), self.weight.shape, eps=self.eps).to(x.dtype)
 
 
 def make_norm(c: ModelConfig) -> nn.Module:
@@ -54,12 +52,7 @@ def make_norm(c: ModelConfig) -> nn.Module:
     return nn.LayerNorm(c.hidden_size, eps=c.norm_eps, bias=c.norm_bias)
 
 
-ACTIVATIONS = {
-    "gelu": F.gelu,
-    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "relu": F.relu,
-    "silu": F.silu,
-}
+ACTIVATIONS = {"gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu, "silu": F.silu}
 
 
 class MLP(nn.Module):
@@ -90,20 +83,10 @@ class Attention(nn.Module):
         self.wo = nn.Linear(self.q_size, c.hidden_size, bias=c.out_bias)
 
     def forward(self, x, plan, cache, probs_out=None):
-        B, n, _ = x.shape
-        c = self.c
         qkv = self.wqkv(x)
-        if c.clip_qkv is not None:
-            qkv = qkv.clamp(-c.clip_qkv, c.clip_qkv)
-        if isinstance(plan, DecodePlan):  # n == 1: (B, 1, (H + 2KV) hd) is already laid out as (B, H + 2KV, 1, hd)
-            out = decode_attend(c, qkv.view(B, -1, 1, c.head_dim), plan, cache, self.layer)
-            return self.wo(out.reshape(B, 1, self.q_size))
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(B, n, c.num_heads, c.head_dim).transpose(1, 2)  # (B, H, n, hd)
-        k = k.view(B, n, c.num_kv_heads, c.head_dim).transpose(1, 2)  # (B, KV, n, hd)
-        v = v.view(B, n, c.num_kv_heads, c.head_dim).transpose(1, 2)
-        out = attend(c, q, k, v, plan, cache, self.layer, probs_out)
-        return self.wo(out.transpose(1, 2).reshape(B, n, self.q_size))
+        if self.c.clip_qkv is not None:
+            qkv = qkv.clamp(-self.c.clip_qkv, self.c.clip_qkv)
+        return self.wo(plan.attend(self.layer, qkv, cache, probs_out))
 
 
 class Block(nn.Module):
@@ -147,41 +130,11 @@ class Model(nn.Module):
         self.norm = make_norm(c)
         self.lm_head = None if c.tie_word_embeddings else nn.Linear(c.hidden_size, c.vocab_size, bias=False)
         self.uid = next(_model_ids)  # caches remember which model made them
-        # A streamed chunk longer than this is processed in pieces of this many tokens (chunking
-        # never changes the result). It bounds the working memory of one piece, its (n, S + n)
-        # mask and attention scores per head: at 1024 and S = 1024 that is 2M scores a head, a few
-        # MB, while pieces this long still keep the matrix multiplications efficient.
+        # A longer streamed chunk goes in pieces of this many tokens (which never changes the result):
+        # it bounds one piece's (n, S + n) scores per head, while keeping the products efficient.
         self.max_chunk = 1024
-        self._tables: dict = {}  # per device: RoPE inverse frequencies or ALiBi slopes
-        self._decode_step = None  # set by compile_decode()
-        self.register_load_state_dict_post_hook(lambda module, _: module._fit_layout())
-        self._fit_layout()
-
-    def _fit_layout(self) -> None:
-        """On CPU, store the wide Linear weights (out >= in) column-major: the (out, in) parameter
-        is then a transposed view of an (in, out) buffer.
-
-        Decode multiplies one vector by each weight and is bound by reading them. MKL's
-        matrix-vector product for `x @ W.T` reads a wide W (Llama's fused QKV, gate/up and head)
-        at ~19 GB/s stored (in, out) but ~12 GB/s stored (out, in), while a narrow one (the down
-        projection) is faster as stored (15 vs 13.5 GB/s); one thread, this machine, see
-        docs/performance.md. Large products (prefill) run at the same speed either way. Other
-        devices keep the usual layout. Only strides change; `hf_state_dict` saves contiguous copies.
-        """
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                w = module.weight
-                column_major = w.device.type == "cpu" and w.shape[0] >= w.shape[1]
-                with torch.no_grad():
-                    if column_major and w.is_contiguous():
-                        w.data = w.data.t().contiguous().t()
-                    elif not column_major and not w.is_contiguous():
-                        w.data = w.data.contiguous()
-
-    def _apply(self, fn, recurse=True):  # .to(), .cuda(), .float(), ...: keep the device's layout
-        super()._apply(fn, recurse)
-        self._fit_layout()
-        return self
+        self.fast = None  # the fast layer (minillm.fast.enable), or None: this file's path alone
+        self._specs: dict = {}
 
     @property
     def dtype(self) -> torch.dtype:
@@ -191,15 +144,16 @@ class Model(nn.Module):
     def device(self) -> torch.device:
         return self.embed.weight.device
 
-    def _positional_tables(self, device):
-        key = str(device)
-        if key not in self._tables:
-            c = self.config
-            if c.positions == "rope":
-                self._tables[key] = (rope_inv_freq(c.rotary_dim, c.rope_theta).to(device), None)
-            else:
-                self._tables[key] = (None, alibi_slopes(c.alibi, c.num_heads, c.alibi_bias_max).to(device))
-        return self._tables[key]
+    def spec(self) -> Spec:
+        """The config, positional tables, dtype and device every plan of this model shares."""
+        key = (self.device, self.dtype)
+        if key not in self._specs:
+            c, device = self.config, self.device
+            rope = c.positions == "rope"
+            inv_freq = rope_inv_freq(c.rotary_dim, c.rope_theta).to(device) if rope else None
+            slopes = None if rope else alibi_slopes(c.alibi, c.num_heads, c.alibi_bias_max).to(device)
+            self._specs[key] = Spec(c, inv_freq, slopes, self.dtype, device)
+        return self._specs[key]
 
     def new_cache(self, batch_size: int = 1, sinks: int = 4, window: int = 1020, dtype=None,
                   device=None) -> SinkCache:
@@ -207,9 +161,7 @@ class Model(nn.Module):
 
         `dtype` and `device` default to the model's (a dtype may be given as a string). A cache
         that does not fit in the device's available memory is refused up front, with its size."""
-        from . import parse_device, parse_dtype
-        from .checks import check_int
-        from .limits import cache_bytes, check_fits
+        from ..limits import cache_bytes, check_fits
 
         c = self.config
         for name, value, low in (("batch_size", batch_size, 1), ("sinks", sinks, 0), ("window", window, 1)):
@@ -225,8 +177,8 @@ class Model(nn.Module):
 
     def _check(self, input_ids: torch.Tensor, cache: SinkCache | None) -> None:
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
-            raise MiniLLMError(f"input_ids must be a (batch, tokens) tensor with at least one token, got "
-                               f"{tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__}")
+            got = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise MiniLLMError(f"input_ids must be a (batch, tokens) tensor with at least one token, got {got}")
         if input_ids.dtype not in (torch.int64, torch.int32):
             raise MiniLLMError(f"input_ids must hold integer token ids, got {input_ids.dtype}")
         if input_ids.device != self.device:
@@ -251,8 +203,6 @@ class Model(nn.Module):
             raise MiniLLMError(f"dtype mismatch: the cache is {cache.dtype}, the model is {self.dtype}")
         if cache.device != self.device:
             raise MiniLLMError(f"device mismatch: the cache is on {cache.device}, the model on {self.device}")
-        if input_ids.device != self.device:
-            raise MiniLLMError(f"device mismatch: input_ids are on {input_ids.device}, the model on {self.device}")
         if self.wpe is not None:
             raise MiniLLMError("this checkpoint has learned absolute position embeddings (transformer.wpe), "
                                "which cannot stream past max_seq_len; use the dense forward")
@@ -279,7 +229,7 @@ class Model(nn.Module):
         lengths = self._lengths(lengths, B, T, cache)
         keep = min(logits_to_keep, T)
         if lengths is not None and T > 1 and int(lengths.max()) <= 1:  # one token per row at most: decode
-            logits = self._forward(input_ids[:, :1], cache, attn_probs, 1, lengths)
+            logits = self._forward(input_ids[:, :1].contiguous(), cache, attn_probs, 0, lengths)  # as a (B, 1) call
             return logits.expand(B, keep or T, logits.shape[-1])  # padded positions are unspecified
         if cache is None or T <= self.max_chunk:
             return self._forward(input_ids, cache, attn_probs, keep, lengths)
@@ -315,59 +265,40 @@ class Model(nn.Module):
         if lengths is None:
             return None
         if cache is None:
-            raise MiniLLMError("lengths: per-row lengths need a cache (the dense forward has no streams; "
-                               "right padding does not change causal logits anyway)")
+            raise MiniLLMError("lengths: per-row lengths need a cache (the dense forward has no streams)")
         if isinstance(lengths, torch.Tensor):
-            if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
-                raise MiniLLMError(f"lengths must hold integers, got a {lengths.dtype} tensor")
-            if lengths.dim() != 1:
-                raise MiniLLMError(f"lengths must be one length per row, shape ({B},), got {tuple(lengths.shape)}")
-            values = lengths.tolist()
-        elif isinstance(lengths, (str, bytes)) or not hasattr(lengths, "__len__"):
-            raise MiniLLMError(f"lengths must be a (batch,) tensor or a list of ints, got {type(lengths).__name__}")
-        else:
-            values = list(lengths)
-        if len(values) != B:
-            raise MiniLLMError(f"lengths must give one length per row: the batch has {B} rows, lengths has "
-                               f"{len(values)}")
+            dt = lengths.dtype
+            if dt.is_floating_point or dt.is_complex or dt == torch.bool or lengths.dim() != 1:
+                raise MiniLLMError(f"lengths must be a ({B},) integer tensor, got {tuple(lengths.shape)} {dt}")
+            lengths = lengths.tolist()
+        values = lengths.tolist() if hasattr(lengths, "tolist") else lengths  # numpy arrays
+        if not isinstance(values, (list, tuple)) or len(values) != B:  # not a dict's keys, nor a set's order
+            raise MiniLLMError(f"lengths must give one integer per row: a list or tensor of {B}, got {lengths!r:.80}")
+        checked = []
         for b, n in enumerate(values):
             try:
-                if isinstance(n, bool) or getattr(n, "dtype", None) == bool:
-                    raise TypeError
-                values[b] = n = operator.index(n)  # ints, numpy integers
+                checked.append(operator.index(n) if not isinstance(n, bool) and getattr(n, "dtype", 0) != bool else {})
             except TypeError:
-                raise MiniLLMError(f"lengths[{b}] must be an integer, got {n!r} ({type(n).__name__})") from None
+                checked.append(None)
+            if not isinstance(checked[-1], int):
+                raise MiniLLMError(f"lengths[{b}] must be an integer, got {n!r} ({type(n).__name__})")
             if not 0 <= n <= T:
                 raise MiniLLMError(f"lengths[{b}] must be in [0, {T}] (the input has {T} tokens per row), got {n}")
-        if all(n == T for n in values):
-            return None
-        return torch.tensor(values, dtype=torch.int64)
-
-    def compile_decode(self, **options) -> "Model":
-        """Run one-token streaming steps through `torch.compile(step, **options)`.
-
-        The step's shapes are fixed once the cache is full, and everything that changes from step to
-        step (the slot, the rotations) is a tensor, so it compiles once for the steady state and
-        never recompiles; its cache writes stay in place (SinkCache.put_token). tools/bench.py
-        uses mode="max-autotune" with torch._inductor.config.freezing on CPU (inductor's own C++
-        matrix-vector kernels; frozen weights become constants: do not change them afterwards),
-        and mode="reduce-overhead" (CUDA graphs, with the cache buffers marked by
-        torch._dynamo.mark_static_address) on CUDA."""
-        self._decode_step = torch.compile(self._step, **options)
-        return self
+        return None if all(n == T for n in checked) else torch.tensor(checked)
 
     def _forward(self, input_ids, cache, attn_probs, logits_to_keep=0, lengths=None):
         n = input_ids.shape[1]
-        inv_freq, slopes = self._positional_tables(input_ids.device)
-        plan = make_plan(self.config, n, cache, input_ids.device, self.dtype, inv_freq, slopes,
-                         want_probs=attn_probs is not None, lengths=lengths)
-        decode = isinstance(plan, DecodePlan)
-        step = self._decode_step if decode and self._decode_step is not None else self._step
+        p = None
+        if self.fast is not None and attn_probs is None:
+            p = self.fast.plan(self, n, cache, lengths)  # the same attention, faster; None: not this call
+        if p is None:
+            p = plan(self.spec(), n, cache, lengths)
+        step = getattr(p, "step", None) or self._step  # a fast plan may bring its own (compiled) step
         if lengths is not None and logits_to_keep and n > 1:  # each row's own last positions
-            logits = step(input_ids, plan, cache, attn_probs, 0, _kept(lengths, logits_to_keep, input_ids.device))
+            logits = step(input_ids, p, cache, attn_probs, 0, _kept(lengths, logits_to_keep, input_ids.device))
         else:
-            logits = step(input_ids, plan, cache, attn_probs, logits_to_keep)
-        if cache is not None:  # every layer has written its keys (SinkCache.write)
+            logits = step(input_ids, p, cache, attn_probs, logits_to_keep)
+        if cache is not None:  # every layer has written its keys
             cache.advance(n if lengths is None else lengths)
         return logits
 
@@ -376,8 +307,7 @@ class Model(nn.Module):
         x = self.embed(input_ids)
         if self.wpe is not None:
             x = x + self.wpe(torch.arange(input_ids.shape[1], device=x.device))
-        if isinstance(plan, DecodePlan) and plan.sink_rot is not None:
-            rotate_sinks(plan, cache)
+        plan.prepare(cache)
         for block in self.layers:
             x = block(x, plan, cache, attn_probs)
         if kept is not None:  # (B, k) positions per row

@@ -1,8 +1,7 @@
 """Positions: RoPE (full or partial, rotate-half form) and ALiBi (MPT's and Falcon/Bloom's forms).
 
-Everything here is a pure function of integer positions. The streaming engine decides *which*
-positions (cache-relative, see docs/streaming.md); these functions only turn them into angles
-and biases.
+Everything here is a pure function of integer positions. The contract (contract.py) decides *which*
+positions; these functions only turn them into angles and biases.
 
 RoPE angles are computed in float64 from integer positions, then rounded once to the compute
 dtype. The rotation of a token at position 3,000,000 is therefore as exact as at position 3: no
@@ -28,38 +27,24 @@ def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.d
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the first cos.shape[-1] dims of x (..., T, head_dim) in rotate-half form; the rest pass."""
-    rot = cos.shape[-1]
-    if rot == x.shape[-1]:
-        return x * cos + _rotate_half(x) * sin
-    x_rot, x_pass = x[..., :rot], x[..., rot:]
-    return torch.cat((x_rot * cos + _rotate_half(x_rot) * sin, x_pass), dim=-1)
-
-
 def rope_tables(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
-    """rope_cos_sin with the first half of sin negated: the form `rope_rotate` takes."""
+    """(cos, signed sin) for integer positions: rope_cos_sin with the first half of sin negated,
+    the form `rope_rotate` takes."""
     cos, sin = rope_cos_sin(positions, inv_freq, dtype)
     half = sin.shape[-1] // 2
     return cos, torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
 
 
 def rope_rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    """apply_rope for (cos, signed_sin) from rope_tables: bit-identical, with fewer ops.
+    """Rotate the first cos.shape[-1] dims of x (..., T, head_dim) in rotate-half form; the rest pass.
 
-    rotate_half(x) * sin = [-x2, x1] * [s, s] = [x2, x1] * [-s, s] = roll(x) * signed_sin: the
-    sign moves from x to the table (exactly, since -(a*b) = (-a)*b in IEEE arithmetic), which
-    saves a negation and a concatenation on every rotation of a hot path."""
+    Rotate-half is x * cos + [-x2, x1] * [s, s]; [-x2, x1] * [s, s] = roll(x) * [-s, s], so the
+    sign lives in the table (exactly: -(a*b) = (-a)*b in IEEE arithmetic)."""
     rot = cos.shape[-1]
     if rot == x.shape[-1]:
         return x * cos + x.roll(rot // 2, -1) * signed_sin
     x_rot, x_pass = x[..., :rot], x[..., rot:]
     return torch.cat((x_rot * cos + x_rot.roll(rot // 2, -1) * signed_sin, x_pass), dim=-1)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 def alibi_slopes(kind: str, num_heads: int, alibi_bias_max: float = 8.0) -> torch.Tensor:

@@ -1,0 +1,203 @@
+"""SinkCache: the fixed-shape sink + window KV cache of StreamingLLM.
+
+Capacity S = sinks + window counts every key a token attends to, itself included. Per layer the
+buffers are (B, n_kv_heads, S, head_dim), allocated once:
+
+    slot:   0 .. sinks-1           sinks .. S-1
+            [ sink region        | ring buffer of the most recent `window` tokens ]
+
+Token j goes to slot `contract.slot_of(j)`, overwriting the token that leaves the window: eviction
+is that one overwrite; nothing is reallocated or grown. Which token holds which slot is a pure
+function of a row's count, so the only bookkeeping is `tokens_seen`, one count per row (each row is
+its own stream), which moves in one place, `advance`.
+
+Keys are stored RoPE-rotated at their stream position: a window key's distance to any later query
+is then already the cache-relative one. Only the sinks sit elsewhere, so their un-rotated keys are
+kept too (`raw_sink_k`) and rotated to position i when scored (attention.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..checks import check_int
+from ..errors import MiniLLMError
+from .contract import slot_of, slot_positions
+
+
+@dataclass
+class CacheWrite:
+    """Where one forward's new keys go: chunk column src[p] of row rows[p] to slot dst[p] of that
+    row; the sinks' un-rotated keys likewise, to raw slot i (raw_* None: no sink in this call)."""
+    rows: torch.Tensor
+    src: torch.Tensor
+    dst: torch.Tensor
+    raw_rows: torch.Tensor | None = None
+    raw_src: torch.Tensor | None = None
+    raw_dst: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class RowState:
+    """One row's stream, out of its cache (`SinkCache.export_row`): its keys, values and count."""
+    k: torch.Tensor  # (layers, KV, S, hd)
+    v: torch.Tensor
+    raw_sink_k: torch.Tensor | None  # (layers, KV, sinks, hd)
+    tokens_seen: int
+    sinks: int
+    window: int
+    owner_id: int
+
+
+class SinkCache:
+    def __init__(self, *, num_layers: int, batch_size: int, num_kv_heads: int, head_dim: int,
+                 sinks: int, window: int, dtype: torch.dtype, device: torch.device | str,
+                 owner_id: int, keep_raw_sinks: bool):
+        self.sinks = check_int("sinks", sinks, 0)
+        self.window = check_int("window", window, 1)
+        self.batch_size = check_int("batch_size", batch_size, 1)
+        self.owner_id = owner_id  # the model that made this cache
+        shape = (num_layers, batch_size, num_kv_heads, self.capacity, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.raw_sink_k = (torch.zeros(shape[:3] + (self.sinks, head_dim), dtype=dtype, device=device)
+                           if keep_raw_sinks and self.sinks else None)
+        self._seen = torch.zeros(batch_size, dtype=torch.int64)  # per row, on the CPU: plans read it
+
+    @property
+    def tokens_seen(self) -> torch.Tensor:
+        """(B,) int64 CPU tensor: the tokens each row's stream has consumed (a copy: changing it
+        changes nothing until it is assigned back, which checks it)."""
+        return self._seen.clone()
+
+    @tokens_seen.setter
+    def tokens_seen(self, value) -> None:
+        """Set every row's count (an int), or each row's ((B,) integers); the buffers are not changed."""
+        if isinstance(value, torch.Tensor):
+            if (value.shape != self._seen.shape or value.dtype.is_floating_point or value.dtype.is_complex
+                    or value.dtype == torch.bool):
+                raise MiniLLMError(f"tokens_seen must be an int or a ({self.batch_size},) integer tensor, got a "
+                                   f"{tuple(value.shape)} {value.dtype} tensor")
+            if bool((value < 0).any()):
+                raise MiniLLMError("tokens_seen must be >= 0 in every row")
+            self._seen.copy_(value)
+        else:
+            self._seen.fill_(check_int("tokens_seen", value, 0))
+
+    @property
+    def capacity(self) -> int:
+        return self.sinks + self.window
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.k.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.k.device
+
+    def common_position(self) -> int | None:
+        """Every row's tokens_seen when they are all equal (rows in lockstep), else None."""
+        seen = self._seen.tolist()
+        return seen[0] if seen.count(seen[0]) == len(seen) else None
+
+    def keys_held(self) -> torch.Tensor:
+        """(B,) int64: the number of keys each row holds (at most S)."""
+        return self._seen.clamp(max=self.capacity)
+
+    def __len__(self) -> int:
+        """Number of keys held (at most S), when every row holds the same number."""
+        held = self.keys_held()
+        if bool((held != held[0]).any()):
+            raise MiniLLMError(f"len(cache): the rows hold different numbers of keys ({held.tolist()}); "
+                               f"use cache.keys_held()")
+        return int(held[0])
+
+    def __bool__(self) -> bool:  # a cache is a cache, empty or not: `cache or model.new_cache()` keeps it
+        return True
+
+    def __repr__(self) -> str:
+        seen = self._seen.tolist()
+        return (f"SinkCache(sinks={self.sinks}, window={self.window}, batch_size={self.batch_size}, "
+                f"tokens_seen={seen[0] if len(seen) == 1 else seen}, dtype={self.dtype}, device={self.device})")
+
+    def rows(self, rows, what: str = "reset") -> list[int]:
+        """`rows` (an int, or a sequence or 1-D tensor of ints) as a checked list of row indices."""
+        if isinstance(rows, torch.Tensor):
+            if rows.dim() > 1 or rows.dtype.is_floating_point or rows.dtype == torch.bool:
+                raise MiniLLMError(f"{what}: rows must be integer row indices, got a {tuple(rows.shape)} "
+                                   f"{rows.dtype} tensor")
+            rows = rows.tolist() if rows.dim() else [rows.item()]
+        elif isinstance(rows, int) and not isinstance(rows, bool):
+            rows = [rows]
+        elif isinstance(rows, (str, bytes)) or not hasattr(rows, "__iter__"):
+            raise MiniLLMError(f"{what}: rows must be a row index or a list of them, got {rows!r}")
+        return [check_int(f"{what}: row", r, 0, self.batch_size - 1,
+                          hint=f" (the cache has {self.batch_size} rows)") for r in rows]
+
+    def _buffers(self):
+        return [b for b in (self.k, self.v, self.raw_sink_k) if b is not None]
+
+    def reset(self, rows=None) -> None:
+        """Start new streams in `rows` (an int or a list; None: every row). The buffers are kept
+        (the rows zeroed), never reallocated; other rows are not touched."""
+        for b in (slice(None),) if rows is None else self.rows(rows):
+            self._seen[b] = 0
+            for buf in self._buffers():
+                buf[:, b].zero_()
+
+    def export_row(self, row: int) -> RowState:
+        """A copy of row `row`'s stream: import it into a row of any cache of the same shape from
+        the same model, and the stream continues there exactly as if it had never left."""
+        (b,) = self.rows(row, "export_row")
+        raw = None if self.raw_sink_k is None else self.raw_sink_k[:, b].clone()
+        return RowState(k=self.k[:, b].clone(), v=self.v[:, b].clone(), raw_sink_k=raw,
+                        tokens_seen=int(self._seen[b]), sinks=self.sinks, window=self.window,
+                        owner_id=self.owner_id)
+
+    def import_row(self, row: int, state: RowState) -> None:
+        """Put an exported stream into row `row` (in place: the buffers are not reallocated)."""
+        (b,) = self.rows(row, "import_row")
+        if not isinstance(state, RowState):
+            raise MiniLLMError(f"import_row: state must be a RowState from cache.export_row(), got "
+                               f"{type(state).__name__}")
+        if state.owner_id != self.owner_id:
+            raise MiniLLMError("import_row: the state comes from a cache of a different model")
+        if (state.sinks, state.window) != (self.sinks, self.window):
+            raise MiniLLMError(f"import_row: the state is from a cache of sinks {state.sinks} + window "
+                               f"{state.window}, this one is {self.sinks} + {self.window}")
+        for name, got, buf in (("k", state.k, self.k), ("v", state.v, self.v),
+                               ("raw_sink_k", state.raw_sink_k, self.raw_sink_k)):
+            if (got is None) != (buf is None) or (buf is not None and (
+                    got.shape != buf.shape[:1] + buf.shape[2:] or got.dtype != buf.dtype)):
+                raise MiniLLMError(f"import_row: the state's {name} does not fit this cache (another dtype or "
+                                   f"shape: {None if got is None else (tuple(got.shape), got.dtype)})")
+        self.k[:, b].copy_(state.k)
+        self.v[:, b].copy_(state.v)
+        if self.raw_sink_k is not None:
+            self.raw_sink_k[:, b].copy_(state.raw_sink_k)
+        self._seen[b] = state.tokens_seen
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, raw_k: torch.Tensor, w: CacheWrite) -> None:
+        """Persist one forward's keys at `layer`: k (rotated), v and raw_k (un-rotated), each
+        (B, KV, n, hd), as `w` says. The only place a forward writes the cache; `advance` follows."""
+        self.k[layer][w.rows, :, w.dst] = k[w.rows, :, w.src]  # (pairs, KV, hd), in place
+        self.v[layer][w.rows, :, w.dst] = v[w.rows, :, w.src]
+        if w.raw_dst is not None and self.raw_sink_k is not None:
+            self.raw_sink_k[layer][w.raw_rows, :, w.raw_dst] = raw_k[w.raw_rows, :, w.raw_src]
+
+    def advance(self, n: int | torch.Tensor) -> None:
+        """n more tokens (an int for every row, or (B,) per row) have been written at every layer."""
+        self._seen += n
+
+    def slot_of(self, positions: int | torch.Tensor) -> int | torch.Tensor:
+        """The slot that stream position(s) j are written to (a Python int for an int)."""
+        return slot_of(positions, self.sinks, self.window)
+
+    def slot_positions(self, tokens_seen: int | None = None, device=None, row: int = 0) -> torch.Tensor:
+        """(S,) int64: the stream position held by each slot after `tokens_seen` tokens (default:
+        row `row`'s count), -1 if empty."""
+        t = int(self._seen[row]) if tokens_seen is None else tokens_seen
+        return slot_positions(t, self.sinks, self.window, device=device or self.device)[0]
