@@ -16,6 +16,7 @@ import torch
 
 from minillm import MiniLLMError
 from minillm.core.cache import SinkCache
+from minillm.core.contract import slot_of, slot_positions
 from util import random_model, tiny_config
 
 
@@ -61,16 +62,16 @@ def test_slots_match_brute_force(sinks, window):
     S = sinks + window
     for T in range(0, 4 * S + 3):
         want, _ = simulate(sinks, window, T)
-        assert cache.slot_positions(T).tolist() == want, T
-        cache.tokens_seen = T  # slot_positions() defaults to the cache's own count
-        assert cache.slot_positions().tolist() == want
+        assert slot_positions(T, sinks, window)[0].tolist() == want, T
+        cache.tokens_seen = T
+        assert slot_positions(cache.tokens_seen, sinks, window)[0].tolist() == want
         assert len(cache) == min(T, S)
         # The slots hold exactly the keys the last token attended to.
         if T:
             assert {p for p in want if p >= 0} == key_set(sinks, window, T - 1)
     _, written = simulate(sinks, window, 5 * S)
-    assert cache.slot_of(torch.arange(0, 5 * S)).tolist() == written
-    assert [cache.slot_of(j) for j in range(5 * S)] == written  # the int form, used by decode
+    assert slot_of(torch.arange(0, 5 * S), sinks, window).tolist() == written
+    assert [slot_of(j, sinks, window) for j in range(5 * S)] == written  # the int form, used by decode
 
 
 def test_reset_zeroes_and_keeps_buffers():

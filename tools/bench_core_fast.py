@@ -9,12 +9,15 @@ Three sides, each in its own child process, alternating within every repetition,
   core     this tree, `minillm.load(..., fast=False)`: the core alone.
 Each child loads the model from a safetensors directory written once (SmolLM2 from the pip package's
 GGUF, dequantized to float32; the 134M random Llama of tools/bench.py), then measures:
-  decode      B=1 decode, ms per step, a full 4+1020 cache past S (the sinks re-rotated each step);
+  decode      B=1 decode, ms per step (the fastest of 5 runs of --steps), a full 4+1020 cache past S
+              (the sinks re-rotated each step);
   compiled    the same through compile_decode (before/after only; after one warm-up compile);
-  prefill     a 2,048-token prompt through an empty 4+1020 cache, seconds;
-  evaluation  the parallel streaming perplexity of 2,048 tokens at S = 256, seconds;
-  b16         one decode step of 16 rows at 16 different positions, ms.
-Figures are medians over the repetitions; the JSON keeps every run and the machine.
+  prefill     a 2,048-token prompt through an empty 4+1020 cache, seconds (the faster of 2);
+  evaluation  the parallel streaming perplexity of 2,048 tokens at S = 256, seconds (the faster of 2);
+  b16         one decode step of 16 rows at 16 different positions, ms (the fastest of 3 runs).
+Within a child each figure is the fastest of its runs (the least disturbed); across children, the
+median over the repetitions, with the order of the sides reversed every other repetition. The JSON
+keeps every run and the machine.
 """
 
 from __future__ import annotations
@@ -71,12 +74,25 @@ def child(task: dict) -> dict:
         minillm.fast.disable(model)
     V = model.config.vocab_size
 
-    def decode(cache, steps):
-        tok = torch.ones(cache.batch_size, 1, dtype=torch.long)
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            tok = model(tok, cache=cache)[:, -1].argmax(-1, keepdim=True)
-        return (time.perf_counter() - t0) / steps
+    def decode(cache, steps, blocks=1):
+        """Seconds per step: the fastest of `blocks` runs of `steps` (the least disturbed by the
+        machine's other work)."""
+        best = float("inf")
+        for _ in range(blocks):
+            tok = torch.ones(cache.batch_size, 1, dtype=torch.long)
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                tok = model(tok, cache=cache)[:, -1].argmax(-1, keepdim=True)
+            best = min(best, (time.perf_counter() - t0) / steps)
+        return best
+
+    def fastest(fn, times=2):
+        best = float("inf")
+        for _ in range(times):
+            t0 = time.perf_counter()
+            value = fn()
+            best = min(best, time.perf_counter() - t0)
+        return best, value
 
     def full_cache(B):
         cache = model.new_cache(B, 4, 1020)
@@ -91,26 +107,23 @@ def child(task: dict) -> dict:
     with torch.inference_mode():
         ids = torch.randint(0, V, (1, 2048), generator=torch.Generator().manual_seed(0))
         model(ids[:, :300], cache=model.new_cache(1, 4, 1020))  # warm-up
-        t0 = time.perf_counter()
-        model(ids, cache=model.new_cache(1, 4, 1020))
-        out["prefill_s"] = time.perf_counter() - t0
+        out["prefill_s"] = fastest(lambda: model(ids, cache=model.new_cache(1, 4, 1020)))[0]
         perplexity(model, ids[0, :512].tolist(), "streaming", 4, 252)  # warm-up
-        t0 = time.perf_counter()
-        out["ppl"] = perplexity(model, ids[0].tolist(), "streaming", 4, 252).ppl
-        out["eval_s"] = time.perf_counter() - t0
+        out["eval_s"], result = fastest(lambda: perplexity(model, ids[0].tolist(), "streaming", 4, 252))
+        out["ppl"] = result.ppl
         cache = full_cache(1)
         decode(cache, 3)
-        out["decode_ms"] = decode(cache, task["steps"]) * 1e3
+        out["decode_ms"] = decode(cache, task["steps"], 5) * 1e3
         cache16 = full_cache(16)
         decode(cache16, 2)
-        out["b16_ms"] = decode(cache16, max(3, task["steps"] // 4)) * 1e3
+        out["b16_ms"] = decode(cache16, max(3, task["steps"] // 4), 3) * 1e3
         if task["compile"] and task["side"] != "core":
             if hasattr(model, "compile_decode"):  # the engine before the split; as the CLI's --compile
                 model.compile_decode()
             else:
                 minillm.fast.compile_decode(model)
             decode(cache, 3)  # compiles here
-            out["compiled_ms"] = decode(cache, task["steps"]) * 1e3
+            out["compiled_ms"] = decode(cache, task["steps"], 5) * 1e3
     return out
 
 
@@ -170,8 +183,9 @@ def main(argv=None) -> int:
             for name in args.models.split(","):
                 path = prepare(name, tmp)
                 runs = {"before": [], "after": [], "core": []}
+                sides = [("before", old), ("after", HERE), ("core", HERE)]
                 for rep in range(args.reps):
-                    for side, repo in (("before", old), ("after", HERE), ("core", HERE)):
+                    for side, repo in sides if rep % 2 == 0 else sides[::-1]:  # neither side always first
                         task = dict(side=side, dir=str(path), threads=args.threads, steps=args.steps,
                                     compile=not args.no_compile)
                         runs[side].append(run_child(repo, task))

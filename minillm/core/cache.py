@@ -24,7 +24,6 @@ import torch
 
 from ..checks import check_int
 from ..errors import MiniLLMError
-from .contract import slot_of, slot_positions
 
 
 @dataclass
@@ -191,13 +190,3 @@ class SinkCache:
     def advance(self, n: int | torch.Tensor) -> None:
         """n more tokens (an int for every row, or (B,) per row) have been written at every layer."""
         self._seen += n
-
-    def slot_of(self, positions: int | torch.Tensor) -> int | torch.Tensor:
-        """The slot that stream position(s) j are written to (a Python int for an int)."""
-        return slot_of(positions, self.sinks, self.window)
-
-    def slot_positions(self, tokens_seen: int | None = None, device=None, row: int = 0) -> torch.Tensor:
-        """(S,) int64: the stream position held by each slot after `tokens_seen` tokens (default:
-        row `row`'s count), -1 if empty."""
-        t = int(self._seen[row]) if tokens_seen is None else tokens_seen
-        return slot_positions(t, self.sinks, self.window, device=device or self.device)[0]

@@ -1,9 +1,7 @@
 """ModelConfig: what the engine needs to know about a checkpoint, and nothing about its files.
 
-One small frozen dataclass describes every family. Its fields name what the forward pass does
-(norm type, residual layout, positions, biases), not what a family's config happens to call it.
-Reading a `config.json` or a GGUF's metadata into one, with the policy for unknown keys, is
-`minillm/formats/` (config.py and families/); this module parses nothing.
+One frozen dataclass for every family, its fields named for what the forward pass does. Reading a
+config.json or a GGUF's metadata into one is `minillm/formats/`; this module parses nothing.
 """
 
 from __future__ import annotations

@@ -276,13 +276,14 @@ class Model(nn.Module):
             raise MiniLLMError(f"lengths must give one integer per row: a list or tensor of {B}, got {lengths!r:.80}")
         checked = []
         for b, n in enumerate(values):
+            is_bool = isinstance(n, bool) or getattr(n, "dtype", None) == bool
             try:
-                checked.append(operator.index(n) if not isinstance(n, bool) and getattr(n, "dtype", 0) != bool else {})
+                checked.append(None if is_bool else operator.index(n))  # ints, numpy integers
             except TypeError:
                 checked.append(None)
-            if not isinstance(checked[-1], int):
+            if checked[-1] is None:
                 raise MiniLLMError(f"lengths[{b}] must be an integer, got {n!r} ({type(n).__name__})")
-            if not 0 <= n <= T:
+            if not 0 <= checked[-1] <= T:
                 raise MiniLLMError(f"lengths[{b}] must be in [0, {T}] (the input has {T} tokens per row), got {n}")
         return None if all(n == T for n in checked) else torch.tensor(checked)
 

@@ -71,16 +71,11 @@ def alibi_slopes(kind: str, num_heads: int, alibi_bias_max: float = 8.0) -> torc
 
 def alibi_bias(kind: str, slopes: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
                scale: float, dtype: torch.dtype) -> torch.Tensor:
-    """Additive attention bias (B, heads, Tq, Tk) for cache positions q_pos and k_pos, per row:
-    q_pos (B, Tq) and k_pos (B, Tq|1, Tk); or one set for every row, q_pos (Tq,) and k_pos
-    (Tq, Tk) or (Tk,), giving (1, heads, Tq, Tk).
-
-    The result is added to the *scaled* scores q.k * scale.
-    - "mpt": -slope * (q_pos - k_pos), added after the scale (MosaicML).
-    - "bloom": slope * k_pos, added *before* the 1/sqrt(head_dim) scale, with slope x position
-      rounded to bfloat16 exactly as transformers' Falcon does. Softmax ignores the missing query
-      term, but the rounding depends on k_pos, so k_pos must be the true cache position.
-    """
+    """Additive bias (B, heads, Tq, Tk) for cache positions q_pos (B, Tq) and k_pos (B, Tq|1, Tk), or
+    one set for every row (q_pos (Tq,), k_pos (Tq, Tk) or (Tk,)); added to the scaled scores.
+    - "mpt": -slope * (q_pos - k_pos) (MosaicML).
+    - "bloom": slope * k_pos before the 1/sqrt(head_dim) scale, slope x position rounded to bfloat16
+      as transformers' Falcon does: the rounding depends on k_pos, so it must be the true position."""
     slopes = slopes.to(q_pos.device)[:, None, None]  # (H, 1, 1)
     if q_pos.dim() == 1:  # one set of positions for every row
         q_pos, k_pos = q_pos[None], (k_pos[None, None] if k_pos.dim() == 1 else k_pos[None])

@@ -19,20 +19,27 @@ def _want_column_major(w: torch.Tensor) -> bool:
 
 
 def fit(model: nn.Module) -> None:
-    """Give every Linear weight its device's layout."""
+    """Give every Linear weight its device's layout.
+
+    Every new buffer is made while the old ones are still held, and only then swapped in: freed
+    weights would otherwise be recycled, one by one, into the next weight's buffer, and decode read
+    the weights measurably slower from that memory (docs/performance.md, session 4)."""
+    moves = []
     for module in model.modules():
         if isinstance(module, nn.Linear):
             w = module.weight
-            with torch.no_grad():
-                if _want_column_major(w) and w.is_contiguous():
-                    w.data = w.data.t().contiguous().t()
-                elif not _want_column_major(w) and not w.is_contiguous():
-                    w.data = w.data.contiguous()
+            if _want_column_major(w) and w.is_contiguous():
+                moves.append((w, w.data.t().contiguous().t()))
+            elif not _want_column_major(w) and not w.is_contiguous():
+                moves.append((w, w.data.contiguous()))
+    with torch.no_grad():
+        for w, data in moves:
+            w.data = data
 
 
 def ensure(model: nn.Module) -> None:
-    """`fit` again only when the weights were replaced or moved since (checked on one weight: a
-    load, `.to()` or a state dict assigned changes them all)."""
-    first = next((m.weight for m in model.modules() if isinstance(m, nn.Linear)), None)
-    if first is not None and _want_column_major(first) == first.is_contiguous():
+    """`fit` again only when the weights were replaced or moved since (checked on the first layer's
+    QKV weight: a load, `.to()` or a state dict assigned changes them all)."""
+    w = getattr(model.layers[0].attn.wqkv, "weight", None)  # None: int8 weights, no layout to keep
+    if w is not None and _want_column_major(w) == w.is_contiguous():
         fit(model)
