@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -38,16 +37,6 @@ HERE = TOOLS.parent
 BASELINE = "1f48cf2"  # the last commit with the engine before the core/fast split
 OUT = HERE / "docs" / "bench_core_fast"
 MEASURES = ("decode_ms", "compiled_ms", "prefill_s", "eval_s", "b16_ms")
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def cpu_flags() -> list[str]:
@@ -171,7 +160,10 @@ def main(argv=None) -> int:
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
         return 0
-    result = dict(cpu=cpu_name(), cpu_flags=cpu_flags(), threads=args.threads, baseline=args.baseline,
+    sys.path.insert(0, str(TOOLS))
+    from bench import _cpu_name  # the machine's CPU, as every benchmark here names it
+
+    result = dict(cpu=_cpu_name(), cpu_flags=cpu_flags(), threads=args.threads, baseline=args.baseline,
                   omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"), models={})
     print(f"CPU: {result['cpu']} ({' '.join(result['cpu_flags'])}), {args.threads} threads", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
