@@ -204,3 +204,16 @@ def test_a_cache_is_always_truthy():
     assert bool(cache)  # rows holding different numbers of keys: still a cache
     with pytest.raises(MiniLLMError, match="different numbers of keys"):
         len(cache)
+
+
+@pytest.mark.parametrize("count", [2.7, -1, 2**64, True, "3"])
+def test_an_imported_row_state_with_a_bad_count_is_refused(count):
+    # A RowState is a frozen dataclass anyone can build: tokens_seen=2.7 used to become 2 silently.
+    import dataclasses
+
+    model = random_model(tiny_config("llama_gqa"))
+    cache = model.new_cache(1, 2, 4)
+    state = dataclasses.replace(cache.export_row(0), tokens_seen=count)
+    with pytest.raises(MiniLLMError, match="tokens_seen"):
+        cache.import_row(0, state)
+    assert cache.tokens_seen.tolist() == [0]

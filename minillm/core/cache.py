@@ -164,6 +164,7 @@ class SinkCache:
                                f"{type(state).__name__}")
         if state.owner_id != self.owner_id:
             raise MiniLLMError("import_row: the state comes from a cache of a different model")
+        check_int("import_row: the state's tokens_seen", state.tokens_seen, 0, 2**63 - 1)  # not 2.7, -1 or 2^64
         if (state.sinks, state.window) != (self.sinks, self.window):
             raise MiniLLMError(f"import_row: the state is from a cache of sinks {state.sinks} + window "
                                f"{state.window}, this one is {self.sinks} + {self.window}")
