@@ -240,6 +240,7 @@ def test_5_compiled_per_row_decode_equals_the_core_and_compiles_once(variant):
         assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])  # rows moved, started, idled
     finally:
         torch._dynamo.reset()
+        counters.clear()
     record("compiled", torch.float32, max(worst))
 
 
