@@ -11,6 +11,7 @@ from .errors import MiniLLMError
 from .formats.families import load_config
 from .core.model import Model
 
+
 def load(name_or_path: str | Path, dtype=torch.float32, device="cpu", *, strict: bool = False,
          fast: bool = True) -> Model:
     """Load a checkpoint without transformers: a local directory or hub repo id (config.json +

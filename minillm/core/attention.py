@@ -53,12 +53,20 @@ class Plan:
 
     def attend(self, layer: int, qkv: torch.Tensor, cache: SinkCache | None, probs_out=None) -> torch.Tensor:
         """qkv (B, n, (H + 2 KV) hd) as projected -> attention output (B, n, H hd)."""
-        c = self.spec.config
-        B, n, _ = qkv.shape
-        H, KV, hd = c.num_heads, c.num_kv_heads, c.head_dim
-        q, k, v = (x.view(B, n, -1, hd).transpose(1, 2) for x in qkv.split([H * hd, KV * hd, KV * hd], dim=-1))
-        out = attention(self, q, k, v, cache, layer, probs_out)
-        return out.transpose(1, 2).reshape(B, n, H * hd)
+        out = attention(self, *heads(self.spec.config, qkv), cache, layer, probs_out)
+        return out.transpose(1, 2).flatten(2)
+
+
+def heads(c: ModelConfig, qkv: torch.Tensor):
+    """qkv (B, n, (H + 2 KV) hd) -> q (B, H, n, hd), k and v (B, KV, n, hd)."""
+    B, n, _ = qkv.shape
+    H, KV, hd = c.num_heads, c.num_kv_heads, c.head_dim
+    return (x.view(B, n, -1, hd).transpose(1, 2) for x in qkv.split([H * hd, KV * hd, KV * hd], dim=-1))
+
+
+def additive(allowed: torch.Tensor, dtype) -> torch.Tensor:
+    """A bool mask as an additive one: 0 where allowed, -inf elsewhere."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, float("-inf"))
 
 
 def plan(spec: Spec, n: int, cache: SinkCache | None, lengths: torch.Tensor | None = None) -> Plan:
@@ -69,13 +77,12 @@ def plan(spec: Spec, n: int, cache: SinkCache | None, lengths: torch.Tensor | No
         kp = key_positions(torch.zeros(1, dtype=torch.int64, device=spec.device), n, 0, None)
     else:
         kp = key_positions(cache.tokens_seen.to(spec.device), n, cache.sinks, cache.window)
-    mask = torch.zeros(kp.allowed.shape, dtype=spec.dtype, device=spec.device).masked_fill(~kp.allowed, float("-inf"))
-    mask = mask[:, None]  # (B, 1, n, Nk)
+    mask = additive(kp.allowed, spec.dtype)[:, None]  # (B, 1, n, Nk)
     if not rope:
         mask = mask + alibi_bias(c.alibi, spec.slopes, kp.query_position, kp.position, c.scale, spec.dtype)
     rot = rope_tables(kp.query, spec.inv_freq, spec.dtype) if rope else None
     p = Plan(spec, rot=None if rot is None else tuple(x[:, None] for x in rot), mask=mask,
-             slots=cache is not None, write=None if cache is None else _write(cache, n, lengths, rope, spec.device))
+             slots=cache is not None, write=None if cache is None else chunk_write(cache, n, lengths, rope, spec.device))
     if rope and cache is not None and cache.sinks:
         S, sinks = cache.capacity, cache.sinks
         cols = torch.cat([torch.arange(sinks), S + torch.arange(min(sinks, n))]).to(spec.device)
@@ -85,7 +92,7 @@ def plan(spec: Spec, n: int, cache: SinkCache | None, lengths: torch.Tensor | No
     return p
 
 
-def _write(cache: SinkCache, n: int, lengths: torch.Tensor | None, rope: bool, device) -> CacheWrite:
+def chunk_write(cache: SinkCache, n: int, lengths: torch.Tensor | None, rope: bool, device) -> CacheWrite:
     """Row b's tokens t = seen[b] .. seen[b] + lengths[b] - 1 go to their slots: the sinks, then only
     the last `window` (earlier ones would be overwritten within the same call)."""
     seen = cache.tokens_seen

@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..core.attention import Spec
+from ..core.attention import Spec, additive
 from ..core.cache import SinkCache
 from ..core.contract import slot_of, slot_positions
 from ..core.positions import alibi_bias, rope_rotate, rope_tables
@@ -128,7 +128,7 @@ def _rows(spec: Spec, cache: SinkCache, lengths: torch.Tensor | None) -> DecodeP
     shift = (t - (S - 1)).clamp(min=0)  # t - c_t: where the sinks sit in this query's frame
     w = FastWrite(dst=slot_of(t, sinks, window).to(device), keep=active.to(device), every_row=bool(active.all()))
     held = slot_positions(t + 1, sinks, window)  # (B, S) after this token's write; -1: empty
-    mask = torch.zeros(held.shape, dtype=dtype).masked_fill(held < 0, float("-inf")).to(device)[:, None, None]
+    mask = additive(held >= 0, dtype).to(device)[:, None, None]
     p = DecodePlan(spec, rot=None, mask=mask, n_valid=S, sink_rot=None, write=w)  # mask (B, 1, 1, S)
     if c.positions == "rope":
         p.rot = tuple(x[:, None, None] for x in rope_tables(t.to(device), spec.inv_freq, dtype))  # (B, 1, 1, rot)

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..core.attention import Spec
-from ..core.cache import SinkCache
+from ..core.attention import Spec, additive, chunk_write, heads
+from ..core.cache import CacheWrite, SinkCache
 from ..core.contract import KeyPositions, key_positions, slot_of
 from ..core.positions import alibi_bias, rope_rotate, rope_tables
 from .writes import FastWrite, write
@@ -57,16 +57,14 @@ class ChunkPlan:
     mask: torch.Tensor | None  # additive (B|1, 1|H, n, Nk); None: plain causal
     use_cache_cols: bool  # keys are [the cache's S slots, the chunk's n]; else the chunk's own
     sink: SinkFrame | None = None
-    write: FastWrite | None = None  # None: no cache (dense)
+    write: FastWrite | CacheWrite | None = None  # None: no cache (dense)
 
     def prepare(self, cache) -> None:
         pass
 
     def attend(self, layer: int, qkv: torch.Tensor, cache: SinkCache | None, probs_out=None) -> torch.Tensor:
         c = self.spec.config
-        B, n, _ = qkv.shape
-        H, KV, hd = c.num_heads, c.num_kv_heads, c.head_dim
-        q, k, v = (x.view(B, n, -1, hd).transpose(1, 2) for x in qkv.split([H * hd, KV * hd, KV * hd], dim=-1))
+        q, k, v = heads(c, qkv)
         raw_q, raw_k = q, k
         if self.rot is not None:
             q, k = rope_rotate(q, *self.rot), rope_rotate(k, *self.rot)
@@ -83,13 +81,13 @@ class ChunkPlan:
                                                  scale=c.scale, enable_gqa=True)
         if self.write is not None:
             write(cache, layer, k, v, raw_k, self.write)
-        return out.transpose(1, 2).reshape(B, n, H * hd)
+        return out.transpose(1, 2).flatten(2)
 
 
 def _additive(allowed: torch.Tensor, dtype) -> torch.Tensor:
     """A bool (B, n, Nk) key-set mask as an additive (B, 1, n, Nk) float mask (4-D: CPU SDPA's
     fast kernel wants 4-D)."""
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, float("-inf"))[:, None]
+    return additive(allowed, dtype)[:, None]
 
 
 def _alibi(spec: Spec, kp: KeyPositions) -> torch.Tensor:
@@ -128,7 +126,8 @@ def plan_chunk(spec: Spec, n: int, cache: SinkCache, lengths: torch.Tensor | Non
     else:
         t = (seen[:, None] + torch.arange(n)).to(device)  # (B, n)
         rot = tuple(x[:, None] for x in rope_tables(t, spec.inv_freq, dtype)) if rope else None
-    w = _chunk_write(cache, seen, fed, n, uniform and lengths is None, rope, device)
+    w = _uniform_write(cache, t0, n, rope, device) if uniform and lengths is None else \
+        chunk_write(cache, n, lengths, rope, device)
     p = ChunkPlan(spec, rot=rot, mask=None, use_cache_cols=t0max > 0, write=w)
     if rope and t0max == 0 and lastmax < S:
         return p  # nothing evicted yet: every key set is {0..t}, plain causal (tests/test_keys.py)
@@ -144,28 +143,17 @@ def plan_chunk(spec: Spec, n: int, cache: SinkCache, lengths: torch.Tensor | Non
     return p
 
 
-def _chunk_write(cache: SinkCache, seen: torch.Tensor, fed: torch.Tensor, n: int, same: bool, rope: bool,
-                 device) -> FastWrite:
-    """Row b's tokens seen[b] .. seen[b] + fed[b] - 1 go to their slots: the sinks, then only the
-    last `window` (earlier ones would be overwritten within the same chunk); sinks also keep their
-    un-rotated key at raw slot i. `same`: one list of columns serves every row."""
+def _uniform_write(cache: SinkCache, t0: int, n: int, rope: bool, device) -> FastWrite:
+    """Every row's tokens t0 .. t0 + n - 1 go to the same slots: the sinks, then only the last
+    `window` (as core.attention.chunk_write, once for all rows); sinks also keep their raw key."""
     sinks, window = cache.sinks, cache.window
     idx = torch.arange(n)
-    t = seen[:, None] + idx  # (B, n) stream positions
-    last = (seen + fed - 1)[:, None]
-    is_sink = (t < sinks) & (idx < fed[:, None])
-    keep = is_sink | ((t > last - window) & (idx < fed[:, None]))
-    raw = rope and cache.raw_sink_k is not None and bool(is_sink.any())
-    if same:
-        w = FastWrite(dst=slot_of(t[0][keep[0]], sinks, window).to(device), src=idx[keep[0]].to(device))
-        if raw:
-            w.raw_src, w.raw_dst = idx[is_sink[0]].to(device), t[0][is_sink[0]].to(device)
-        return w
-    row, src = keep.nonzero(as_tuple=True)
-    w = FastWrite(dst=slot_of(t[row, src], sinks, window).to(device), src=src.to(device), rows=row.to(device))
-    if raw:
-        row, src = is_sink.nonzero(as_tuple=True)
-        w.raw_rows, w.raw_src, w.raw_dst = row.to(device), src.to(device), t[row, src].to(device)
+    t = t0 + idx
+    is_sink = t < sinks
+    keep = is_sink | (t > t0 + n - 1 - window)
+    w = FastWrite(dst=slot_of(t[keep], sinks, window).to(device), src=idx[keep].to(device))
+    if rope and cache.raw_sink_k is not None and bool(is_sink.any()):
+        w.raw_src, w.raw_dst = idx[is_sink].to(device), t[is_sink].to(device)
     return w
 
 

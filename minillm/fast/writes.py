@@ -1,9 +1,10 @@
 """Cache writes for the fast paths: the same slots the core writes, by the cheapest call, also
 inside a compiled step (where a write must stay in place and keep one graph).
 
-A fast write (`FastWrite`) names its pairs like the core's CacheWrite, plus two forms the core
-does not need: every row writing the same columns to the same slots (`rows` None: index_copy_),
-and one token per row (`src` None), where a row left out (`keep` False) gets its old value back.
+Rows fed different tokens write the core's own form (a CacheWrite, through `SinkCache.write`).
+A `FastWrite` is one of two forms the core does not need: every row writing the same columns to the
+same slots (index_copy_), and one token per row (`src` None), where a row left out (`keep` False)
+gets its old value back.
 """
 
 from __future__ import annotations
@@ -12,26 +13,26 @@ from dataclasses import dataclass
 
 import torch
 
-from ..core.cache import SinkCache
+from ..core.cache import CacheWrite, SinkCache
 
 
 @dataclass
 class FastWrite:
-    dst: torch.Tensor  # slots: (pairs,), or (B,) / (1,) for one token per row
+    dst: torch.Tensor  # slots: (columns,) for every row alike, or (B,) / (1,) for one token per row
     src: torch.Tensor | None = None  # chunk columns; None: one token per row
-    rows: torch.Tensor | None = None  # the row of each pair; None: every row alike
     raw_dst: torch.Tensor | None = None  # the sinks' un-rotated keys: raw slots ...
     raw_src: torch.Tensor | None = None
-    raw_rows: torch.Tensor | None = None
     keep: torch.Tensor | None = None  # one token per row: (B,) bool, None: every row
     raw_keep: torch.Tensor | None = None
     every_row: bool = False  # eager shortcuts (a compiled step keeps its fixed graph):
     raw_any: bool = True  # keep is all True / some raw_keep is True
 
 
-def write(cache: SinkCache, layer: int, k, v, raw_k, w: FastWrite) -> None:
+def write(cache: SinkCache, layer: int, k, v, raw_k, w: FastWrite | CacheWrite) -> None:
     """k (rotated), v and raw_k (B, KV, n, hd) into the cache's buffers at `layer`, as `w` says."""
-    if w.src is None:  # one token per row: in place, also under torch.compile
+    if isinstance(w, CacheWrite):  # rows fed differently: the core's (row, column, slot) triples
+        cache.write(layer, k, v, raw_k, w)
+    elif w.src is None:  # one token per row: in place, also under torch.compile
         put = put_token if w.dst.shape[0] == 1 and w.keep is None else put_rows
         eager = not torch.compiler.is_compiling()
         keep = None if eager and w.every_row else w.keep
@@ -39,16 +40,11 @@ def write(cache: SinkCache, layer: int, k, v, raw_k, w: FastWrite) -> None:
             put(cache.raw_sink_k, layer, w.raw_dst, raw_k, w.raw_keep)
         put(cache.k, layer, w.dst, k, keep)
         put(cache.v, layer, w.dst, v, keep)
-    elif w.rows is None:  # every row writes the same columns to the same slots
+    else:  # every row writes the same columns to the same slots
         cache.k[layer].index_copy_(2, w.dst, k[:, :, w.src])
         cache.v[layer].index_copy_(2, w.dst, v[:, :, w.src])
         if w.raw_dst is not None:
             cache.raw_sink_k[layer].index_copy_(2, w.raw_dst, raw_k[:, :, w.raw_src])
-    else:
-        cache.k[layer][w.rows, :, w.dst] = k[w.rows, :, w.src]
-        cache.v[layer][w.rows, :, w.dst] = v[w.rows, :, w.src]
-        if w.raw_dst is not None:
-            cache.raw_sink_k[layer][w.raw_rows, :, w.raw_dst] = raw_k[w.raw_rows, :, w.raw_src]
 
 
 def _ids(n: int, device, start: int = 0) -> torch.Tensor:
