@@ -82,7 +82,7 @@ def test_missing_config_json(ckpt):
 def test_invalid_json(ckpt):
     (ckpt / "config.json").write_text('{"model_type": "llama", "hidden_size": 32,,}')
     msg = load_error(ckpt)
-    assert "config.json" in msg and "invalid JSON" in msg
+    assert "config.json" in msg and "not valid JSON" in msg
 
 
 def test_config_not_an_object(ckpt):
@@ -268,3 +268,202 @@ def test_integer_and_bool_tensors_where_floats_belong(ckpt):
         t["model.norm.weight"] = t["model.norm.weight"].to(torch.int16)
     edit_tensors(ckpt, edit)
     assert "has dtype int16, expected a floating-point weight" in load_error(ckpt)
+
+
+# --- issue 20: sizes from the file, special files, unique tensors, nested JSON, real causes ------
+
+def shard(ckpt: Path, layout: dict[str, list[str]], index: dict | None | str = "auto") -> None:
+    """Split model.safetensors into the shards `layout` names ({file: [tensor names]}); write the
+    index (`auto`: the true one; a dict: that weight_map; None: no index)."""
+    tensors = load_file(str(ckpt / "model.safetensors"))
+    (ckpt / "model.safetensors").unlink()
+    for f, names in layout.items():
+        save_file({n: tensors[n] for n in names}, str(ckpt / f), metadata={"format": "pt"})
+    if index == "auto":
+        index = {n: f for f, names in layout.items() for n in names}
+    if index is not None:
+        (ckpt / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}))
+
+
+def halves(ckpt: Path) -> tuple[list[str], list[str]]:
+    names = sorted(load_file(str(ckpt / "model.safetensors")))
+    return names[: len(names) // 2], names[len(names) // 2:]
+
+
+def test_a_tensor_in_two_shards_is_refused_by_name(ckpt):
+    # Before: the later shard won silently (a garbage lm_head: generate printed "⁇ ⁇ ⁇").
+    a, b = halves(ckpt)
+    head = "model.embed_tokens.weight" if "lm_head.weight" not in a + b else "lm_head.weight"
+    a, b = [n for n in a if n != head] + [head], [n for n in b if n != head] + [head]
+    shard(ckpt, {"a.safetensors": a, "b.safetensors": b}, index=None)
+    msg = load_error(ckpt)
+    assert f"tensor {head} appears twice" in msg and "a.safetensors" in msg and "b.safetensors" in msg
+
+
+def test_a_tensor_in_two_shards_is_refused_with_an_index_too(ckpt):
+    a, b = halves(ckpt)
+    shard(ckpt, {"a.safetensors": a, "b.safetensors": b + [a[0]]})
+    assert f"tensor {a[0]} appears twice" in load_error(ckpt)
+
+
+def test_true_index_loads(ckpt):
+    want = minillm.load(ckpt).lm_head.weight
+    a, b = halves(ckpt)
+    shard(ckpt, {"model-1.safetensors": a, "model-2.safetensors": b})
+    assert torch.equal(minillm.load(ckpt).lm_head.weight, want)
+
+
+@pytest.mark.parametrize("lie, needle", [
+    ("unlisted", "holds tensor {x}, which the index does not list"),
+    ("elsewhere", "lists tensor {x} in b.safetensors, but it is in a.safetensors"),
+    ("phantom", "lists tensor model.layers.0.ghost.weight in a.safetensors, which does not hold it"),
+])
+def test_an_index_that_disagrees_with_its_shards_is_refused(ckpt, lie, needle):
+    a, b = halves(ckpt)
+    index = {n: "a.safetensors" for n in a} | {n: "b.safetensors" for n in b}
+    x = a[0]
+    if lie == "unlisted":
+        del index[x]
+    elif lie == "elsewhere":
+        index[x] = "b.safetensors"
+    else:
+        index["model.layers.0.ghost.weight"] = "a.safetensors"
+    shard(ckpt, {"a.safetensors": a, "b.safetensors": b}, index=index)
+    msg = load_error(ckpt)
+    assert "model.safetensors.index.json" in msg and needle.format(x=x) in msg, msg
+
+
+@pytest.mark.parametrize("weight_map, needle", [
+    (["model-1.safetensors"], '"weight_map" must be an object'),
+    ("model-1.safetensors", '"weight_map" must be an object'),
+    ({}, "lists no tensors"),
+    ({"model.norm.weight": 3}, "must be a file name, got 3"),
+    ({"model.norm.weight": None}, "must be a file name, got null"),
+    ({"model.norm.weight": ["a"]}, "must be a file name"),
+    ({"model.norm.weight": "../outside.safetensors"}, "is not a plain name inside"),
+    ({"model.norm.weight": "/etc/passwd"}, "is not a plain name inside"),
+    ({"model.norm.weight": ""}, "must be a non-empty string"),
+])
+def test_a_weight_map_of_the_wrong_json_type_is_refused(ckpt, weight_map, needle):
+    # Before: AttributeError ('list' object has no attribute 'values'), or a path outside the model.
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    msg = load_error(ckpt)
+    assert "model.safetensors.index.json" in msg and needle in msg, msg
+
+
+def test_an_index_that_is_not_an_object(ckpt):
+    (ckpt / "model.safetensors.index.json").write_text("[]")
+    assert 'expected an object with a "weight_map"' in load_error(ckpt)
+
+
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors", "model.safetensors.index.json",
+                                  "tokenizer_config.json", "generation_config.json"])
+def test_a_directory_where_a_file_belongs_is_named_by_kind(ckpt, name):
+    # Before: "No such device" for model.safetensors; optional files were silently skipped.
+    (ckpt / "tokenizer.json").write_bytes((Path(__file__).parents[1] / "weights" / "pythia-tiny" /
+                                           "tokenizer.json").read_bytes())
+    path = ckpt / name
+    if path.exists():
+        path.unlink()
+    path.mkdir()
+    with pytest.raises(MiniLLMError) as info:
+        minillm.load(ckpt) if name not in ("tokenizer_config.json", "generation_config.json") else \
+            minillm.load_tokenizer(ckpt)
+    assert f"{path} is a directory, not a regular file" == str(info.value)
+
+
+def test_a_device_where_a_file_belongs_is_named_by_kind(ckpt):
+    (ckpt / "config.json").unlink()
+    (ckpt / "config.json").symlink_to("/dev/null")
+    assert load_error(ckpt) == f"{ckpt / 'config.json'} is a character device, not a regular file"
+
+
+def test_a_socket_where_a_file_belongs_is_named_by_kind(ckpt):
+    import socket
+
+    (ckpt / "model.safetensors").unlink()
+    s = socket.socket(socket.AF_UNIX)
+    try:
+        s.bind(str(ckpt / "model.safetensors"))
+        assert load_error(ckpt) == f"{ckpt / 'model.safetensors'} is a socket, not a regular file"
+    finally:
+        s.close()
+
+
+def test_a_dangling_symlink_is_named(ckpt):
+    (ckpt / "model.safetensors").unlink()
+    (ckpt / "model.safetensors").symlink_to(ckpt / "gone.safetensors")
+    assert "model.safetensors is a symbolic link to a missing file" in load_error(ckpt)
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("[" * 100_000, "JSON nested 100000 levels deep (at most 100)"),
+    ('{"a": ' * 5000 + "1" + "}" * 5000, "JSON nested 5000 levels deep"),
+    ('{"model_type": "llama", "x": "' + "[" * 100_000 + '"}', "model_type"),  # brackets in a string: fine
+])
+def test_deeply_nested_config_json_is_one_line(ckpt, text, needle):
+    # Before: RecursionError (or, with a raised recursion limit, a segmentation fault).
+    (ckpt / "config.json").write_text(text)
+    assert needle in load_error(ckpt)
+
+
+def test_deep_json_cannot_crash_a_process_with_a_raised_recursion_limit(ckpt):
+    import subprocess
+    import sys
+
+    (ckpt / "config.json").write_text("[" * 200_000 + "]" * 200_000)
+    code = ("import sys, minillm; sys.setrecursionlimit(10**6)\n"
+            f"try: minillm.load({str(ckpt)!r})\nexcept minillm.MiniLLMError as e: print(e)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "nested 200000 levels deep" in r.stdout, (r.returncode, r.stderr[-500:])
+
+
+def test_a_5000_digit_integer_names_its_key(ckpt):
+    # Before: "Exceeds the limit (4300 digits) ...; use sys.set_int_max_str_digits()".
+    (ckpt / "config.json").write_text(json.dumps(json.loads((ckpt / "config.json").read_text()) | {"hidden_size": 7})
+                                      .replace('"hidden_size": 7', '"hidden_size": ' + "9" * 5000))
+    msg = load_error(ckpt)
+    assert "config.json: the number at hidden_size has 5000 digits" in msg and "set_int_max_str_digits" not in msg
+
+
+def test_a_key_given_twice_is_refused(ckpt):
+    text = (ckpt / "config.json").read_text()
+    (ckpt / "config.json").write_text(text.replace("{", '{"num_hidden_layers": 1, ', 1))
+    assert "the key 'num_hidden_layers' appears twice" in load_error(ckpt)
+
+
+def test_a_million_layers_costs_nothing_before_the_refusal(ckpt):
+    # Before: 62 s and 2.9 GB (every layer's tensor names were built before the check).
+    import tracemalloc
+
+    edit_config(ckpt, num_hidden_layers=200_000)
+    tracemalloc.start()
+    try:
+        msg = load_error(ckpt)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert "config.json declares 200000 layers, but the checkpoint holds tensors for 2" in msg
+    assert peak < 20 << 20, peak
+
+
+@pytest.mark.parametrize("changes, needle", [
+    (dict(hidden_size=30, num_attention_heads=4, head_dim=None),
+     "'hidden_size' = 30 is not divisible by 'num_attention_heads' = 4"),
+    (dict(hidden_size=28, num_attention_heads=4, num_key_value_heads=2, head_dim=None),
+     "gives an odd head size, 7"),
+    (dict(head_dim=7), "'head_dim' = 7 is odd"),
+    (dict(num_key_value_heads=3), "'num_attention_heads' = 4 is not a multiple of 'num_key_value_heads' = 3"),
+    (dict(num_attention_heads=2**31 - 1, num_key_value_heads=1, head_dim=2**31 - 2), "too large to exist"),
+])
+def test_messages_name_the_config_keys_at_fault(ckpt, changes, needle):
+    # Before: "config: rotary_dim=7 must be even ..." for hidden 30 / 4 heads, a RuntimeError for overflow.
+    data = json.loads((ckpt / "config.json").read_text())
+    for k, v in changes.items():
+        if v is None:
+            data.pop(k, None)
+        else:
+            data[k] = v
+    (ckpt / "config.json").write_text(json.dumps(data))
+    msg = load_error(ckpt)
+    assert needle in msg and "rotary_dim" not in msg, msg

@@ -81,10 +81,12 @@ def test_errors_are_one_line(tmp_path, make, message):
 def test_unreadable_file(tmp_path, monkeypatch):
     p = write(tmp_path, "secret.txt", b"text")
 
-    def deny(self, *args, **kwargs):
+    def deny(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(Path, "open", deny)  # chmod 000 does not stop root
+    import minillm.formats.reading
+
+    monkeypatch.setattr(minillm.formats.reading.os, "open", deny)  # chmod 000 does not stop root
     with pytest.raises(MiniLLMError, match="cannot read .*secret.txt: Permission denied"):
         read_text(p)
 

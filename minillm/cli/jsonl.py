@@ -15,6 +15,7 @@ import math
 import sys
 
 from ..errors import MiniLLMError
+from ..formats.reading import parse_json
 from .files import check_text, flush_print, write_atomic
 from .parser import MAX_SEED
 
@@ -27,10 +28,7 @@ def read_turns(path: str) -> list[str]:
     for lineno, line in enumerate(read_text(path, gutenberg=False).split("\n"), 1):
         if not line.strip():
             continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise MiniLLMError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        obj = parse_json(line, f"{path}:{lineno}", position=False)
         if isinstance(obj, dict) and isinstance(obj.get("turn"), str):
             turns.append(check_text(obj["turn"], f"{path}:{lineno}: the turn"))
         elif isinstance(obj, dict) and isinstance(obj.get("turns"), list) and all(
@@ -76,18 +74,13 @@ def stdin_turns():
 PROMPT_KEYS = ("prompt", "max_new_tokens", "seed", "temperature", "id")
 
 
-def _no_constant(name: str):
-    raise ValueError(f"{name} is not a JSON number")
-
-
 def parse_prompt_line(line: str, where: str) -> dict:
     """One JSONL line of `batch`: {"prompt": str, optionally "max_new_tokens" (int >= -1; -1:
     until EOS), "seed" (0 to 2**64-1), "temperature" (a finite number >= 0), "id" (any JSON,
     echoed)}; other keys are returned under "unknown". Raises MiniLLMError naming `where`."""
-    try:
-        obj = json.loads(line, parse_constant=_no_constant)
-    except ValueError as e:  # JSONDecodeError, NaN/Infinity, an integer of over 4300 digits
-        raise MiniLLMError(f"{where}: not valid JSON ({getattr(e, 'msg', None) or e})") from None
+    # One line, one record: a syntax error, NaN/Infinity, nesting past 100 levels, an integer of
+    # over 4300 digits or a key given twice is this line's error, never a traceback.
+    obj = parse_json(line, where, constants=False, position=False)
     if not isinstance(obj, dict):
         raise MiniLLMError(f'{where}: expected an object like {{"prompt": "..."}}, got {type(obj).__name__}')
     if "prompt" not in obj:

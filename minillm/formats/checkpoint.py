@@ -13,6 +13,7 @@ Fused QKV layouts are a permutation of rows: `qkv_permutation(config)` gives, fo
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import torch
 from ..errors import MiniLLMError, first_line
 from ..core.config import ModelConfig
 from .families import FAMILIES, to_hf_config
+from .reading import check_input, is_present, read_json, safe_path_in
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -41,8 +43,21 @@ def qkv_permutation(c: ModelConfig) -> torch.Tensor | None:
     raise MiniLLMError(f"unknown qkv_layout {c.qkv_layout!r}")
 
 
+def layer_name(c: ModelConfig, i: int, ours: str) -> str | tuple[str, ...] | None:
+    """The checkpoint name(s) of parameter `ours` (relative to `layers.{i}.`) of layer i, or None."""
+    wm = FAMILIES[c.family].weight_map(c)
+    theirs = wm["layer"].get(ours)
+    if theirs is None:
+        return None
+    prefix = wm["layer_prefix"].format(i=i)
+    return tuple(prefix + t for t in theirs) if isinstance(theirs, tuple) else prefix + theirs
+
+
 def name_pairs(c: ModelConfig) -> dict[str, str | tuple[str, ...]]:
-    """Every possible engine parameter name -> its checkpoint name(s), layers expanded."""
+    """Every possible engine parameter name -> its checkpoint name(s), layers expanded.
+
+    Its size grows with num_layers: a loader calls it only once the checkpoint is known to hold
+    that many layers (see `check_layers`)."""
     wm = FAMILIES[c.family].weight_map(c)
     pairs = dict(wm["global"])
     for i in range(c.num_layers):
@@ -53,24 +68,65 @@ def name_pairs(c: ModelConfig) -> dict[str, str | tuple[str, ...]]:
     return pairs
 
 
+def check_layers(config: ModelConfig, names: set[str], declared: str) -> None:
+    """Refuse a config that declares more layers than the checkpoint holds, before anything is
+    built for them: the work is bounded by the number of tensors the file really has (a config
+    or GGUF claiming 10^9 layers is refused at once). `declared` says where the count came from."""
+    n = config.num_layers
+    held = 0
+    # Each layer has its own output projection, so a file with N tensors holds at most N layers.
+    limit = min(n, len(names))
+    while held < limit:
+        probe = layer_name(config, held, "attn.wo.weight")
+        if probe is None or probe not in names:
+            break
+        held += 1
+    if held < n:
+        missing = layer_name(config, held, "attn.wo.weight")
+        raise MiniLLMError(f"{declared} {n} layers, but the checkpoint holds tensors for {held} "
+                           f"(missing tensor {missing})")
+
+
 def checkpoint_files(directory: Path) -> list[Path]:
+    """The safetensors files of a checkpoint directory: the shards its index lists (each a regular
+    file inside the directory), model.safetensors, or else every *.safetensors file."""
+    return _checkpoint_files(directory)[0]
+
+
+def _checkpoint_files(directory: Path) -> tuple[list[Path], dict[str, Path] | None]:
+    """(files, the index's tensor -> shard map or None)."""
     index = directory / INDEX_FILE
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
-            raise MiniLLMError(f"{index}: invalid safetensors index ({e})") from None
-        files = [directory / f for f in sorted(set(weight_map.values()))]
+    if is_present(index):
+        data = read_json(index, what="safetensors index", expect_object=False)
+        if not isinstance(data, dict) or "weight_map" not in data:
+            raise MiniLLMError(f"{index}: invalid safetensors index (expected an object with a \"weight_map\")")
+        weight_map = data["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise MiniLLMError(f"{index}: invalid safetensors index (\"weight_map\" must be an object of "
+                               f"tensor name -> shard file, got {type(weight_map).__name__})")
+        if not weight_map:
+            raise MiniLLMError(f"{index}: invalid safetensors index (\"weight_map\" lists no tensors)")
+        where = {}
+        for name, shard in weight_map.items():
+            if not isinstance(shard, str):
+                raise MiniLLMError(f"{index}: invalid safetensors index (the shard of {name[:80]} must be a file "
+                                   f"name, got {json.dumps(shard)[:60]})")
+            where[name] = safe_path_in(directory, shard, f"{index}: weight_map[{name[:80]!r}]")
+        files = sorted(set(where.values()))
         for f in files:
-            if not f.is_file():
-                raise MiniLLMError(f"{index} names a missing shard: {f.name}")
-        return files
+            if not os.path.lexists(f):
+                raise MiniLLMError(f"{index} names a missing shard: {f.relative_to(directory)}")
+            check_input(f)
+        return files, where
     single = directory / SINGLE_FILE
-    if single.is_file():
-        return [single]
-    others = sorted(p.name for p in directory.glob("*.safetensors"))
+    if is_present(single):
+        check_input(single)
+        return [single], None
+    others = sorted(p for p in directory.glob("*.safetensors"))
     if others:
-        return [directory / p for p in others]
+        for f in others:
+            check_input(f)
+        return others, None
     if list(directory.glob("pytorch_model*.bin")):
         raise MiniLLMError(f"{directory} has only pytorch_model*.bin; minillm reads safetensors only. "
                            f"Convert it with: python tools/convert_bin.py {directory}")
@@ -78,14 +134,20 @@ def checkpoint_files(directory: Path) -> list[Path]:
 
 
 class _Tensors:
-    """Lazy access to the tensors of one or more safetensors files."""
+    """Lazy access to the tensors of one or more safetensors files.
 
-    def __init__(self, files: list[Path]):
+    Every tensor name is unique across the files (a second copy would silently replace the
+    first), and with an index each tensor is in the shard the index names, and the index names
+    every tensor the shards hold."""
+
+    def __init__(self, files: list[Path], index: dict[str, Path] | None = None, index_path: Path | None = None):
         from safetensors import safe_open
 
         self.where: dict[str, Path] = {}
         self.handles = {}
+        self.declared_layers = "config.json declares"
         for f in files:
+            check_input(f)  # a FIFO would block inside the library, out of Ctrl-C's reach
             try:
                 handle = safe_open(str(f), framework="pt", device="cpu")
                 names = list(handle.keys())
@@ -93,7 +155,20 @@ class _Tensors:
                 raise MiniLLMError(f"{f.name}: not a valid safetensors file ({first_line(e)})") from None
             self.handles[f] = handle
             for name in names:
+                if name in self.where:
+                    raise MiniLLMError(f"tensor {name} appears twice: in {self.where[name].name} and in {f.name} "
+                                       "(a checkpoint holds each tensor once)")
                 self.where[name] = f
+        if index is not None:
+            for name, f in self.where.items():
+                if name not in index:
+                    raise MiniLLMError(f"{index_path}: {f.name} holds tensor {name}, which the index does not list")
+                if index[name] != f:
+                    raise MiniLLMError(f"{index_path}: lists tensor {name} in {index[name].name}, but it is in "
+                                       f"{f.name}")
+            for name, f in index.items():
+                if name not in self.where:
+                    raise MiniLLMError(f"{index_path}: lists tensor {name[:80]} in {f.name}, which does not hold it")
 
     def names(self) -> set[str]:
         return set(self.where)
@@ -112,7 +187,8 @@ class _Tensors:
 
 def load_model(directory: Path, config: ModelConfig, dtype: torch.dtype, device: torch.device):
     """A safetensors checkpoint directory -> the model (see `load_tensors`)."""
-    return load_tensors(_Tensors(checkpoint_files(directory)), config, dtype, device)
+    files, index = _checkpoint_files(directory)
+    return load_tensors(_Tensors(files, index, directory / INDEX_FILE), config, dtype, device)
 
 
 def load_tensors(tensors, config: ModelConfig, dtype: torch.dtype, device: torch.device):
@@ -127,16 +203,15 @@ def load_tensors(tensors, config: ModelConfig, dtype: torch.dtype, device: torch
     adjust = getattr(family, "adjust_to_checkpoint", None)
     if adjust is not None:
         config = adjust(config, names)
+    check_layers(config, names, getattr(tensors, "declared_layers", "the config declares"))
     pairs = name_pairs(config)
-    # Every layer's tensors must exist before a model of that many layers is built (a config that
-    # claims 100,000 layers is then refused at once, not after minutes of building).
-    for i in range(config.num_layers):
-        probe = pairs.get(f"layers.{i}.attn.wo.weight")
-        if probe is not None and probe not in names:
-            raise MiniLLMError(f"checkpoint is missing tensor {probe} (layer {i} of the {config.num_layers} "
-                               "the config declares)")
-    with torch.device("meta"):
-        model = Model(config)
+    try:
+        with torch.device("meta"):  # shapes only: nothing is allocated, whatever the sizes
+            model = Model(config)
+    except (RuntimeError, OverflowError, ValueError) as e:  # a product of sizes past what torch can index
+        raise MiniLLMError(f"the config's sizes (hidden_size {config.hidden_size}, {config.num_heads} heads of "
+                           f"{config.head_dim}, vocab_size {config.vocab_size}, intermediate_size "
+                           f"{config.intermediate_size}) make a tensor too large to exist ({first_line(e)})") from None
     expected = {k: v.shape for k, v in model.state_dict().items()}
     perm = qkv_permutation(config)
 

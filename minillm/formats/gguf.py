@@ -128,9 +128,12 @@ class GGUFFile:
     """One open GGUF file: its metadata (`meta`, plain Python values) and its tensors."""
 
     def __init__(self, path: str | Path):
+        from .reading import check_input, is_present
+
         self.path = Path(path)
-        if not self.path.is_file():
+        if not is_present(self.path):
             raise MiniLLMError(f"GGUF file not found: {self.path}")
+        check_input(self.path, what="GGUF file")  # a FIFO would block the memory map forever
         try:
             from gguf import GGUFReader
         except ImportError:
@@ -245,7 +248,8 @@ def open_gguf(path: str | Path) -> GGUFFile:
 
 
 def _div(a, b):
-    return a // b if isinstance(a, int) and isinstance(b, int) and b else None
+    """a / b when both are integers and it is a whole number (else the family's parser names the cause)."""
+    return a // b if isinstance(a, int) and isinstance(b, int) and b and not a % b else None
 
 
 class GGUFTensors:
@@ -256,6 +260,7 @@ class GGUFTensors:
         self.dtype = dtype
         self.config = config
         self.hf_to_gguf = f.tensor_names()
+        self.declared_layers = f"{f.path.name}: {f.architecture}.block_count declares"
         permuted = {}
         for pattern, key in f.spec["permuted"].items():
             rx = re.compile(re.escape(pattern).replace(r"\{i\}", r"\d+") + "$")

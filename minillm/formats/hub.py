@@ -68,7 +68,15 @@ def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
     if path.is_dir():
         return path
     if isinstance(name_or_path, os.PathLike) or _looks_local(s):
-        what = "is a file, not a directory" if path.exists() else "not found"
+        if path.exists():
+            import stat
+
+            from .reading import kind_of
+
+            mode = path.stat().st_mode
+            what = "is a file, not a directory" if stat.S_ISREG(mode) else f"is {kind_of(mode)}, not a directory"
+        else:
+            what = "not found"
         raise MiniLLMError(f"model directory {what}: {s}")
     _check_repo_id(s)
     return _download(s)

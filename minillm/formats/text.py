@@ -6,16 +6,14 @@ between them, so perplexity is measured on the book and not on the licence. Line
 normalised to "\\n", so a CRLF file and its LF copy give the same tokens.
 
 Every failure is a one-line MiniLLMError naming the file: missing, a directory, a device
-(/dev/zero), unreadable, larger than MAX_TEXT_BYTES, not UTF-8 (with the offending byte and its
-offset), or empty.
+(/dev/zero) or a socket (a pipe is read as a stream), unreadable, larger than MAX_TEXT_BYTES, not
+UTF-8 (with the offending byte and its offset), or empty.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import stat
-from pathlib import Path
 
 from ..errors import MiniLLMError
 
@@ -46,19 +44,12 @@ def strip_gutenberg(text: str) -> str:
 def read_text(path: str | os.PathLike, *, gutenberg: bool = True) -> str:
     """The contents of a UTF-8 text file, BOM dropped, line ends as "\\n", Gutenberg boilerplate
     stripped (when `gutenberg`). Raises MiniLLMError if it cannot be read or holds no text."""
-    p = Path(path)
-    if not p.exists():
-        raise MiniLLMError(f"no such file: {path}")
-    if p.is_dir():
-        raise MiniLLMError(f"{path} is a directory, not a text file")
-    try:
-        mode = p.stat().st_mode
-        if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):  # /dev/zero would be read forever
-            raise MiniLLMError(f"{path} is a device, not a text file")
-        with p.open("rb") as f:  # a file or a pipe, read up to the cap (an endless pipe ends there)
-            data = f.read(MAX_TEXT_BYTES + 1)
-    except OSError as e:
-        raise MiniLLMError(f"cannot read {path}: {e.strerror or e}") from None
+    from .reading import read_bytes
+
+    # A regular file, or a pipe read as a stream (`--text <(zcat book.gz)`, a named FIFO: Ctrl-C
+    # ends the wait); a directory, a device (/dev/zero would be read forever) or a socket is
+    # refused by kind before it is opened.
+    data = read_bytes(path, limit=MAX_TEXT_BYTES, pipes=True)
     if len(data) > MAX_TEXT_BYTES:
         raise MiniLLMError(f"{path} is larger than {MAX_TEXT_BYTES >> 30} GiB; tokenizing it would need tens of "
                            f"GB (use a part of it)")

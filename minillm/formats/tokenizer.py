@@ -29,7 +29,6 @@ then tokenizer_config.json, then the GGUF's `tokenizer.chat_template`.
 
 from __future__ import annotations
 
-import json
 import operator
 import os
 import re
@@ -39,6 +38,7 @@ from typing import Any
 
 from minillm.errors import MiniLLMError, first_line
 from .hub import resolve_model_dir
+from .reading import check_input, is_present, read_json, read_text_file
 
 _REPLACEMENT = "\ufffd"  # what decoders print for an incomplete UTF-8 sequence
 
@@ -193,9 +193,11 @@ class Tokenizer:
     def from_dir(cls, model_dir: str | os.PathLike) -> Tokenizer:
         """Load from a local directory holding tokenizer.json or tokenizer.model (+ configs)."""
         d = Path(model_dir)
-        if (d / "tokenizer.json").is_file():
+        if is_present(d / "tokenizer.json"):
+            check_input(d / "tokenizer.json")  # a FIFO would block inside the library
             backend: _HFTokenizers | _SentencePiece = _HFTokenizers(d / "tokenizer.json")
-        elif (d / "tokenizer.model").is_file():
+        elif is_present(d / "tokenizer.model"):
+            check_input(d / "tokenizer.model")
             backend = _SentencePiece(d / "tokenizer.model")
         else:
             raise MiniLLMError(f"no tokenizer.json or tokenizer.model in {d}")
@@ -368,16 +370,10 @@ def load_tokenizer(name_or_path: str | os.PathLike) -> Tokenizer:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    """A JSON object from `path`, {} if the file is absent."""
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise MiniLLMError(f"cannot read {path}: {first_line(e)}") from None
-    if not isinstance(data, dict):
-        raise MiniLLMError(f"cannot read {path}: expected a JSON object")
-    return data
+    """A JSON object from `path`, {} if the file is absent (a directory or FIFO of that name is
+    refused by kind, not skipped)."""
+    data = read_json(path, what=path.name, optional=True)
+    return {} if data is None else data
 
 
 def _special_ids(
@@ -432,11 +428,8 @@ def _chat_template(d: Path, tok_cfg: dict[str, Any]) -> str | None:
     """chat_template.jinja (transformers >= 4.47 writes it there), else tokenizer_config.json's
     chat_template: a string, or a list of named templates of which "default" is used."""
     jinja = d / "chat_template.jinja"
-    if jinja.is_file():
-        try:
-            return jinja.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise MiniLLMError(f"cannot read {jinja}: {first_line(e)}") from None
+    if is_present(jinja):
+        return read_text_file(jinja, what="chat template", encoding="utf-8")
     t = tok_cfg.get("chat_template")
     if isinstance(t, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
         named = {x.get("name"): x.get("template") for x in t if isinstance(x, dict)}

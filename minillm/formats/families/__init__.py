@@ -15,7 +15,6 @@ import `minillm.formats.config`; nothing there imports them, so there is no impo
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from types import ModuleType
 
@@ -67,11 +66,10 @@ def to_hf_config(config: ModelConfig) -> dict:
 
 
 def load_config(directory: str | Path, *, strict: bool = False) -> ModelConfig:
+    from ..reading import is_present, read_json
+
     path = Path(directory) / "config.json"
-    if not path.is_file():
+    if not is_present(path):
         raise MiniLLMError(f"config.json not found in {directory}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MiniLLMError(f"{path}: invalid JSON ({e})") from None
+    data = read_json(path, what="config.json", expect_object=False)
     return from_hf_config(data, where=str(path), strict=strict)

@@ -106,6 +106,11 @@ def parse(r: ConfigReader) -> ModelConfig:
     theta, factor = rope_settings(r)
     if factor not in (None, 1.0):
         raise MiniLLMError(f"{r.where}: unsupported option partial_rotary_factor={factor} for falcon")
+    if not alibi and (hidden // heads) % 2:
+        raise MiniLLMError(f"{r.where}: hidden_size={hidden} / {heads} heads gives an odd head size, "
+                           f"{hidden // heads}; RoPE rotates pairs of dimensions")
+    if heads % kv:
+        raise MiniLLMError(f"{r.where}: the {heads} attention heads are not a multiple of the {kv} KV heads")
     bias = r.get("bias", False, type_=bool)
     return ModelConfig(
         family="falcon",

@@ -53,14 +53,29 @@ def parse(r: ConfigReader) -> ModelConfig:
     theta, factor = rope_settings(r)
     if factor not in (None, 1.0):
         raise MiniLLMError(f"{r.where}: unsupported option partial_rotary_factor={factor} for llama")
+    kv = r.get("num_key_value_heads", heads, type_=int, ge=1)
+    if heads % kv:
+        raise MiniLLMError(f"{r.where}: 'num_attention_heads' = {heads} is not a multiple of "
+                           f"'num_key_value_heads' = {kv}")
+    head_dim = r.get("head_dim", None, type_=int, ge=1)
+    if head_dim is None:  # the default, hidden_size / num_attention_heads, must be a whole number
+        if hidden % heads:
+            raise MiniLLMError(f"{r.where}: 'hidden_size' = {hidden} is not divisible by 'num_attention_heads' = "
+                               f"{heads} (and no 'head_dim' is given)")
+        head_dim = hidden // heads
+        if head_dim % 2:
+            raise MiniLLMError(f"{r.where}: 'hidden_size' = {hidden} / 'num_attention_heads' = {heads} gives an odd "
+                               f"head size, {head_dim}; RoPE rotates pairs of dimensions")
+    elif head_dim % 2:
+        raise MiniLLMError(f"{r.where}: 'head_dim' = {head_dim} is odd; RoPE rotates pairs of dimensions")
     return ModelConfig(
         family="llama",
         vocab_size=r.get("vocab_size", required=True, type_=int, ge=1),
         hidden_size=hidden,
         num_layers=r.get("num_hidden_layers", required=True, type_=int, ge=1),
         num_heads=heads,
-        num_kv_heads=r.get("num_key_value_heads", heads, type_=int, ge=1),
-        head_dim=r.get("head_dim", hidden // heads, type_=int, ge=1),
+        num_kv_heads=kv,
+        head_dim=head_dim,
         intermediate_size=r.get("intermediate_size", required=True, type_=int, ge=1),
         max_position_embeddings=r.get("max_position_embeddings", 2048, type_=int, ge=1),
         norm="rmsnorm",

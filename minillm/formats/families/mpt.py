@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from ...errors import MiniLLMError
 from ...core.config import ModelConfig
-from ..config import NEUTRAL_KEYS, ConfigReader, extensions_to_hf, minillm_extensions
+from ..config import MAX_SIZE, NEUTRAL_KEYS, ConfigReader, extensions_to_hf, minillm_extensions
 
 MODEL_TYPES = ("mpt",)
 
@@ -104,6 +104,9 @@ def parse(r: ConfigReader) -> ModelConfig:
         raise MiniLLMError(f"{r.where}: unsupported option ffn_config={ffn!r} for mpt")
     r.refuse_unless("use_pad_tok_in_ffn", True, False)
     no_bias = r.get("no_bias", True, type_=bool)
+    if ratio * d_model > MAX_SIZE:
+        raise MiniLLMError(f"{r.where}: expansion_ratio={ratio:g} x d_model={d_model} is out of range (at most "
+                           f"{MAX_SIZE})")
     return ModelConfig(
         family="mpt",
         vocab_size=r.get("vocab_size", required=True, type_=int, ge=1),
