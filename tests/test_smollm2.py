@@ -11,14 +11,17 @@ Tolerances (float32): logits within 1e-4 relative (max |diff| / max |logit|) on 
 real text; streaming equals dense within 1e-4 while T <= S; greedy generation of 64 tokens equal
 token for token; tokenization and chat-template ids exactly equal.
 
-The converted directory is cached in pytest's cache folder (transformers' GGUF load takes ~20 s).
+The converted directory (517 MB) is cached outside the clone, in the user's cache directory
+(`user_cache_root`), written atomically (transformers' GGUF load and save take ~20 s).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -69,20 +72,103 @@ def hf_tok_gguf(gguf):
     return transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
 
 
+def user_cache_root() -> Path:
+    """Where converted checkpoints are kept between runs: outside the clone (a test run leaves
+    nothing in it), in $MINILLM_TEST_CACHE, else $XDG_CACHE_HOME/minillm-tests, else
+    ~/.cache/minillm-tests."""
+    if os.environ.get("MINILLM_TEST_CACHE"):
+        return Path(os.environ["MINILLM_TEST_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "minillm-tests"
+
+
+def cached_dir(root: Path, key: str, build) -> Path:
+    """root/key, made by `build(directory)` once and reused by later runs.
+
+    The build writes into a fresh temporary directory beside it, which is renamed into place only
+    when `build` has returned: a run killed half-way leaves a `.tmp-<pid>-*` directory (removed by
+    a later run once that process is gone), never a half-written root/key that would be trusted.
+    Two runs at once each build; the first rename wins and the other's copy is discarded."""
+    final = root / key
+    if final.is_dir():
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".tmp-*"):  # left by a killed run whose process no longer exists
+        try:
+            pid = int(stale.name.split("-")[1])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(stale, ignore_errors=True)
+        except (ValueError, IndexError, PermissionError, OSError):
+            pass
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{os.getpid()}-", dir=root))
+    try:
+        build(tmp)
+        try:
+            os.rename(tmp, final)
+        except OSError:  # another run got there first (or final appeared): keep theirs
+            if not final.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def test_cached_dir_is_written_atomically_and_reused(tmp_path):
+    calls = []
+
+    def killed(d):
+        (d / "config.json").write_text("{")
+        raise KeyboardInterrupt  # a run interrupted in the middle of the conversion
+
+    with pytest.raises(KeyboardInterrupt):
+        cached_dir(tmp_path, "k", killed)
+    assert not (tmp_path / "k").exists() and not list(tmp_path.iterdir())
+
+    def build(d):
+        calls.append(d)
+        (d / "config.json").write_text("{}")
+
+    assert (cached_dir(tmp_path, "k", build) / "config.json").read_text() == "{}"
+    assert (cached_dir(tmp_path, "k", build) / "config.json").read_text() == "{}"
+    assert len(calls) == 1 and sorted(p.name for p in tmp_path.iterdir()) == ["k"]
+    dead = tmp_path / ".tmp-999999999-x"  # a killed run's leftover (no such process)
+    dead.mkdir()
+    cached_dir(tmp_path, "k2", build)
+    assert not dead.exists()
+
+
+def test_the_user_cache_is_outside_the_clone():
+    root = user_cache_root().resolve()
+    clone = Path(__file__).resolve().parents[1]
+    assert clone not in root.parents and root != clone
+
+
 @pytest.fixture(scope="module")
-def converted(gguf, hf_model, hf_tok_gguf, pytestconfig) -> Path:
-    """The Hugging Face directory transformers writes for the GGUF (cached between runs)."""
+def converted(gguf, request, pytestconfig, tmp_path_factory) -> Path:
+    """The Hugging Face directory transformers writes for the GGUF, cached between runs outside
+    the clone (see `user_cache_root`), keyed by the GGUF's size and mtime and the versions of
+    minillm and transformers, so a changed file or converter is never served a stale copy."""
+    transformers = pytest.importorskip("transformers")
+    # Earlier versions kept it (517 MB) in the clone's .pytest_cache: remove that copy.
+    cache = getattr(pytestconfig, "cache", None)
+    if cache is not None:
+        shutil.rmtree(Path(cache.mkdir("smollm2-converted")), ignore_errors=True)
     stat = gguf.stat()
-    d = Path(pytestconfig.cache.mkdir("smollm2-converted")) / f"{stat.st_size}-{int(stat.st_mtime)}"
-    if not (d / "done").is_file():
-        shutil.rmtree(d, ignore_errors=True)
+    key = f"smollm2-{stat.st_size}-{stat.st_mtime_ns}-minillm{minillm.__version__}-transformers{transformers.__version__}"
+
+    def build(d: Path) -> None:
+        hf_model, hf_tok_gguf = request.getfixturevalue("hf_model"), request.getfixturevalue("hf_tok_gguf")
         hf_model.config.quantization_config = None  # a GGUF-loaded model cannot save with it
         if getattr(hf_model, "hf_quantizer", None) is not None:
             hf_model.hf_quantizer = None
         hf_model.save_pretrained(str(d))
         hf_tok_gguf.save_pretrained(str(d))
-        (d / "done").write_text("ok")
-    return d
+
+    try:
+        return cached_dir(user_cache_root(), key, build)
+    except PermissionError:  # no writable user cache: this session's temporary directory
+        return cached_dir(tmp_path_factory.mktemp("smollm2"), key, build)
 
 
 @pytest.fixture(scope="module")
