@@ -73,11 +73,26 @@ def _load(args):
     return model, tok
 
 
+def _context_source(model) -> str:
+    """Where a loaded model's trained context came from: the GGUF key or the config.json key."""
+    from ..formats.gguf import is_gguf
+
+    source = getattr(model, "source", "") or ""
+    if is_gguf(source):
+        return f"{Path(source).name}'s llama.context_length"
+    key = {"mpt": "max_seq_len"}.get(model.config.family, "max_position_embeddings")
+    return f"config.json's {key}"
+
+
 def _cache_shape(args, model, rows: int = 1) -> tuple[int, int]:
     """(sinks, window) from --sinks and --cache-size, with the trained-context warning; the cache
     of `rows` streams must fit in memory."""
     trained = model.config.max_position_embeddings
     S = args.cache_size if args.cache_size is not None else min(DEFAULT_CACHE_SIZE, trained)
+    if S <= args.sinks and args.cache_size is None:  # the default: the checkpoint's context is the cause
+        raise MiniLLMError(f"the checkpoint's trained context, {_context_source(model)} = {trained}, leaves no room "
+                           f"for a window after --sinks {args.sinks} (the default --cache-size is the smaller of "
+                           f"{DEFAULT_CACHE_SIZE} and that context); give --cache-size above {args.sinks}, or fewer --sinks")
     if S <= args.sinks:
         raise MiniLLMError(f"--cache-size must exceed --sinks (got --cache-size {S}, --sinks {args.sinks}): "
                            f"the window needs at least one slot")
