@@ -378,6 +378,11 @@ def test_cli_batch_jsonl_end_to_end(tiny_checkpoint, tmp_path):
     ('{"prompt": "a", "temperature": -1}', '"temperature" must be a number >= 0'),
     ('{"prompt": "a", "temperature": 1e999}', "got Infinity"),
     ('{"prompt": "a", "temperature": "hot"}', 'got "hot"'),
+    # issue 20: deep nesting (RecursionError before), huge integers (advised set_int_max_str_digits), twice a key
+    ("[" * 100_000, "JSON nested 100000 levels deep (at most 100)"),
+    ('{"prompt": "a", "id": ' + "[" * 5000 + "]" * 5000 + "}", "JSON nested 5001 levels deep"),
+    ('{"prompt": "a", "seed": ' + "9" * 5000 + "}", "the number at seed has 5000 digits"),
+    ('{"prompt": "a", "prompt": "b"}', "the key 'prompt' appears twice"),
 ])
 def test_malformed_lines_are_named(line, message):
     from minillm.cli.jsonl import parse_prompt_line
@@ -418,3 +423,19 @@ def test_cli_batch_stdin_stdout_and_refusals(tiny_checkpoint, tmp_path, capsys):
         code = cli_main.main(["batch", str(tiny_checkpoint), "--input", str(src), *map(str, argv)])
         err = capsys.readouterr().err
         assert code == 2 and message in err and err.count("minillm: error") == 1, (argv, err)
+
+
+def test_batch_deeply_nested_line_is_an_error_record(tiny_checkpoint, tmp_path, capsys):
+    # Issue 20: 100,000 nested '[' on one line raised RecursionError; it is that line's error record.
+    from minillm import cli as cli_main
+
+    src = tmp_path / "deep.jsonl"
+    src.write_text('{"prompt": "a", "max_new_tokens": 1}\n' + "[" * 100_000 + "\n", encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    code = cli_main.main(["batch", str(tiny_checkpoint), "--input", str(src), "--output", str(out), "--threads", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    assert f"minillm: error: {src}:2: JSON nested 100000 levels deep (at most 100)" in err.splitlines()
+    records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert records[0]["line"] == 1 and "error" not in records[0]
+    assert records[1] == {"line": 2, "id": None, "error": f"{src}:2: JSON nested 100000 levels deep (at most 100)"}

@@ -344,7 +344,7 @@ ERRORS_IN_PROCESS = [
     (["ppl", "{ckpt}", "--text", "{files}/a.txt", "--max-tokens", "-3"], "argument --max-tokens: must be >= 2"),
     (["ppl", "{ckpt}", "--text", "{files}/a.txt", "--stride", "x"], "argument --stride: expected an integer, got 'x'"),
     (["ppl", "{ckpt}", "--text", "{files}", "--json", "{files}/no/dir/x.json"], "no/dir does not exist"),
-    (["ppl", "{ckpt}", "--text", "{files}"], "is a directory, not a text file"),
+    (["ppl", "{ckpt}", "--text", "{files}"], "is a directory, not a regular file"),
     (["ppl", "{ckpt}", "--text", "{files}/book.txt", "--mode", "dense", "--dense-max-tokens", "10"],
      "dense mode over"),
     (["chat", "{ckpt}", "--prompts", "{files}/bad.jsonl"], "bad.jsonl:2: not valid JSON"),
@@ -392,3 +392,73 @@ def test_in_process_main(monkeypatch, capsys, tmp_path):
     assert cli.main(["ppl", "--text", str(tmp_path / "t.txt")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("minillm: error: no MODEL given and the default checkpoint") and err.count("\n") == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# Special files (issue 20): refused by kind before they are opened; a text pipe is a stream that
+# Ctrl-C ends. Real processes with timeouts: a regression fails here instead of hanging the suite.
+
+FIFO_PLACES = ["model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json",
+               "generation_config.json", "chat_template.jinja", "model.safetensors.index.json"]
+
+
+def test_a_fifo_where_a_model_file_belongs_is_refused_not_waited_on(tiny_checkpoint, tmp_path):
+    # Before: a FIFO model.safetensors blocked in open() forever, and Ctrl-C could not end it.
+    procs = []
+    for name in FIFO_PLACES:
+        d = tmp_path / name.replace(".", "_")
+        shutil.copytree(tiny_checkpoint, d)
+        if (d / name).exists():
+            (d / name).unlink()
+        os.mkfifo(d / name)
+        procs.append((d / name, subprocess.Popen([*CMD, "generate", str(d), "--prompt", "x", "--max-new-tokens", "1",
+                                                  "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                                 env=ENV, text=True)))
+    gguf = tmp_path / "model.gguf"
+    os.mkfifo(gguf)
+    procs.append((gguf, subprocess.Popen([*CMD, "generate", str(gguf), "--prompt", "x", "--threads", "1"],
+                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV, text=True)))
+    hung = []
+    for path, proc in procs:
+        try:
+            out, err = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            hung.append(path.name)
+            continue
+        check_one_line([str(path)], f"{path} is a FIFO, not a regular file", proc.returncode, out, err)
+    assert not hung, f"blocked on a FIFO: {hung}"
+
+
+def test_ctrl_c_ends_a_wait_on_a_text_pipe(tiny_checkpoint, tmp_path):
+    """A FIFO named as the text is read as a stream (`--text <(zcat book.gz)`); while it waits for
+    data, Ctrl-C ends the run: exit 130, no traceback."""
+    fifo = tmp_path / "text.fifo"
+    os.mkfifo(fifo)
+    proc = subprocess.Popen([*CMD, "ppl", str(tiny_checkpoint), "--text", str(fifo), "--threads", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
+    writer = None
+    try:
+        deadline = time.monotonic() + 120
+        while writer is None:  # a non-blocking writer opens only once the reader is in open()
+            assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read()
+            try:
+                writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError:
+                time.sleep(0.05)
+        # The reader now waits (in open() or read()) for text that never comes: the writer stays open, silent.
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if writer is not None:
+            os.close(writer)
+    assert proc.returncode == 130 and b"Traceback" not in err, (proc.returncode, err[-2000:])
+
+
+def test_a_text_pipe_is_read_as_a_stream(tiny_checkpoint, tmp_path):
+    p = _shell(f"{' '.join(CMD)} ppl {tiny_checkpoint} --text <(printf 'the whale and the sea, %.0s' {{1..40}}) "
+               f"--mode streaming --threads 1")
+    assert p.returncode == 0 and b"Traceback" not in p.stderr, p.stderr[-2000:]

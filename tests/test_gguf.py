@@ -35,8 +35,9 @@ def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 def write_gguf(path: Path, ckpt: Path, *, qtype=Q.F32, arch="llama", drop=(), extra_tensor=None,
                drop_token=False, meta=None, tokenizer_model="gpt2", add_bos=True, extra_values=None,
-               raw_meta=None, types_patch=None, pre="default") -> Path:
-    """A GGUF of the checkpoint at `ckpt`; `add_bos=None` writes no tokenizer.ggml.add_bos_token key."""
+               raw_meta=None, types_patch=None, pre="default", lie=None) -> Path:
+    """A GGUF of the checkpoint at `ckpt`; `add_bos=None` writes no tokenizer.ggml.add_bos_token key;
+    `lie` replaces hyper-parameters with values its tensors do not have ({"block_count": 10**9})."""
     model = minillm.load(ckpt)
     c = model.config
     tj = json.loads((ckpt / "tokenizer.json").read_text(encoding="utf-8"))
@@ -52,15 +53,17 @@ def write_gguf(path: Path, ckpt: Path, *, qtype=Q.F32, arch="llama", drop=(), ex
     if drop_token:
         tokens, types = tokens[:-1], types[:-1]
     w = gguf.GGUFWriter(str(path), arch)
-    w.add_block_count(c.num_layers)
-    w.add_context_length(c.max_position_embeddings)
-    w.add_embedding_length(c.hidden_size)
+    lie = lie or {}
+    w.add_block_count(lie.get("block_count", c.num_layers))
+    w.add_context_length(lie.get("context_length", c.max_position_embeddings))
+    w.add_embedding_length(lie.get("embedding_length", c.hidden_size))
     w.add_feed_forward_length(c.intermediate_size)
-    w.add_head_count(c.num_heads)
-    w.add_head_count_kv(c.num_kv_heads)
+    w.add_head_count(lie.get("head_count", c.num_heads))
+    w.add_head_count_kv(lie.get("head_count_kv", c.num_kv_heads))
     w.add_rope_freq_base(c.rope_theta)
     w.add_layer_norm_rms_eps(c.norm_eps)
-    w.add_rope_dimension_count(c.head_dim)
+    if "rope_dimension_count" not in lie or lie["rope_dimension_count"] is not None:
+        w.add_rope_dimension_count(lie.get("rope_dimension_count", c.head_dim))
     w.add_tokenizer_model(tokenizer_model)
     w.add_tokenizer_pre(pre)
     w.add_token_list(tokens)
@@ -333,3 +336,51 @@ def test_bad_tokenizer_metadata_is_refused(ckpt, tmp_path):
 def test_metadata_errors_name_the_gguf_key(ckpt, tmp_path):
     path = write_gguf(tmp_path / "heads.gguf", ckpt, raw_meta={"llama.attention.head_count_kv": (0, "uint32")})
     _one_line(lambda: minillm.load(path), "'llama.attention.head_count_kv' must be >= 1")
+
+
+# --- issue 20: metadata that lies about the tensors, special files, the real cause ---------------
+
+
+def test_a_lying_block_count_is_refused_before_anything_is_built(ckpt, tmp_path):
+    # Before: a 147 KB file with block_count 10^9 grew past 4 GB (every layer's names were built first).
+    import tracemalloc
+
+    for n in (200_000, 10**9, 2**31 - 1):
+        path = write_gguf(tmp_path / f"layers{n}.gguf", ckpt, lie={"block_count": n})
+        tracemalloc.start()
+        try:
+            msg = _one_line(lambda: minillm.load(path), f"llama.block_count declares {n} layers",
+                            "holds tensors for 2")
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 20 << 20, (n, peak, msg)
+
+
+def test_a_gguf_directory_is_named_by_kind(tmp_path):
+    # Before: "GGUF file not found" for a directory that is there.
+    (tmp_path / "model.gguf").mkdir()
+    _one_line(lambda: minillm.load(tmp_path / "model.gguf"), f"{tmp_path / 'model.gguf'} is a directory, "
+              "not a regular file")
+    _one_line(lambda: minillm.load_tokenizer(tmp_path / "model.gguf"), "is a directory, not a regular file")
+
+
+def test_hidden_not_divisible_by_heads_names_the_gguf_keys(ckpt, tmp_path):
+    # Before: "rotary_dim=7 must be even" (or a partial-rotary refusal), neither of which the file says.
+    path = write_gguf(tmp_path / "h30.gguf", ckpt, lie={"embedding_length": 30, "rope_dimension_count": None})
+    _one_line(lambda: minillm.load(path), "'llama.embedding_length' = 30 is not divisible by "
+              "'llama.attention.head_count' = 4")
+
+
+def test_a_short_context_length_is_named_as_the_cause(ckpt, tmp_path, capsys):
+    # Before: "--cache-size must exceed --sinks (got --cache-size 1, ...)" though no --cache-size was given.
+    from minillm.cli import main
+
+    path = write_gguf(tmp_path / "ctx1.gguf", ckpt, lie={"context_length": 1})
+    assert main(["generate", str(path), "--prompt", "x", "--max-new-tokens", "1"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "ctx1.gguf's llama.context_length = 1" in err, err
+    assert "got --cache-size" not in err
+    # An explicit --cache-size is the user's own: then the flag is named.
+    assert main(["generate", str(path), "--prompt", "x", "--cache-size", "3"]) == 2
+    assert "--cache-size must exceed --sinks (got --cache-size 3" in capsys.readouterr().err

@@ -29,6 +29,7 @@ import random
 import shutil
 import signal
 import sys
+import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,10 +122,11 @@ row("ppl --text one token", ["ppl", "{llama}", "--text", "{d}/ok.txt", "--max-to
     "invalid choice")
 row("ppl no --text", ["ppl", "{llama}"], 2, "--text")
 for dev in ("/dev/zero", "/dev/urandom", "/dev/null"):
-    row(f"ppl --text {dev}", ["ppl", "{llama}", "--text", dev], 2, f"{dev} is a device, not a text file")
-    row(f"generate --prompt-file {dev}", ["generate", "{llama}", "--prompt-file", dev], 2, "is a device")
-    row(f"chat --prompts {dev}", ["chat", "{llama}", "--prompts", dev], 2, "is a device")
-row("attn --text /dev/zero", ["attn", "{llama}", "--text", "/dev/zero", "--png", "{d}/out/z.png"], 2, "is a device")
+    row(f"ppl --text {dev}", ["ppl", "{llama}", "--text", dev], 2, f"{dev} is a character device, not a regular file")
+    row(f"generate --prompt-file {dev}", ["generate", "{llama}", "--prompt-file", dev], 2, "is a character device")
+    row(f"chat --prompts {dev}", ["chat", "{llama}", "--prompts", dev], 2, "is a character device")
+row("attn --text /dev/zero", ["attn", "{llama}", "--text", "/dev/zero", "--png", "{d}/out/z.png"], 2,
+    "is a character device")
 for v, frag in [("1", "must be >= 2"), ("0", "must be >= 2"), ("x", "expected an integer")]:
     row(f"attn --tokens={v}", BASE["attn"][:-1] + [v], 2, "argument --tokens:")
 row("attn --min-query -1", BASE["attn"] + ["--min-query", "-1"], 2, "argument --min-query:")
@@ -238,7 +240,7 @@ for what, frag in [("not_json", "not valid JSON"), ("array", 'expected an object
     row(f"JSONL {what}", ["chat", "{llama}", "--prompts", f"{{d}}/{what}.jsonl"], 2, frag)
 row("JSONL missing", ["chat", "{llama}", "--prompts", "{d}/nope.jsonl"], 2, "no such file")
 row("JSONL a directory", ["chat", "{llama}", "--prompts", "{d}"], 2, "is a directory")
-row("JSONL empty path", ["chat", "{llama}", "--prompts", ""], 2, "is a directory")
+row("JSONL empty path", ["chat", "{llama}", "--prompts", ""], 2, "the file path is empty")
 
 # ------------------------------------------------------------------------------------------------
 # Resources, generation limits, greedy
@@ -304,6 +306,87 @@ CORRUPT = {  # name: (how, fragment)
 }
 for name, (how, frag) in CORRUPT.items():
     row(f"corrupt checkpoint: {how}", ["generate", f"{{d}}/{name}", "--prompt", "hi", "--max-new-tokens", "1"], 2, frag)
+
+
+# ------------------------------------------------------------------------------------------------
+# Issue 20: metadata that lies about the file (sizes), special files, tensors given twice or an
+# index that disagrees with its shards, deeply nested JSON, and messages that name the real cause.
+# Each entry: name -> (how, fragment); built by `_issue20_checkpoints`. (FIFOs block in open(), so
+# they are real processes with timeouts: tests/test_cli.py.)
+
+DEEP = "[" * 100_000
+LYING = {
+    # category 1: sizes the tensors do not have, refused before anything is built for them
+    "layers_1e6": ("num_hidden_layers 10^6", "config.json declares 1000000 layers, but the checkpoint holds tensors for 6"),
+    "layers_max": ("num_hidden_layers 2^31-1", "declares 2147483647 layers"),
+    "heads_overflow": ("2^31-1 heads of 2^31-2", "make a tensor too large to exist"),
+    "vocab_max": ("vocab_size 2^31-1", "expected (2147483647, "),
+    # category 3: a directory, a device, a socket or a dangling link where a file belongs
+    "config_dir": ("config.json is a directory", "config.json is a directory, not a regular file"),
+    "config_devnull": ("config.json is /dev/null", "config.json is a character device, not a regular file"),
+    "config_dangling": ("config.json is a dangling symlink", "config.json is a symbolic link to a missing file"),
+    "weights_dir": ("model.safetensors is a directory", "model.safetensors is a directory, not a regular file"),
+    "weights_socket": ("model.safetensors is a socket", "model.safetensors is a socket, not a regular file"),
+    "weights_devzero": ("model.safetensors is /dev/zero", "model.safetensors is a character device"),
+    "tokmodel_dir": ("tokenizer.model is a directory", "tokenizer.model is a directory, not a regular file"),
+    "tokcfg_dir": ("tokenizer_config.json is a directory", "tokenizer_config.json is a directory, not a regular"),
+    "gencfg_dir": ("generation_config.json is a directory", "generation_config.json is a directory, not a regular"),
+    "gencfg_devzero": ("generation_config.json is /dev/zero", "generation_config.json is a character device"),
+    "jinja_dir": ("chat_template.jinja is a directory", "chat_template.jinja is a directory, not a regular file"),
+    "index_dir": ("the index is a directory", "model.safetensors.index.json is a directory, not a regular file"),
+    # category 4: every tensor once, and an index that agrees with its shards
+    "dup_shards": ("lm_head.weight in two shards, no index", "tensor lm_head.weight appears twice"),
+    "dup_shards_index": ("lm_head.weight in two shards and the index", "tensor lm_head.weight appears twice"),
+    "index_unlisted": ("a shard holds a tensor the index does not list", "which the index does not list"),
+    "index_elsewhere": ("the index puts a tensor in the other shard", "but it is in"),
+    "index_phantom": ("the index lists a tensor no shard holds", "which does not hold it"),
+    "index_missing_shard": ("the index names a shard that is not there", "names a missing shard"),
+    "index_list": ("weight_map is a list", '"weight_map" must be an object'),
+    "index_string": ("weight_map is a string", '"weight_map" must be an object'),
+    "index_null": ("weight_map is null", '"weight_map" must be an object'),
+    "index_int_value": ("a weight_map value is 7", "must be a file name, got 7"),
+    "index_escape": ("a shard ../../etc/passwd", "is not a plain name inside"),
+    "index_absolute": ("a shard /etc/passwd", "is not a plain name inside"),
+    "index_empty_name": ("a shard ''", "must be a non-empty string"),
+    "index_empty_map": ("weight_map {}", "lists no tensors"),
+    "index_no_map": ("an index without weight_map", 'expected an object with a "weight_map"'),
+    # category 7: deep JSON, huge numbers and repeated keys in every JSON file of a checkpoint
+    "config_deep": ("config.json nests 100000 arrays", "JSON nested 100000 levels deep"),
+    "config_deep_obj": ("config.json nests 5000 objects", "JSON nested 5000 levels deep"),
+    "tokcfg_deep": ("tokenizer_config.json nests 100000 arrays", "tokenizer_config.json: JSON nested 100001"),
+    "gencfg_deep": ("generation_config.json nests 100000 arrays", "generation_config.json: JSON nested"),
+    "index_deep": ("the index nests 100000 arrays", "model.safetensors.index.json: JSON nested"),
+    "config_dupkey": ("config.json gives num_hidden_layers twice", "the key 'num_hidden_layers' appears twice"),
+    # category 11: the real cause
+    "config_bigint": ("a 5000-digit hidden_size", "the number at hidden_size has 5000 digits"),
+    "gencfg_bigint": ("a 5000-digit eos_token_id", "the number at eos_token_id has 5000 digits"),
+    "hidden_30": ("hidden 30 / 4 heads", "'hidden_size' = 30 is not divisible by 'num_attention_heads' = 4"),
+    "head_dim_odd": ("head_dim 7", "'head_dim' = 7 is odd"),
+    "kv_heads_3": ("4 heads over 3 KV heads", "is not a multiple of 'num_key_value_heads' = 3"),
+}
+for name, (how, frag) in LYING.items():
+    row(f"issue 20 checkpoint: {how}", ["generate", f"{{d}}/i20/{name}", "--prompt", "hi", "--max-new-tokens", "1"],
+        2, frag)
+for name, frag in [("gguf_layers_1e9", "llama.block_count declares 1000000000 layers"),
+                   ("gguf_layers_max", "llama.block_count declares 2147483647 layers"),
+                   ("gguf_dir.gguf", "gguf_dir.gguf is a directory, not a regular file"),
+                   ("gguf_devnull.gguf", "is a character device, not a regular file"),
+                   ("gguf_hidden30", "'llama.embedding_length' = 30 is not divisible by 'llama.attention.head_count'"),
+                   ("gguf_ctx1", "gguf_ctx1.gguf's llama.context_length = 1, leaves no room")]:
+    path = f"{{d}}/i20/{name}" + ("" if name.endswith(".gguf") else ".gguf")
+    row(f"issue 20 GGUF: {name}", ["generate", path, "--prompt", "hi", "--max-new-tokens", "1"], 2, frag)
+# Text inputs: a socket or a device is refused by kind; nested JSON in a turns file is one line.
+for args, frag in [(["ppl", "{llama}", "--text", "{d}/i20/sock"], "sock is a socket, not a regular file"),
+                   (["chat", "{llama}", "--prompts", "{d}/i20/sock"], "is a socket"),
+                   (["generate", "{llama}", "--prompt-file", "{d}/i20/sock"], "is a socket"),
+                   (["batch", "{llama}", "--input", "{d}/i20/sock"], "is a socket"),
+                   (["chat", "{llama}", "--prompts", "{d}/i20/deep.jsonl"], "deep.jsonl:2: JSON nested 100000 levels"),
+                   (["chat", "{llama}", "--prompts", "{d}/i20/bigint.jsonl"], "bigint.jsonl:1: the number at turn has 5000"),
+                   (["chat", "{llama}", "--prompts", "{d}/i20/dupkey.jsonl"], "the key 'turn' appears twice"),
+                   (["batch", "{llama}", "--input", "/dev/zero"], "/dev/zero is a character device"),
+                   (["ppl", "{llama}", "--text", "{d}/i20/dangling.txt"], "is a symbolic link to a missing file"),
+                   (["ppl", "{llama}", "--text", "{d}/ok.txt/x"], "a part of the path is not a directory")]:
+    row(f"issue 20 text input: {' '.join(args[2:])[:40]}", args, 2, frag)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -428,6 +511,15 @@ for name, fn in [("generate(a string as the model)", lambda ctx: list(minillm.ge
         next((k for k in ("cache='x'", "another") if k in name), ""), "must be a minillm Model"))
 api("load(device='meta')", lambda ctx: minillm.load(LLAMA, device="meta"), "device")
 api("load(dtype='int8')", lambda ctx: minillm.load(LLAMA, dtype="int8"), "unknown dtype")
+# issue 20 (the files are built by _issue20_checkpoints)
+for name, frag in [("layers_1e6", "config.json declares 1000000 layers"), ("dup_shards", "appears twice"),
+                          ("index_list", '"weight_map" must be an object'), ("config_deep", "JSON nested"),
+                          ("weights_dir", "is a directory, not a regular file")]:
+    api(f"load(): {LYING[name][0]}", lambda ctx, name=name: _real_load(ctx.d / "i20" / name), frag)
+api("load_tokenizer(): tokenizer_config.json nests 100000 arrays",
+    lambda ctx: _real_load_tokenizer(ctx.d / "i20" / "tokcfg_deep"), "JSON nested 100001 levels deep")
+api("load_tokenizer(): chat_template.jinja is a directory",
+    lambda ctx: _real_load_tokenizer(ctx.d / "i20" / "jinja_dir"), "is a directory, not a regular file")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -541,6 +633,151 @@ def _corrupt_checkpoints(d: Path) -> None:
     save_file(big, c / "model.safetensors", metadata={"format": "pt"})
 
 
+def _issue20_checkpoints(root: Path, tmp_path_factory) -> None:
+    """The files of the LYING rows, the GGUF rows and the text-input rows (issue 20)."""
+    import socket
+
+    from safetensors.torch import load_file, save_file
+
+    root.mkdir()
+    tensors = load_file(LLAMA / "model.safetensors")
+    names = sorted(tensors)
+    assert "lm_head.weight" in names
+    h0, h1 = ([n for n in part if n != "lm_head.weight"] for part in (names[: len(names) // 2], names[len(names) // 2:]))
+    half = h0 + ["lm_head.weight"], h1  # the true split
+    for name in LYING:
+        c = root / name
+        shutil.copytree(LLAMA, c)
+        cfg_text = (c / "config.json").read_text()
+        cfg = json.loads(cfg_text)
+
+        def config(**changes):
+            data = dict(cfg)
+            for k, v in changes.items():
+                if v is None:
+                    data.pop(k, None)
+                else:
+                    data[k] = v
+            (c / "config.json").write_text(json.dumps(data))
+
+        def replace(fname, make):
+            p = c / fname
+            if p.exists() or p.is_symlink():
+                p.unlink()
+            make(p)
+
+        def shards(a, b, index="auto"):
+            (c / "model.safetensors").unlink()
+            save_file({n: tensors[n] for n in a}, str(c / "a.safetensors"), metadata={"format": "pt"})
+            save_file({n: tensors[n] for n in b}, str(c / "b.safetensors"), metadata={"format": "pt"})
+            if index == "auto":
+                index = {n: "a.safetensors" for n in a} | {n: "b.safetensors" for n in b}
+            if index is not None:
+                (c / "model.safetensors.index.json").write_text(
+                    index if isinstance(index, str) else json.dumps({"metadata": {}, "weight_map": index}))
+
+        def true_index():
+            return {n: "a.safetensors" for n in half[0]} | {n: "b.safetensors" for n in half[1]}
+
+        if name == "layers_1e6":
+            config(num_hidden_layers=10**6)
+        elif name == "layers_max":
+            config(num_hidden_layers=2**31 - 1)
+        elif name == "heads_overflow":
+            config(num_attention_heads=2**31 - 1, num_key_value_heads=1, head_dim=2**31 - 2)
+        elif name == "vocab_max":
+            config(vocab_size=2**31 - 1)
+        elif name in ("config_dir", "weights_dir", "tokmodel_dir", "tokcfg_dir", "gencfg_dir", "jinja_dir",
+                      "index_dir"):
+            fname = {"config_dir": "config.json", "weights_dir": "model.safetensors", "tokmodel_dir": "tokenizer.model",
+                     "tokcfg_dir": "tokenizer_config.json", "gencfg_dir": "generation_config.json",
+                     "jinja_dir": "chat_template.jinja", "index_dir": "model.safetensors.index.json"}[name]
+            replace(fname, lambda p: p.mkdir())
+        elif name in ("config_devnull", "weights_devzero", "gencfg_devzero"):
+            fname, dev = {"config_devnull": ("config.json", "/dev/null"),
+                          "weights_devzero": ("model.safetensors", "/dev/zero"),
+                          "gencfg_devzero": ("generation_config.json", "/dev/zero")}[name]
+            replace(fname, lambda p: p.symlink_to(dev))
+        elif name == "config_dangling":
+            replace("config.json", lambda p: p.symlink_to(c / "nowhere.json"))
+        elif name == "weights_socket":
+            # A socket path must be short (108 bytes): bind in a short temporary directory, then link it here.
+            short = Path(tempfile.mkdtemp(prefix="s", dir="/tmp"))
+            sock = socket.socket(socket.AF_UNIX)
+            sock.bind(str(short / "s"))
+            _SOCKETS.append((sock, short))
+            replace("model.safetensors", lambda p: p.symlink_to(short / "s"))
+        elif name == "dup_shards":
+            shards(h0 + ["lm_head.weight"], h1 + ["lm_head.weight"], index=None)
+        elif name == "dup_shards_index":
+            shards(h0 + ["lm_head.weight"], h1 + ["lm_head.weight"], index=true_index())
+        elif name == "index_unlisted":
+            idx = true_index()
+            del idx[half[1][0]]
+            shards(*half, index=idx)
+        elif name == "index_elsewhere":
+            shards(*half, index=true_index() | {half[0][0]: "b.safetensors"})
+        elif name == "index_phantom":
+            shards(*half, index=true_index() | {"model.layers.0.ghost.weight": "a.safetensors"})
+        elif name == "index_missing_shard":
+            shards(*half, index=true_index() | {half[1][0]: "c.safetensors"})
+        elif name in ("index_list", "index_string", "index_null", "index_int_value", "index_escape", "index_absolute",
+                      "index_empty_name", "index_empty_map", "index_no_map", "index_deep"):
+            bad = {"index_list": {"weight_map": ["a.safetensors"]}, "index_string": {"weight_map": "a.safetensors"},
+                   "index_null": {"weight_map": None}, "index_int_value": {"weight_map": {"lm_head.weight": 7}},
+                   "index_escape": {"weight_map": {"lm_head.weight": "../../etc/passwd"}},
+                   "index_absolute": {"weight_map": {"lm_head.weight": "/etc/passwd"}},
+                   "index_empty_name": {"weight_map": {"lm_head.weight": ""}}, "index_empty_map": {"weight_map": {}},
+                   "index_no_map": {"metadata": {}}}.get(name)
+            (c / "model.safetensors.index.json").write_text(DEEP if bad is None else json.dumps(bad))
+        elif name == "config_deep":
+            (c / "config.json").write_text(DEEP)
+        elif name == "config_deep_obj":
+            (c / "config.json").write_text('{"model_type": ' * 5000 + '"llama"' + "}" * 5000)
+        elif name == "tokcfg_deep":
+            (c / "tokenizer_config.json").write_text('{"x": ' + DEEP + "}")
+        elif name == "gencfg_deep":
+            (c / "generation_config.json").write_text(DEEP)
+        elif name == "config_dupkey":
+            (c / "config.json").write_text(cfg_text.replace("{", '{"num_hidden_layers": 1, ', 1))
+        elif name == "config_bigint":
+            (c / "config.json").write_text(json.dumps(cfg | {"hidden_size": -7}).replace("-7", "9" * 5000))
+        elif name == "gencfg_bigint":
+            (c / "generation_config.json").write_text('{"eos_token_id": ' + "9" * 5000 + "}")
+        elif name == "hidden_30":
+            config(hidden_size=30, num_attention_heads=4, num_key_value_heads=None, head_dim=None)
+        elif name == "head_dim_odd":
+            config(head_dim=7)
+        elif name == "kv_heads_3":
+            config(num_key_value_heads=3)
+        else:  # pragma: no cover
+            raise AssertionError(name)
+    # GGUF files: a small Llama with a byte-level tokenizer (tests/tiny_ckpt.py), written as llama.cpp does.
+    from test_gguf import write_gguf
+    from tiny_ckpt import build_tiny_checkpoint
+
+    tiny = build_tiny_checkpoint(tmp_path_factory.mktemp("i20-tiny"))
+    for name, lie in [("gguf_layers_1e9", {"block_count": 10**9}), ("gguf_layers_max", {"block_count": 2**31 - 1}),
+                      ("gguf_hidden30", {"embedding_length": 30, "rope_dimension_count": None}),
+                      ("gguf_ctx1", {"context_length": 1})]:
+        write_gguf(root / f"{name}.gguf", tiny, lie=lie)
+    (root / "gguf_dir.gguf").mkdir()
+    (root / "gguf_devnull.gguf").symlink_to("/dev/null")
+    # Text inputs.
+    short = Path(tempfile.mkdtemp(prefix="s", dir="/tmp"))
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(short / "s"))
+    _SOCKETS.append((sock, short))
+    (root / "sock").symlink_to(short / "s")
+    (root / "deep.jsonl").write_text('{"turn": "ok"}\n' + DEEP + "\n", encoding="utf-8")
+    (root / "bigint.jsonl").write_text('{"turn": ' + "9" * 5000 + "}\n", encoding="utf-8")
+    (root / "dupkey.jsonl").write_text('{"turn": "a", "turn": "b"}\n', encoding="utf-8")
+    (root / "dangling.txt").symlink_to(root / "no-such.txt")
+
+
+_SOCKETS: list = []  # bound sockets stay open (and their directories exist) for the module's rows
+
+
 @pytest.fixture(scope="module")
 def ctx(tmp_path_factory):
     d = tmp_path_factory.mktemp("hostile")
@@ -569,7 +806,12 @@ def ctx(tmp_path_factory):
     (d / "blank.jsonl").write_text("\n   \n\n", encoding="utf-8")
     (d / "empty.jsonl").write_bytes(b"")
     _corrupt_checkpoints(d)
-    return Context(d)
+    _issue20_checkpoints(d / "i20", tmp_path_factory)
+    yield Context(d)
+    for sock, short in _SOCKETS:
+        sock.close()
+        shutil.rmtree(short, ignore_errors=True)
+    _SOCKETS.clear()
 
 
 @pytest.fixture(autouse=True)
