@@ -365,11 +365,19 @@ def test_a_gguf_directory_is_named_by_kind(tmp_path):
     _one_line(lambda: minillm.load_tokenizer(tmp_path / "model.gguf"), "is a directory, not a regular file")
 
 
-def test_hidden_not_divisible_by_heads_names_the_gguf_keys(ckpt, tmp_path):
+def test_sizes_the_tensors_contradict_are_named(ckpt, tmp_path):
     # Before: "rotary_dim=7 must be even" (or a partial-rotary refusal), neither of which the file says.
     path = write_gguf(tmp_path / "h30.gguf", ckpt, lie={"embedding_length": 30, "rope_dimension_count": None})
-    _one_line(lambda: minillm.load(path), "'llama.embedding_length' = 30 is not divisible by "
-              "'llama.attention.head_count' = 4")
+    _one_line(lambda: minillm.load(path), "h30.gguf: llama.embedding_length is 30, but token_embd.weight is "
+              "300 x 32")
+    path = write_gguf(tmp_path / "h30r.gguf", ckpt, lie={"embedding_length": 30})
+    _one_line(lambda: minillm.load(path), "llama.embedding_length is 30, but token_embd.weight is 300 x 32")
+
+
+def test_heads_that_do_not_divide_name_the_gguf_keys(ckpt, tmp_path):
+    path = write_gguf(tmp_path / "kv3.gguf", ckpt, lie={"head_count_kv": 3})
+    _one_line(lambda: minillm.load(path), "'llama.attention.head_count' = 4 is not a multiple of "
+              "'llama.attention.head_count_kv' = 3")
 
 
 def test_a_short_context_length_is_named_as_the_cause(ckpt, tmp_path, capsys):

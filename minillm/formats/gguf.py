@@ -178,6 +178,14 @@ class GGUFFile:
         if unknown:
             warnings.warn(f"{self.path.name}: ignoring unknown GGUF metadata {', '.join(map(repr, sorted(unknown)))}",
                           ConfigWarning, stacklevel=3)
+        # Sizes the metadata states and the tensors show must agree, before anything is sized by them
+        # (a lying embedding_length would otherwise be blamed on the rotary or head settings).
+        for key, tensor, axis in (("embedding_length", "token_embd.weight", 0),
+                                  ("feed_forward_length", "blk.0.ffn_up.weight", 1)):
+            stated, t = self.meta.get(f"{arch}.{key}"), self.tensors.get(tensor)
+            if isinstance(stated, int) and t is not None and len(t.shape) == 2 and int(t.shape[axis]) != stated:
+                raise MiniLLMError(f"{self.path.name}: {arch}.{key} is {stated}, but {tensor} is "
+                                   f"{' x '.join(str(int(n)) for n in reversed(t.shape.tolist()))}")
         tokens = self.meta.get("tokenizer.ggml.tokens")
         if "vocab_size" not in config and tokens is not None:
             config["vocab_size"] = len(tokens)
