@@ -7,6 +7,8 @@
     tokenizer.py   tokenizer.json / tokenizer.model / GGUF vocabularies, as transformers encodes
     hub.py         hub repo ids -> local directories (huggingface_hub)
     text.py        reading UTF-8 text files (Project Gutenberg boilerplate stripped)
+    reading.py     opening input files (regular files only, refused by kind before open) and the
+                   one JSON parser (nesting depth, huge integers, repeated keys: one-line errors)
 
 The engine never imports this package: it takes a ModelConfig (minillm/core/config.py) and tensors.
 """
