@@ -1433,6 +1433,7 @@ def setup(runner: Runner, cases: list[Case]) -> dict:
     p = subprocess.run([sys.executable, str(runner.d / "_setup.py")], cwd=runner.d, env=env, capture_output=True, text=True,
                        timeout=900)
     if p.returncode != 0:
+        shutil.rmtree(runner.d, ignore_errors=True)
         sys.exit(f"hostile_sweep: the setup failed:\n{p.stderr[-3000:]}")
     failed = json.loads((runner.d / "_setup_failed.json").read_text())
     # the greedy text for the sampling checks
