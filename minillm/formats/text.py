@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import re
 import stat
+import sys
 from pathlib import Path
 
 from ..errors import MiniLLMError
@@ -59,6 +60,23 @@ def read_text(path: str | os.PathLike, *, gutenberg: bool = True) -> str:
             data = f.read(MAX_TEXT_BYTES + 1)
     except OSError as e:
         raise MiniLLMError(f"cannot read {path}: {e.strerror or e}") from None
+    return decode_text(data, str(path), gutenberg=gutenberg)
+
+
+def read_stdin_text(*, gutenberg: bool = True) -> str:
+    """`read_text` for standard input (a file named "-" on the command line)."""
+    stream = getattr(sys.stdin, "buffer", None)
+    if stream is None:
+        raise MiniLLMError("-: there is no stdin to read")
+    try:
+        data = stream.read(MAX_TEXT_BYTES + 1)
+    except (OSError, ValueError) as e:
+        raise MiniLLMError(f"cannot read stdin: {getattr(e, 'strerror', None) or e}") from None
+    return decode_text(data, "stdin", gutenberg=gutenberg)
+
+
+def decode_text(data: bytes, path: str, *, gutenberg: bool = True) -> str:
+    """The text of `data`, read from `path`: the checks and clean-up of `read_text`."""
     if len(data) > MAX_TEXT_BYTES:
         raise MiniLLMError(f"{path} is larger than {MAX_TEXT_BYTES >> 30} GiB; tokenizing it would need tens of "
                            f"GB (use a part of it)")
