@@ -295,3 +295,14 @@ def test_on_a_terminal_progress_redraws_one_line_and_a_refusal_stays_one_line(ti
     # A model that fails to load.
     rc, out, raw = _on_a_pty(["generate", "/nonexistent/model", "-p", "x"])
     assert rc == 2 and render(raw) == ["minillm: error: model directory not found: /nonexistent/model"], raw
+
+
+def test_compile_says_when_it_compiles(capsys):
+    import argparse
+
+    from minillm.cli.commands import _compile_note
+
+    _compile_note(argparse.Namespace(compile=False))
+    assert capsys.readouterr().err == ""
+    _compile_note(argparse.Namespace(compile=True))
+    assert capsys.readouterr().err.startswith("minillm: --compile: torch.compile compiles the decode step")
