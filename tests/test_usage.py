@@ -283,7 +283,7 @@ def test_on_a_terminal_progress_redraws_one_line_and_a_refusal_stays_one_line(ti
     rc, out, raw = _on_a_pty(["generate", tiny_checkpoint, "-p", "The whale", "-n", 5, "--threads", 1])
     assert rc == 0 and out.strip(), raw
     assert "\r\x1b[Kminillm: starting (importing torch) ..." in raw
-    assert f"\r\x1b[Kminillm: loading {tiny_checkpoint} ..." in raw
+    assert f"\r\x1b[Kminillm: loading {tiny_checkpoint.name} ..." in raw
     assert re.search(r"\r\x1b\[Kminillm: loading \S+: tensor \d+/\d+", raw), raw
     shown = render(raw)
     assert len(shown) == 1 and shown[0].startswith("minillm: 5 tokens at "), shown

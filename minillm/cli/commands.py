@@ -51,7 +51,8 @@ def _load(args):
         if not DEFAULT_MODEL.is_dir():
             raise MiniLLMError(f"no MODEL given and the default checkpoint {DEFAULT_MODEL} is missing")
         name = str(DEFAULT_MODEL)
-    label = f"minillm: loading {Path(name).name if args.model is None else name}"
+    # A local file or directory by its name (the line must fit a terminal), a hub repo id as given.
+    label = f"minillm: loading {Path(name).name if Path(name).exists() else name}"
     STATUS.show(label + " ...", every=0)
     # A GGUF file's tensors are dequantized as they are read: the long part of its load.
     verb = "dequantizing tensor" if str(name).lower().endswith(".gguf") else "tensor"

@@ -90,4 +90,4 @@ class PhaseReporter:
             return
         rate = done / (now - start) if now > start and done else 0.0
         what = self.names.get(phase, phase)
-        STATUS.show(f"{self.label}: {what} {done:,}/{total:,}" + (f" ({rate:,.0f}/s)" if rate else ""))
+        STATUS.show(f"{self.label}: {what} {done:,}/{total:,}" + (f" ({rate:,.0f}/s)" if rate >= 1 else ""))
