@@ -77,6 +77,16 @@ def _fill_closed_streams() -> None:
         sys.stderr = open(os.devnull, "w", encoding="utf-8")
 
 
+def _status(text: str) -> None:
+    """Redraw the status line on stderr with `text` (empty: erase it), only on a terminal."""
+    try:
+        if sys.stderr.isatty():
+            sys.stderr.write("\r\x1b[K" + text)
+            sys.stderr.flush()
+    except (AttributeError, OSError, ValueError):
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     global _interrupted, _raising, _early
     if not _early:  # not installed by the package's first statement (or a second run in one process)
@@ -90,7 +100,12 @@ def main(argv: list[str] | None = None) -> int:
         # another error (numpy's "cannot load module more than once per process"). It is acted on
         # as soon as they are done, about a second later at most.
         try:
+            # On a terminal, a status line while torch imports (seconds, tens on a cold disk),
+            # erased once it is done; elsewhere nothing (minillm/cli/status.py).
+            _status("minillm: starting (importing torch) ...")
             import torch  # noqa: F401  (the slow import)
+
+            _status("")
 
             _reached("torch")
             from minillm.cli import main as cli_main

@@ -15,7 +15,8 @@ from .core.model import Model
 def load(name_or_path: str | Path, dtype=torch.float32, device="cpu", *, strict: bool = False,
          fast: bool = True) -> Model:
     """Load a checkpoint without transformers: a local directory or hub repo id (config.json +
-    safetensors), or a `.gguf` file (dequantized into `dtype`; needs `pip install "minillm[gguf]"`).
+    safetensors), or a `.gguf` file (dequantized into `dtype`; needs the `gguf` package: `pip install gguf`,
+    the `minillm-sinks[gguf]` extra).
 
     Config keys minillm does not know give one ConfigWarning naming them; `strict=True` makes
     that an error. Keys that would change the forward pass are refused by name either way.

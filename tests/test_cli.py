@@ -83,7 +83,10 @@ def test_generate_matches_the_library(tiny_checkpoint, files):
     assert p.stdout == "".join(dec.push(t) for t in tokens) + dec.flush() + "\n"
     warning, stats = p.stderr.strip().splitlines()
     assert warning.startswith("minillm: warning: --cache-size 300 exceeds the checkpoint's trained context (256")
-    assert stats.startswith(f"minillm: {len(tokens)} tokens in ") and stats.endswith("cache 2+298")
+    # Decode and prefill reported apart, as llama.cpp and mlx_lm.generate do (BOS + 5 prompt tokens).
+    prompt_tokens = len(tok.encode("The whale and the sea"))
+    assert re.fullmatch(rf"minillm: {len(tokens)} tokens at [\d.]+ tokens/s \([\d.]+ s\); prompt {prompt_tokens} "
+                        rf"tokens at [\d.]+ tokens/s \([\d.]+ s\); load [\d.]+ s; cache 2\+298", stats), stats
 
 
 def test_no_fast_prints_what_the_core_generates(tiny_checkpoint, files):
@@ -349,7 +352,7 @@ ERRORS_IN_PROCESS = [
      "dense mode over"),
     (["chat", "{ckpt}", "--prompts", "{files}/bad.jsonl"], "bad.jsonl:2: not valid JSON"),
     (["generate", "{ckpt}", "--prompt-file", "{files}/latin1.txt"], "is not UTF-8 text"),
-    (["generate", "{ckpt}"], "one of the arguments --prompt --prompt-file is required"),
+    (["generate", "{ckpt}"], "one of the arguments -p/--prompt --prompt-file is required"),
     (["generate", "{ckpt}", "--prompt", ""], "the prompt is empty"),
     (["generate", "{ckpt}", "--prompt", "x", "--dtype", "int8"], "unknown dtype 'int8'"),
     (["generate", "{ckpt}", "--prompt", "x", "--device", "cuda:7"], "cuda"),

@@ -120,7 +120,16 @@ row("ppl --text a directory", ["ppl", "{llama}", "--text", "{d}"], 2, "is a dire
 row("ppl --text empty", ["ppl", "{llama}", "--text", "{d}/empty.txt"], 2, "has no text (empty)")
 row("ppl --text one token", ["ppl", "{llama}", "--text", "{d}/ok.txt", "--max-tokens", "2", "--mode", "bogus"], 2,
     "invalid choice")
-row("ppl no --text", ["ppl", "{llama}"], 2, "--text")
+# Without --text, ppl and attn read the shipped sample text (issue 21); stdin is "-", once.
+row("ppl no --text", ["ppl", "{llama}", "--max-tokens", "40"], 0, "from the shipped sample")
+row("ppl --text - twice", ["ppl", "{llama}", "--text", "-", "-"], 2, "stdin ('-') can be given only once",
+    stdin=b"some text")
+row("ppl --text - invalid UTF-8", ["ppl", "{llama}", "--text", "-"], 2, "stdin is not UTF-8 text", stdin=b"caf\xe9")
+row("ppl --text - empty", ["ppl", "{llama}", "--text", "-"], 2, "stdin has no text (empty)", stdin=b"")
+row("generate two models", ["generate", "{llama}", "-m", "{d}", "--prompt", "x"], 2, "two models given")
+row("--threads 0 before the command", ["--threads", "0", "generate", "{llama}", "--prompt", "x"], 2,
+    "argument --threads: must be >= 1")
+row("-m without a value before the command", ["-m"], 2, "")
 for dev in ("/dev/zero", "/dev/urandom", "/dev/null"):
     row(f"ppl --text {dev}", ["ppl", "{llama}", "--text", dev], 2, f"{dev} is a character device, not a regular file")
     row(f"generate --prompt-file {dev}", ["generate", "{llama}", "--prompt-file", dev], 2, "is a character device")
@@ -132,7 +141,7 @@ for v, frag in [("1", "must be >= 2"), ("0", "must be >= 2"), ("x", "expected an
 row("attn --min-query -1", BASE["attn"] + ["--min-query", "-1"], 2, "argument --min-query:")
 row("attn --min-query past T", BASE["attn"] + ["--min-query", "500"], 2, "--min-query 500 must be below")
 row("attn no --png", ["attn", "{llama}", "--text", "{d}/ok.txt"], 2, "--png")
-row("generate no prompt", ["generate", "{llama}"], 2, "one of the arguments --prompt --prompt-file is required")
+row("generate no prompt", ["generate", "{llama}"], 2, "one of the arguments -p/--prompt --prompt-file is required")
 row("generate empty prompt", ["generate", "{llama}", "--prompt", ""], 2, "the prompt is empty")
 row("generate both prompts", ["generate", "{llama}", "--prompt", "x", "--prompt-file", "{d}/ok.txt"], 2,
     "not allowed with")
@@ -227,7 +236,7 @@ for kind in KINDS:
                              ("an encoded surrogate on line 2", b"ok\n\xed\xa0\x80\n", "stdin line 2 is not valid")]:
         row(f"{kind} chat stdin {what}", ["chat", m, "--max-new-tokens", "1"], 2, frag, stdin=data)
     for what, text in GOOD_TEXT.items():
-        row(f"{kind} --prompt {what}", ["generate", m, "--prompt", text, "--max-new-tokens", "2"], 0, "tokens in")
+        row(f"{kind} --prompt {what}", ["generate", m, "--prompt", text, "--max-new-tokens", "2"], 0, "tokens at")
     row(f"{kind} chat stdin emoji", ["chat", m, "--max-new-tokens", "2"], 0, "2 turns",
         stdin="🐋 hello\n鯨\n".encode())
     row(f"{kind} JSONL turn with NUL and emoji", ["chat", m, "--prompts", "{d}/odd.jsonl", "--max-new-tokens", "1"], 0,

@@ -23,6 +23,7 @@ import torch
 
 from ..checks import check_model
 from ..errors import MiniLLMError
+from ..progress import report
 from .sampling import check_finite, make_sampler, token_ids
 
 
@@ -65,6 +66,7 @@ def prefill(model, ids: torch.Tensor, cache) -> torch.Tensor:
     with torch.no_grad():
         for p0 in range(0, ids.shape[1], step):
             logits = model(ids[:, p0 : p0 + step], cache=cache, logits_to_keep=1)
+            report("prefill", min(p0 + step, ids.shape[1]), ids.shape[1])
     return logits[0, -1]
 
 

@@ -6,9 +6,16 @@
     minillm ppl      [MODEL] --text FILE [...]    long-text perplexity: streaming/window/recompute/dense
     minillm attn     [MODEL] --text FILE --png P  attention maps and per-layer attention-sink scores
 
-MODEL is a local checkpoint directory or a hub repo id; without it, the shipped default
-`weights/llama-tiny`. The cache is `--sinks N` plus a window, `--cache-size S` keys in all (the
-new token included), as in the library's `new_cache(sinks=N, window=S-N)`.
+MODEL is a local checkpoint directory, a hub repo id or a .gguf file (also as `-m/--model`);
+without it, the shipped default `weights/llama-tiny` (an installed wheel's copy, minillm/data/).
+Without `--text`, ppl and attn read the shipped sample text (minillm/data/sample.txt); `-` is
+stdin. The cache is `--sinks N` plus a window, `--cache-size S` keys in all (the new token
+included), as in the library's `new_cache(sinks=N, window=S-N)`. mlx-lm's and llama.cpp's
+spellings work: `-p` (--prompt), `-n` and `--max-tokens` (--max-new-tokens; ppl's --max-tokens
+is the scored length), and the common options may come before the subcommand.
+
+Progress (status.py): on a terminal, one status line on stderr redrawn in place during the long
+phases and erased after them; nothing when stderr is not a terminal. A closing summary either way.
 
 Bad input is one line on stderr (`minillm: error: ...`) and exit code 2; Ctrl-C exits with 130
 and no traceback (`ppl` first prints what it scored so far).
@@ -19,6 +26,7 @@ nothing is silently replaced. Outputs (`--json`, `--plot`, `--png`, `--output`) 
 never overwrite an input, and are written atomically (a temporary file renamed into place).
 
     parser.py    the arguments          commands.py  the commands and `main`
+    status.py    the status line
     files.py     the text rule; outputs checked first and written atomically
     jsonl.py     the JSONL prompts, turns and records of chat and batch
 """

@@ -16,15 +16,21 @@ import time
 import warnings
 from pathlib import Path
 
+from ..data import SAMPLE_TEXT, default_model
 from ..errors import MiniLLMError
+from ..progress import reporting
 from .files import check_outputs, check_text, flush_print, need_matplotlib, save_figure, write_json
 from .jsonl import PROMPT_KEYS, Records, read_prompts, read_turns, stdin_turns
-from .parser import DEFAULT_CACHE_SIZE, build_parser
+from .parser import DEFAULT_CACHE_SIZE, build_parser, finish, hoist_global_options
+from .status import STATUS, PhaseReporter
 
-DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "weights" / "llama-tiny"
+# The wheel's copy of weights/llama-tiny, or the clone's (minillm/data/__init__.py).
+DEFAULT_MODEL = default_model()
+SAMPLE_NAME = "the shipped sample (the opening of Frankenstein)"
 
 
 def _warn(message: str) -> None:
+    STATUS.clear()
     print(f"minillm: warning: {message}", file=sys.stderr)
 
 
@@ -45,12 +51,20 @@ def _load(args):
         if not DEFAULT_MODEL.is_dir():
             raise MiniLLMError(f"no MODEL given and the default checkpoint {DEFAULT_MODEL} is missing")
         name = str(DEFAULT_MODEL)
+    # A local file or directory by its name (the line must fit a terminal), a hub repo id as given.
+    label = f"minillm: loading {Path(name).name if Path(name).exists() else name}"
+    STATUS.show(label + " ...", every=0)
+    # A GGUF file's tensors are dequantized as they are read: the long part of its load.
+    verb = "dequantizing tensor" if str(name).lower().endswith(".gguf") else "tensor"
+    start = time.perf_counter()
     try:
-        with warnings.catch_warnings(record=True) as caught:
+        with warnings.catch_warnings(record=True) as caught, reporting(PhaseReporter(label, {"tensors": verb})):
             warnings.simplefilter("always", minillm.ConfigWarning)
             model = minillm.load(name, dtype=args.dtype, device=args.device, strict=args.strict_config,
                                  fast=not args.no_fast)
+            STATUS.show(label + ": tokenizer ...", every=0)
             tok = minillm.load_tokenizer(name)
+        STATUS.clear()
         for w in caught:  # one line each, as every other warning of the CLI
             if issubclass(w.category, minillm.ConfigWarning):
                 _warn(" ".join(str(w.message).split()) + " (--strict-config refuses them)")
@@ -65,11 +79,14 @@ def _load(args):
     if getattr(args, "int8", False):
         from ..fast.quant import quantize_int8
 
+        STATUS.show(label + ": int8 weights ...", every=0)
         quantize_int8(model)
     if getattr(args, "compile", False):
         from ..fast import compile_decode
 
         compile_decode(model)
+    STATUS.clear()
+    args.load_seconds = time.perf_counter() - start
     return model, tok
 
 
@@ -82,6 +99,13 @@ def _context_source(model) -> str:
         return f"{Path(source).name}'s llama.context_length"
     key = {"mpt": "max_seq_len"}.get(model.config.family, "max_position_embeddings")
     return f"config.json's {key}"
+
+
+def _compile_note(args) -> None:
+    """--compile compiles at the first decode steps, not at load: say so before the wait."""
+    if getattr(args, "compile", False):
+        print("minillm: --compile: torch.compile compiles the decode step at its first calls (tens of seconds; "
+              "once more when the cache fills)", file=sys.stderr)
 
 
 def _cache_shape(args, model, rows: int = 1) -> tuple[int, int]:
@@ -132,25 +156,49 @@ def cmd_generate(args) -> int:
     sinks, window = _cache_shape(args, model)
     ids = tok.encode(prompt)
     decoder = tok.decoder(start_of_text=False)  # the output continues the prompt
+    _compile_note(args)
     n, interrupted, start = 0, False, time.perf_counter()
+    # A prompt whose prefill runs past 2 s shows its progress; the summary times prefill and decode apart.
+    phases = PhaseReporter("minillm: prompt", {"prefill": "prefill, token"}, after={"prefill": 2.0})
     try:
-        for token in generate(model, ids, max_new_tokens=_max_new(args),
-                              temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
-                              seed=args.seed, sinks=sinks, window=window, eos_ids=tok.eos_ids,
-                              ignore_eos=args.ignore_eos, vocab_size=tok.vocab_size):
-            if token in tok.eos_ids and not args.ignore_eos:
-                break
-            n += 1
-            text = decoder.push(token)
-            if text:
-                flush_print(text)
+        with reporting(phases):
+            for token in generate(model, ids, max_new_tokens=_max_new(args),
+                                  temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
+                                  seed=args.seed, sinks=sinks, window=window, eos_ids=tok.eos_ids,
+                                  ignore_eos=args.ignore_eos, vocab_size=tok.vocab_size):
+                STATUS.clear()
+                if token in tok.eos_ids and not args.ignore_eos:
+                    break
+                n += 1
+                text = decoder.push(token)
+                if text:
+                    flush_print(text)
     except KeyboardInterrupt:
         interrupted = True
+    STATUS.clear()
     flush_print(decoder.flush() + "\n")
-    seconds = time.perf_counter() - start
-    print(f"minillm: {n} tokens in {seconds:.1f} s ({n / max(seconds, 1e-9):.1f} tokens/s), "
-          f"cache {sinks}+{window}{', interrupted' if interrupted else ''}", file=sys.stderr)
+    end = time.perf_counter()
+    print("minillm: " + summary(n, start, phases.finished.get("prefill"), end, phases.totals.get("prefill", 0),
+                                getattr(args, "load_seconds", 0.0))
+          + f"; cache {sinks}+{window}{', interrupted' if interrupted else ''}", file=sys.stderr)
     return 130 if interrupted else 0
+
+
+def _rate(tokens: int, seconds: float) -> str:
+    return f"{tokens / seconds:.1f} tokens/s" if seconds > 0 and tokens else "- tokens/s"
+
+
+def summary(generated: int, start: float, prefilled: float | None, end: float, prompt_tokens: int,
+            load_seconds: float) -> str:
+    """The closing line's timings, decode and prefill apart (as llama.cpp and mlx_lm.generate
+    report them): generated tokens and their rate from the end of the prefill (the first token's
+    sampling included), the prompt's tokens and the prefill's rate, and the load time."""
+    if prefilled is None:  # interrupted during the prefill
+        return (f"{generated} tokens; prompt interrupted after {end - start:.2f} s; "
+                f"load {load_seconds:.1f} s")
+    decode, prefill = end - prefilled, prefilled - start
+    return (f"{generated} tokens at {_rate(generated, decode)} ({decode:.2f} s); prompt {prompt_tokens} tokens "
+            f"at {_rate(prompt_tokens, prefill)} ({prefill:.2f} s); load {load_seconds:.1f} s")
 
 
 def cmd_chat(args) -> int:
@@ -159,6 +207,7 @@ def cmd_chat(args) -> int:
     turns = read_turns(args.prompts) if args.prompts is not None else None
     model, tok = _load(args)
     sinks, window = _cache_shape(args, model)
+    _compile_note(args)
     session = ChatSession(model, tok, sinks=sinks, window=window, max_new_tokens=_max_new(args),
                           temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
                           seed=args.seed, ignore_eos=args.ignore_eos, use_template=not args.no_template,
@@ -195,7 +244,26 @@ def _line_error(records: Records, lineno: int, message: str, line_id=None) -> No
     records.add(lineno, {"line": lineno, "id": line_id, "error": message})
 
 
-def _batch_jobs(args, name: str, good: list[tuple[int, dict]], tok, records: Records) -> tuple[list, int]:
+def _prompt_form(args, model, tok):
+    """(encode, stop ids) for batch's prompts. With the checkpoint's chat template (unless
+    --no-chat-template), a prompt is one user turn with the generation prompt, encoded as
+    `minillm chat` encodes its first turn, and a reply also stops at the template's end-of-turn
+    token (mlx-lm's batch generation does the same); without one, the raw text."""
+    from ..apps.chat import ChatSession, render_chat_template
+
+    if args.no_template or not getattr(tok, "chat_template", None):
+        return tok.encode, frozenset(tok.eos_ids)
+    chat = ChatSession(model, tok, sinks=0, window=1)  # a one-slot cache: only its rendering is used
+
+    def encode(prompt: str) -> list[int]:
+        text = render_chat_template(chat.template, [{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                    **chat.template_tokens)
+        return tok.encode(text, add_bos=False)  # the template writes its special tokens itself
+    return encode, chat.stop_ids
+
+
+def _batch_jobs(args, name: str, good: list[tuple[int, dict]], tok, records: Records,
+                encode=None) -> tuple[list, int]:
     """(line number, parsed line, Request) for each good line, and how many encode to nothing.
 
     A line's seed defaults to --seed + (line number - 1): it depends on the line alone, whatever
@@ -204,7 +272,7 @@ def _batch_jobs(args, name: str, good: list[tuple[int, dict]], tok, records: Rec
 
     jobs, empty = [], 0
     for lineno, p in good:
-        ids = tok.encode(p["prompt"])
+        ids = (encode or tok.encode)(p["prompt"])
         if not ids:
             empty += 1
             _line_error(records, lineno, f"{name}:{lineno}: the prompt encodes to no tokens", p["id"])
@@ -218,7 +286,8 @@ def _batch_jobs(args, name: str, good: list[tuple[int, dict]], tok, records: Rec
     return jobs, empty
 
 
-def _run_batch(args, name: str, model, tok, jobs: list, records: Records) -> tuple[int, float, bool]:
+def _run_batch(args, name: str, model, tok, jobs: list, records: Records,
+               stop_ids=None) -> tuple[int, float, bool]:
     """Generate every job, a record as each finishes; (tokens generated, EOS not counted, seconds,
     interrupted)."""
     from tqdm import tqdm
@@ -236,8 +305,8 @@ def _run_batch(args, name: str, model, tok, jobs: list, records: Records) -> tup
         for index, token, stop in generate_batch(
                 model, [r for _, _, r in jobs], batch_size=rows, max_new_tokens=_max_new(args),
                 temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p, seed=args.seed,
-                sinks=sinks, window=window, eos_ids=tok.eos_ids, ignore_eos=args.ignore_eos,
-                vocab_size=tok.vocab_size):
+                sinks=sinks, window=window, eos_ids=tok.eos_ids if stop_ids is None else stop_ids,
+                ignore_eos=args.ignore_eos, vocab_size=tok.vocab_size):
             got = drawn.setdefault(index, [])
             if token is not None and stop != "eos":  # the EOS id ends the text; it is not part of it
                 got.append(token)
@@ -279,10 +348,11 @@ def cmd_batch(args) -> int:
     jobs, tokens, seconds, interrupted = [], 0, 0.0, False
     if good:
         model, tok = _load(args)
-        jobs, empty = _batch_jobs(args, name, good, tok, records)
+        encode, stop_ids = _prompt_form(args, model, tok)
+        jobs, empty = _batch_jobs(args, name, good, tok, records, encode)
         bad += empty
         if jobs:
-            tokens, seconds, interrupted = _run_batch(args, name, model, tok, jobs, records)
+            tokens, seconds, interrupted = _run_batch(args, name, model, tok, jobs, records, stop_ids)
     records.finish()
     done = sum(1 for n, _, _ in jobs if n in records.done)
     print(f"minillm: {done} of {len(jobs)} prompts, {tokens} tokens in {seconds:.1f} s "
@@ -307,15 +377,29 @@ def _model_dir(args) -> str:
     return str(DEFAULT_MODEL) if args.model is None else args.model
 
 
+def _text_files(args) -> list[str]:
+    """--text's files, or the shipped sample text without --text."""
+    return list(args.text) if args.text else [str(SAMPLE_TEXT)]
+
+
+def _read_texts(files: list[str]) -> str:
+    """The files' texts concatenated, as minillm.formats.text.read_texts; "-" is stdin (once)."""
+    from ..formats.text import read_stdin_text, read_text
+
+    if files.count("-") > 1:
+        raise MiniLLMError("--text: stdin ('-') can be given only once")
+    return "\n\n".join(read_stdin_text() if f == "-" else read_text(f) for f in files)
+
+
 def cmd_ppl(args) -> int:
     from ..apps.evaluate import check_dense, perplexity
     from ..apps.generation import sink_prefix
-    from ..formats.text import read_texts
 
     modes = list(dict.fromkeys(args.mode))
-    check_outputs({"--json": args.json, "--plot": args.plot}, args.text, _model_dir(args), figures=("--plot",))
+    files = _text_files(args)
+    check_outputs({"--json": args.json, "--plot": args.plot}, files, _model_dir(args), figures=("--plot",))
     plt = need_matplotlib("--plot") if args.plot else None
-    text = read_texts(args.text)
+    text = _read_texts(files)
     model, tok = _load(args)
     sinks, window = _cache_shape(args, model)
     ids = tok.encode(text)
@@ -326,7 +410,8 @@ def cmd_ppl(args) -> int:
     if "dense" in modes:  # refuse before spending time on the other modes
         check_dense(model, len(ids) - 1 + len(sink_prefix(model.config)), args.dense_max_tokens)
     S = sinks + window
-    print(f"minillm: {len(ids)} tokens from {len(args.text)} file(s); cache {sinks}+{window} (S={S}); "
+    source = f"{len(files)} file(s)" if args.text else SAMPLE_NAME
+    print(f"minillm: {len(ids)} tokens from {source}; cache {sinks}+{window} (S={S}); "
           f"modes: {' '.join(modes)}", file=sys.stderr)
 
     results = {}
@@ -355,7 +440,7 @@ def cmd_ppl(args) -> int:
     flush_print("\n".join(lines) + "\n")
 
     if args.json:
-        out = {"model": args.model or str(DEFAULT_MODEL), "files": list(args.text), "tokens": len(ids),
+        out = {"model": args.model or str(DEFAULT_MODEL), "files": files, "tokens": len(ids),
                "sinks": sinks, "cache_size": S, "dtype": args.dtype, "exact_loop": args.exact_loop,
                "modes": {}}
         if strided:
@@ -385,11 +470,11 @@ def cmd_ppl(args) -> int:
 def cmd_attn(args) -> int:
     from ..apps.attention_maps import attention_maps, attention_probs, attention_sink_scores
     from ..apps.generation import sink_prefix
-    from ..formats.text import read_texts
 
-    check_outputs({"--png": args.png, "--json": args.json}, args.text, _model_dir(args), figures=("--png",))
+    files = _text_files(args)
+    check_outputs({"--png": args.png, "--json": args.json}, files, _model_dir(args), figures=("--png",))
     plt = need_matplotlib("--png")
-    text = read_texts(args.text)
+    text = _read_texts(files)
     model, tok = _load(args)
     ids = tok.encode(text)
     T = min(args.tokens, len(ids) + len(sink_prefix(model.config)))
@@ -399,6 +484,8 @@ def cmd_attn(args) -> int:
         _warn(f"the text has only {T} tokens; mapping those")
     if args.min_query is not None and args.min_query >= T:
         raise MiniLLMError(f"--min-query {args.min_query} must be below the number of tokens ({T})")
+    if not args.text:
+        print(f"minillm: {T} tokens from {SAMPLE_NAME}", file=sys.stderr)
     probs = attention_probs(model, ids, T)
     maps = attention_maps(model, ids, probs=probs)
     scores = attention_sink_scores(model, ids, min_query=args.min_query, probs=probs)
@@ -409,7 +496,7 @@ def cmd_attn(args) -> int:
         lines.append(f"{i:>5} {m:>8.4f} {h:>9.4f}")
     flush_print("\n".join(lines) + "\n")
     if args.json:
-        out = {"model": args.model or str(DEFAULT_MODEL), "files": list(args.text), **scores.to_dict()}
+        out = {"model": args.model or str(DEFAULT_MODEL), "files": files, **scores.to_dict()}
         write_json(args.json, "--json", out)
     from ..apps.plots import attention_map_figure
 
@@ -428,7 +515,7 @@ COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "batch": cmd_batch, "ppl
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(hoist_global_options(list(sys.argv[1:] if argv is None else argv)))
     except SystemExit as e:  # --help, --version, or a one-line usage error
         return e.code if isinstance(e.code, int) else 2
     if args.command is None:
@@ -441,11 +528,14 @@ def main(argv: list[str] | None = None) -> int:
             except (ValueError, OSError):  # a closed stream
                 pass
     try:
+        finish(args)
         return COMMANDS[args.command](args)
     except MiniLLMError as e:
+        STATUS.clear()
         print(f"minillm: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        STATUS.clear()
         print("", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `minillm generate ... | head`: stop quietly

@@ -143,7 +143,7 @@ def need_matplotlib(flag: str):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise MiniLLMError(f"{flag} needs matplotlib: pip install 'minillm[plot]'") from None
+        raise MiniLLMError(f"{flag} needs matplotlib: pip install matplotlib (the minillm-sinks[plot] extra)") from None
     return plt
 
 

@@ -15,6 +15,8 @@ from ..limits import MAX_THREADS
 
 DEFAULT_CACHE_SIZE = 1024  # capped at the checkpoint's trained context unless given
 MAX_SEED = (1 << 64) - 1  # torch.Generator.manual_seed takes at most 64 bits
+TEXT_HELP = ("UTF-8 text file(s), '-' for stdin (default: the shipped sample, the opening of Frankenstein, "
+             "minillm/data/sample.txt)")
 TEXT_RULE = ("Text must be valid UTF-8: invalid bytes or lone surrogates are refused with their "
              "offset, never replaced.")
 
@@ -73,6 +75,7 @@ def _common(cache_flags: bool = True) -> argparse.ArgumentParser:
     p = _Parser(add_help=False)
     p.add_argument("model", nargs="?", metavar="MODEL",
                    help="checkpoint directory, hub repo id or .gguf file (default: the shipped weights/llama-tiny)")
+    p.add_argument("-m", "--model", dest="model_flag", metavar="MODEL", help="MODEL, as an option (mlx-lm's spelling)")
     p.add_argument("--strict-config", action="store_true",
                    help="refuse config keys minillm does not know (default: warn, naming them, and load)")
     p.add_argument("--dtype", type=_dtype_name, default="float32",
@@ -96,6 +99,9 @@ def _common(cache_flags: bool = True) -> argparse.ArgumentParser:
 
 def _sampling(p: argparse.ArgumentParser, max_new_help: str) -> None:
     p.add_argument("--max-new-tokens", type=_int_at_least(-1), default=256, metavar="N", help=max_new_help)
+    # mlx-lm's and llama.cpp's spellings; a separate argument, so that an error names what was typed
+    p.add_argument("-n", "--max-tokens", dest="max_new_tokens", type=_int_at_least(-1), default=argparse.SUPPRESS,
+                   metavar="N", help="the same as --max-new-tokens")
     p.add_argument("--temperature", type=_float_in(0), default=0.8, help="0 is greedy (default 0.8)")
     p.add_argument("--top-k", type=_int_at_least(0), default=0, help="sample from the k most likely (0: off)")
     p.add_argument("--top-p", type=_float_in(0, 1, low_open=True), default=0.95,
@@ -117,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Generate text through a fixed-size sink+window cache, printing it as it "
                                    "comes. A prompt of any length is read in constant memory. " + TEXT_RULE)
     src = g.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt", metavar="TEXT", help="the prompt (valid UTF-8; anything else is refused)")
+    src.add_argument("-p", "--prompt", metavar="TEXT", help="the prompt (valid UTF-8; anything else is refused)")
     src.add_argument("--prompt-file", metavar="F", help="read the prompt from a UTF-8 file")
     _sampling(g, "tokens to generate (default 256; 0: none; -1: endless, until Ctrl-C)")
 
@@ -126,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "JSONL file ({\"turn\": \"...\"} per line) or, interactively, from stdin. "
                                    + TEXT_RULE)
     c.add_argument("--prompts", metavar="F.jsonl", help="JSONL file of user turns (default: read stdin)")
-    c.add_argument("--no-template", action="store_true",
+    c.add_argument("--no-template", "--no-chat-template", dest="no_template", action="store_true",
                    help="use the plain 'USER: ... ASSISTANT:' format even if the checkpoint has a chat template")
     c.add_argument("--system", metavar="TEXT", help="a system prompt, rendered by the chat template")
     _sampling(c, "tokens per reply at most (default 256; 0: none; -1: until EOS)")
@@ -143,13 +149,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where to write the results (default -: stdout); a file is written atomically")
     b.add_argument("--batch-size", type=_int_at_least(1), default=8, metavar="B",
                    help="prompts generated at once: the cache's rows (default 8)")
+    b.add_argument("--no-chat-template", "--raw", dest="no_template", action="store_true",
+                   help="feed each prompt as raw text; by default a checkpoint with a chat template gets "
+                        "each prompt as one user turn with the generation prompt (as mlx-lm does)")
     _sampling(b, "tokens per prompt at most (default 256; 0: none; -1: until EOS); a line's "
                  "\"max_new_tokens\" wins")
 
     p = sub.add_parser("ppl", parents=[_common()], help="long-text perplexity",
                        description="Perplexity of long text (files concatenated, Gutenberg boilerplate stripped). "
                                    + TEXT_RULE)
-    p.add_argument("--text", nargs="+", required=True, metavar="FILE", help="UTF-8 text file(s)")
+    p.add_argument("--text", nargs="+", metavar="FILE", help=TEXT_HELP)
     p.add_argument("--mode", nargs="+", choices=MODES, default=["streaming"], metavar="MODE",
                    help=f"one or more of {', '.join(MODES)} (default streaming)")
     p.add_argument("--max-tokens", type=_int_at_least(2), metavar="N", help="score only the first N tokens")
@@ -169,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("attn", parents=[_common(cache_flags=False)], help="attention maps and sink scores",
                        description="Per-layer attention maps (heads averaged) of a dense forward over the first "
                                    "tokens of a text, and the per-layer attention-sink score.")
-    a.add_argument("--text", nargs="+", required=True, metavar="FILE", help="UTF-8 text file(s)")
+    a.add_argument("--text", nargs="+", metavar="FILE", help=TEXT_HELP)
     a.add_argument("--png", required=True, metavar="OUT",
                    help="where to draw the maps, as .png, .pdf or .svg (needs matplotlib)")
     a.add_argument("--tokens", type=_int_at_least(2), default=128, metavar="T",
@@ -178,3 +187,52 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sink score over queries with index >= Q (default T/2)")
     a.add_argument("--json", metavar="OUT", help="write the sink scores as JSON")
     return parser
+
+
+# Options every subcommand has, which a user may put before the subcommand (`minillm --threads 1
+# generate`): moved after it. The value-taking ones take their value with them.
+GLOBAL_VALUED = ("--threads", "--dtype", "--device", "-m", "--model")
+GLOBAL_FLAGS = ("--strict-config", "--no-fast", "--int8")
+COMMAND_NAMES = ("generate", "chat", "batch", "ppl", "attn")
+
+
+def hoist_global_options(argv: list[str]) -> list[str]:
+    """`minillm --threads 1 generate ...` -> `minillm generate --threads 1 ...`. Anything else before
+    the subcommand is left where it is, for argparse to judge (--help, --version, a bad option)."""
+    moved, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        name = arg.split("=", 1)[0]
+        if arg in COMMAND_NAMES:
+            return argv[:i] + [arg] + moved + argv[i + 1:] if moved else argv
+        if name in GLOBAL_VALUED and "=" in arg or name in GLOBAL_FLAGS:
+            moved.append(arg)
+            argv = argv[:i] + argv[i + 1:]
+        elif arg in GLOBAL_VALUED and i + 1 < len(argv):
+            moved += argv[i:i + 2]
+            argv = argv[:i] + argv[i + 2:]
+        else:  # something the top level does not know: argparse reports it
+            return (moved + argv) if moved else argv
+    return moved + argv
+
+
+def finish(args) -> None:
+    """What argparse cannot say: MODEL given as -m/--model, and `ppl/attn --text x.txt MODEL`.
+
+    `--text` takes one or more files, so a MODEL typed after them lands in the list. A directory
+    or a .gguf file is never a text, so the last item that is one is taken as MODEL when no MODEL
+    was given (a hub repo id there cannot be told from a missing file: put it first, or use -m)."""
+    from pathlib import Path
+
+    from ..errors import MiniLLMError
+
+    flag = getattr(args, "model_flag", None)
+    if flag is not None:
+        if args.model is not None and args.model != flag:
+            raise MiniLLMError(f"two models given: {args.model!r} and -m/--model {flag!r} (give one)")
+        args.model = flag
+    text = getattr(args, "text", None)
+    if args.model is None and text and len(text) > 1:
+        last = Path(text[-1])
+        if last.is_dir() or (last.suffix.lower() == ".gguf" and last.is_file()):
+            args.model, args.text = text[-1], text[:-1]

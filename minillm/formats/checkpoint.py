@@ -21,6 +21,7 @@ import torch
 
 from ..errors import MiniLLMError, first_line
 from ..core.config import ModelConfig
+from ..progress import report
 from .families import FAMILIES, to_hf_config
 from .reading import check_input, is_present, read_json, safe_path_in
 
@@ -216,7 +217,8 @@ def load_tensors(tensors, config: ModelConfig, dtype: torch.dtype, device: torch
     perm = qkv_permutation(config)
 
     state, used = {}, set()
-    for ours, shape in expected.items():
+    for done, (ours, shape) in enumerate(expected.items()):
+        report("tensors", done, len(expected))
         theirs = pairs[ours]
         parts = theirs if isinstance(theirs, tuple) else (theirs,)
         for name in parts:
@@ -247,6 +249,7 @@ def load_tensors(tensors, config: ModelConfig, dtype: torch.dtype, device: torch
         if not any(p.fullmatch(name) for p in ignored):
             raise MiniLLMError(f"unexpected tensor {tensors.describe(name)} in checkpoint (not used by a "
                                f"{config.family} model with this config)")
+    report("tensors", len(expected), len(expected))
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
 

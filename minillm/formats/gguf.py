@@ -11,7 +11,7 @@ file was a GGUF:
   undone; the strict loader in `checkpoint.py` then checks every name and shape as for safetensors;
 - the vocabulary, merges, token types and special ids become a `tokenizers` tokenizer.
 
-The file is read with the `gguf` package (`pip install "minillm[gguf]"`), never by hand. All the
+The file is read with the `gguf` package (`pip install gguf`, the `minillm-sinks[gguf]` extra), never by hand. All the
 name and key mappings below are data.
 """
 
@@ -137,7 +137,7 @@ class GGUFFile:
         try:
             from gguf import GGUFReader
         except ImportError:
-            raise MiniLLMError('reading GGUF files needs the gguf package: pip install "minillm[gguf]"') from None
+            raise MiniLLMError('reading GGUF files needs the gguf package: pip install gguf (the "minillm-sinks[gguf]" extra)') from None
         try:
             self.reader = GGUFReader(str(self.path), "r")
         except Exception as e:  # truncated or corrupt: numpy/struct errors, an unknown tensor type, ...

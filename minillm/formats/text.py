@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 
 from ..errors import MiniLLMError
 
@@ -50,6 +51,23 @@ def read_text(path: str | os.PathLike, *, gutenberg: bool = True) -> str:
     # ends the wait); a directory, a device (/dev/zero would be read forever) or a socket is
     # refused by kind before it is opened.
     data = read_bytes(path, limit=MAX_TEXT_BYTES, pipes=True)
+    return decode_text(data, str(path), gutenberg=gutenberg)
+
+
+def read_stdin_text(*, gutenberg: bool = True) -> str:
+    """`read_text` for standard input (a file named "-" on the command line)."""
+    stream = getattr(sys.stdin, "buffer", None)
+    if stream is None:
+        raise MiniLLMError("-: there is no stdin to read")
+    try:
+        data = stream.read(MAX_TEXT_BYTES + 1)
+    except (OSError, ValueError) as e:
+        raise MiniLLMError(f"cannot read stdin: {getattr(e, 'strerror', None) or e}") from None
+    return decode_text(data, "stdin", gutenberg=gutenberg)
+
+
+def decode_text(data: bytes, path: str, *, gutenberg: bool = True) -> str:
+    """The text of `data`, read from `path`: the checks and clean-up of `read_text`."""
     if len(data) > MAX_TEXT_BYTES:
         raise MiniLLMError(f"{path} is larger than {MAX_TEXT_BYTES >> 30} GiB; tokenizing it would need tens of "
                            f"GB (use a part of it)")
