@@ -45,3 +45,225 @@ def test_random_models_are_for_inference_and_training_turns_gradients_on():
     loss = model(torch.tensor([[1, 2, 3]])).sum()
     loss.backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+# ------------------------------------------------------------------------------------------------
+# Stopping at the model's EOS and end-of-turn ids by default; stop strings
+
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+          "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def _chatml_copy(tmp_path, name="pythia-tiny", eos=None) -> Path:
+    """A shipped tiny model with <|im_start|>/<|im_end|> added and a ChatML template."""
+    import json
+    import shutil
+
+    d = tmp_path / name
+    shutil.copytree(ROOT / "weights" / name, d)
+    tj = json.loads((d / "tokenizer.json").read_text())
+    cfg = json.loads((d / "config.json").read_text())
+    # The vocabulary's last two tokens become the chat tokens (the embedding has no spare rows):
+    # their strings, and the merges that make or use them, leave the BPE model.
+    vocab = tj["model"]["vocab"]
+    ids = sorted(vocab.values())[-2:]
+    old = {t for t, i in vocab.items() if i in ids}
+    for t in old:
+        del vocab[t]
+    merges = [m if isinstance(m, list) else m.split(" ") for m in tj["model"]["merges"]]
+    tj["model"]["merges"] = [m for m in merges if "".join(m) not in old and not old & set(m)]
+    for i, content in zip(ids, ["<|im_start|>", "<|im_end|>"]):
+        tj["added_tokens"].append({"id": i, "content": content, "single_word": False, "lstrip": False,
+                                   "rstrip": False, "normalized": False, "special": True})
+    (d / "tokenizer.json").write_text(json.dumps(tj))
+    cfg = json.loads((d / "config.json").read_text())
+    tc = json.loads((d / "tokenizer_config.json").read_text())
+    tc["chat_template"] = CHATML
+    (d / "tokenizer_config.json").write_text(json.dumps(tc))
+    if eos is not None:
+        cfg["eos_token_id"] = eos
+        (d / "config.json").write_text(json.dumps(cfg))
+    return d
+
+
+def test_load_records_eos_and_end_of_turn_ids(tmp_path):
+    assert minillm.load(TINY).eos_ids == {2}  # generation_config.json / config.json
+    d = _chatml_copy(tmp_path, eos=[0, 7])
+    tok = minillm.load_tokenizer(d)
+    im_end = tok.token_to_id("<|im_end|>")
+    model = minillm.load(d)
+    assert im_end is not None and im_end in model.eos_ids and {0, 7} <= model.eos_ids
+    assert im_end in tok.stop_ids
+
+
+def test_gguf_stop_ids_from_metadata():
+    from minillm.formats.stops import gguf_stop_ids
+
+    meta = {"tokenizer.ggml.eos_token_id": 3, "tokenizer.ggml.eot_token_id": 5,
+            "tokenizer.ggml.tokens": ["a", "b", "<|im_start|>", "</s>", "<|im_end|>", "<|eot_id|>"],
+            "tokenizer.chat_template": CHATML}
+    assert gguf_stop_ids(meta, 6) == {3, 4, 5}
+    assert gguf_stop_ids({"tokenizer.ggml.eos_token_id": 99}, 6) == frozenset()  # not in the vocabulary
+
+
+def test_generate_stops_at_the_models_eos_by_default():
+    model = random_model(tiny_config("llama_gqa"), dtype=torch.float64)
+    free = list(minillm.generate(model, [1, 2, 3], max_new_tokens=12, temperature=0))
+    assert len(free) == 12  # a bare Model states no EOS
+    model.eos_ids = frozenset({free[4]})
+    stopped = list(minillm.generate(model, [1, 2, 3], max_new_tokens=12, temperature=0))
+    assert stopped == free[: free.index(free[4]) + 1]
+    assert list(minillm.generate(model, [1, 2, 3], max_new_tokens=12, temperature=0, eos_ids=())) == free
+    events = list(minillm.generate_batch(model, [[1, 2, 3]], max_new_tokens=12, temperature=0))
+    assert [e.token for e in events] == stopped and events[-1].stop == "eos"
+
+
+# ------------------------------------------------------------------------------------------------
+# stream_generate
+
+
+@pytest.fixture(scope="module")
+def tiny64():
+    return minillm.load(TINY, dtype=torch.float64), minillm.load_tokenizer(TINY)
+
+
+@pytest.mark.parametrize("settings", [dict(temperature=0), dict(temperature=0.9, top_k=40, seed=3)])
+def test_stream_generate_draws_generates_tokens(tiny64, settings):
+    model, tok = tiny64
+    prompt = "It was a dark and stormy night"
+    want = list(minillm.generate(model, tok.encode(prompt), max_new_tokens=40, vocab_size=tok.vocab_size, **settings))
+    for p in (prompt, tok.encode(prompt), torch.tensor([tok.encode(prompt)])):
+        got = list(minillm.stream_generate(model, tok, p, max_new_tokens=40, **settings))
+        assert [r.token for r in got] == want
+    assert [r.finish_reason for r in got] == [None] * (len(got) - 1) + ["stop" if want[-1] in model.eos_ids else "length"]
+    assert "".join(r.text for r in got) == tok._decode_mid_text(want[:-1] if want[-1] in model.eos_ids else want)
+    assert all(r.logprob <= 0 for r in got) and got[-1].generation_tokens == len(want)
+    if not settings.get("temperature"):  # greedy: the log-probability of the argmax, checked by hand
+        cache = model.new_cache(1)
+        logits = model(torch.tensor([tok.encode(prompt)]), cache=cache)[0, -1]
+        assert abs(got[0].logprob - torch.log_softmax(logits[: tok.vocab_size], -1).max().item()) < 1e-12
+
+
+def test_stop_strings_end_the_text_before_them_also_split_across_tokens(tiny64):
+    model, tok = tiny64
+    full = list(minillm.stream_generate(model, tok, "It was a dark and stormy night", max_new_tokens=40, temperature=0))
+    text = "".join(r.text for r in full)
+    pieces = [r.text for r in full]
+    k = next(i for i in range(1, len(pieces) - 1) if len(pieces[i]) >= 2 and len(pieces[i + 1]) >= 2
+             and text.find(pieces[i][-2:] + pieces[i + 1][:2]) == len("".join(pieces[: i + 1])) - 2)
+    stop = pieces[k][-2:] + pieces[k + 1][:2]  # split over tokens k and k + 1
+    got = list(minillm.stream_generate(model, tok, "It was a dark and stormy night", max_new_tokens=40,
+                                       temperature=0, stop=["never there", stop]))
+    assert "".join(r.text for r in got) == text[: text.find(stop)]
+    assert len(got) == k + 2 and got[-1].finish_reason == "stop"
+    assert [r.token for r in got] == [r.token for r in full[: k + 2]]
+    # a stop string that never comes: the whole text, held-back characters included
+    none = list(minillm.stream_generate(model, tok, "It was a dark and stormy night", max_new_tokens=40,
+                                        temperature=0, stop=text[-1] + "\x00"))
+    assert "".join(r.text for r in none) == text and none[-1].finish_reason == full[-1].finish_reason
+    with pytest.raises(MiniLLMError, match="stop"):
+        list(minillm.stream_generate(model, tok, "x", stop=[""]))
+
+
+def test_stop_text_semantics():
+    from minillm.apps.stream import StopText
+
+    s = StopText(["END", "xy"])
+    assert [s.push(p) for p in ["ab", "cE", "N", "q", "E", "ND tail"]] == ["ab", "c", "", "ENq", "", ""]
+    assert s.stopped
+
+
+# ------------------------------------------------------------------------------------------------
+# Chat templates in public, skip_special_tokens, ChatSession with messages and per-turn settings
+
+
+def test_apply_chat_template_equals_transformers_on_a_shipped_model(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    d = _chatml_copy(tmp_path)
+    tok, hf = minillm.load_tokenizer(d), transformers.AutoTokenizer.from_pretrained(str(d))
+    for messages in ([{"role": "user", "content": "Hello there!"}],
+                     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                      {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "  Why?  "}]):
+        for gen in (True, False):
+            want = hf.apply_chat_template(messages, add_generation_prompt=gen, tokenize=True)
+            want = want["input_ids"] if hasattr(want, "keys") else want  # a BatchEncoding in transformers 5
+            assert tok.apply_chat_template(messages, add_generation_prompt=gen) == list(want)
+            assert tok.apply_chat_template(messages, add_generation_prompt=gen, tokenize=False) == \
+                hf.apply_chat_template(messages, add_generation_prompt=gen, tokenize=False)
+    ids = tok.apply_chat_template(messages)
+    assert tok.decode(ids, skip_special_tokens=True) == hf.decode(ids, skip_special_tokens=True)
+    assert tok.decode(ids) == hf.decode(ids)
+    with pytest.raises(MiniLLMError, match="no chat template"):
+        minillm.load_tokenizer(TINY).apply_chat_template(messages)
+
+
+def test_apply_chat_template_equals_transformers_on_smollm2():
+    transformers = pytest.importorskip("transformers")
+    from test_smollm2 import _gguf_path
+
+    gguf = _gguf_path()
+    tok = minillm.load_tokenizer(gguf)
+    hf = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    messages = [{"role": "user", "content": "What is the capital of France?"},
+                {"role": "assistant", "content": "Paris."}, {"role": "user", "content": "And of Italy?"}]
+    want = hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    want = want["input_ids"] if hasattr(want, "keys") else want  # a BatchEncoding in transformers 5
+    assert tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True) == list(want)
+    assert tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == \
+        hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert tok.decode(want, skip_special_tokens=True) == hf.decode(want, skip_special_tokens=True)
+    assert tok.token_to_id("<|im_end|>") in tok.stop_ids
+
+
+def test_decode_skip_special_tokens_sentencepiece():
+    tok = minillm.load_tokenizer(TINY)
+    ids = tok.encode("It was a dark night") + [tok.eos_id]
+    assert tok.decode(ids, skip_special_tokens=True) == "It was a dark night"
+    with pytest.raises(MiniLLMError, match="skip_special_tokens"):
+        tok.decode(ids, skip_special_tokens="yes")
+
+
+def test_chat_session_takes_messages_and_per_turn_settings(tmp_path):
+    d = _chatml_copy(tmp_path)
+    model, tok = minillm.load(d), minillm.load_tokenizer(d)
+    a = minillm.ChatSession(model, tok, temperature=0, max_new_tokens=30)
+    b = minillm.ChatSession(model, tok, temperature=0, max_new_tokens=30, system="Be brief.")
+    ra = "".join(a.turn("Hello!", max_new_tokens=3))
+    rb = "".join(b.turn("Hello!", max_new_tokens=3))
+    c = minillm.ChatSession(model, tok, temperature=0, max_new_tokens=30)
+    rc = "".join(c.turn([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello!"}],
+                        max_new_tokens=3))
+    assert rc == rb and c.messages == b.messages and c.prompt_text == b.prompt_text
+    assert a.sampling["max_new_tokens"] == 30  # the constructor's setting stays
+    assert len(tok.encode(ra, add_bos=False)) <= 3
+    more = "".join(c.turn([*c.messages, {"role": "user", "content": "More?"}], temperature=0))
+    assert more == "".join(b.turn("More?"))
+    with pytest.raises(MiniLLMError, match="conversation so far"):
+        list(c.turn([{"role": "user", "content": "not the history"}]))
+    with pytest.raises(MiniLLMError, match="temperature"):
+        list(c.turn("x", temperature=-1))
+
+
+# ------------------------------------------------------------------------------------------------
+# Quantization: once, is_quantized, load(quantize=, compile=)
+
+
+def test_quantize_twice_is_refused_and_is_quantized():
+    model = minillm.load(TINY)
+    assert model.is_quantized is False
+    minillm.quantize_int8(model)
+    assert model.is_quantized is True
+    with pytest.raises(MiniLLMError, match="already quantized"):
+        minillm.quantize_int8(model)
+
+
+def test_load_quantize_and_compile():
+    model = minillm.load(TINY, quantize="int8", compile=True)
+    assert model.is_quantized and model.fast.compiled_step is not None
+    ref = minillm.load(TINY, quantize="int8")
+    ids = [1, 5, 9, 13]
+    assert list(minillm.generate(model, ids, max_new_tokens=4, temperature=0)) == \
+        list(minillm.generate(ref, ids, max_new_tokens=4, temperature=0))
+    for bad in (dict(quantize="int4"), dict(compile="yes"), dict(fast=False, quantize="int8")):
+        with pytest.raises(MiniLLMError):
+            minillm.load(TINY, **bad)

@@ -111,8 +111,7 @@ def _jinja_env(jinja2, sandbox):
 # One conversation
 
 
-# End-of-turn tokens of common chat formats: a reply stops on these too, when the template uses them.
-END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
+from ..formats.stops import END_OF_TURN  # noqa: E402,F401  (a reply stops on these too, when the template uses them)
 
 
 class ChatSession:
@@ -156,7 +155,7 @@ class ChatSession:
         else:
             self.cache = cache
             self.row = check_int("row", row, 0, cache.batch_size - 1, hint=f" (the cache has {cache.batch_size} rows)")
-        self.stop_ids = frozenset(tokenizer.eos_ids) | self._end_of_turn_ids()
+        self.stop_ids = frozenset(tokenizer.eos_ids) | self._end_of_turn_ids() | getattr(model, "eos_ids", frozenset())
         self.sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                              ignore_eos=ignore_eos, eos_ids=self.stop_ids, vocab_size=tokenizer.vocab_size)
         self.generator = torch.Generator(device=model.device).manual_seed(seed)
@@ -221,17 +220,31 @@ class ChatSession:
         self.prompt_text = rendered
         return ids + encode_continuation(self.tok, delta) if delta else ids
 
-    def turn(self, text: str) -> Iterator[str]:
+    def turn(self, text, *, max_new_tokens=..., temperature=..., top_k=..., top_p=...) -> Iterator[str]:
         """Feed the user's `text`; yield the reply's text as it is generated.
+
+        `text` may also be the conversation as chat messages ([{"role": ..., "content": ...}]), as
+        transformers, mlx-lm and llama-cpp-python take it: the messages this session already holds,
+        followed by one new user message (a fresh session may start with a system message). The
+        keywords set this turn's sampling only (not given: the constructor's, which later turns keep).
 
         Stopping early (not reading the generator to its end) still records the reply so far, so
         the next turn continues the conversation the cache holds."""
+        text = self._user_text(text)
+        given = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
+        settings = {**self.sampling, **{k: v for k, v in given.items() if v is not ...}}
+        check_sampling(settings["temperature"], settings["top_k"], settings["top_p"])
+        check_int("max_new_tokens", settings["max_new_tokens"], 0, none_ok=True)
         if self.cache.batch_size > 1:  # a row of a shared cache: the batched turn, with only this session
-            yield from (piece for _, piece in chat_turns({self: text}))
+            saved, self.sampling = self.sampling, settings
+            try:
+                yield from (piece for _, piece in chat_turns({self: text}))
+            finally:
+                self.sampling = saved
             return
         reply = self.begin_turn(text)
         try:
-            for token in generate(self.model, reply.ids, cache=self.cache, generator=self.generator, **self.sampling):
+            for token in generate(self.model, reply.ids, cache=self.cache, generator=self.generator, **settings):
                 piece = reply.push(token)
                 if piece is None:
                     break
@@ -242,6 +255,25 @@ class ChatSession:
                 yield tail
         finally:
             reply.close()
+
+    def _user_text(self, text) -> str:
+        """A turn's user text: `text` itself, or the new user message of a list of chat messages."""
+        if isinstance(text, str) or not isinstance(text, (list, tuple)):
+            return text  # begin_turn checks it
+        messages = list(text)
+        if not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                   for m in messages):
+            raise MiniLLMError("chat messages must be {'role': str, 'content': str} dicts")
+        held = self.messages
+        if not self.turns and not held and messages[:1] and messages[0]["role"] == "system" and len(messages) == 2:
+            if self.template is None:
+                raise MiniLLMError("a system prompt needs a chat template to render it, and this chat has none")
+            self.messages = held = [dict(messages[0])]
+        if [dict(m) for m in messages[: len(held)]] != held or len(messages) != len(held) + 1 \
+                or messages[-1]["role"] != "user":
+            raise MiniLLMError(f"chat messages must be this session's conversation so far ({len(held)} messages) "
+                               f"followed by one new user message; got {len(messages)} messages")
+        return messages[-1]["content"]
 
     def begin_turn(self, text: str) -> Reply:
         """Start a turn: the ids to feed for `text` and the reply's bookkeeping (`Reply`). The
@@ -300,9 +332,8 @@ class Reply:
         self.closed = True
         if self.fed or int(s.cache.tokens_seen[s.row]):
             self.flush()
-            if s.template:
-                s.messages += [{"role": "user", "content": self.text},
-                               {"role": "assistant", "content": "".join(self.pieces)}]
+            s.messages += [{"role": "user", "content": self.text},
+                           {"role": "assistant", "content": "".join(self.pieces)}]
             s.turns += 1
 
 

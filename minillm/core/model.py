@@ -134,7 +134,13 @@ class Model(nn.Module):
         # it bounds one piece's (n, S + n) scores per head, while keeping the products efficient.
         self.max_chunk = 1024
         self.fast = None  # the fast layer (minillm.fast.enable), or None: this file's path alone
+        self.eos_ids: frozenset[int] = frozenset()  # the ids that end a reply (minillm.load reads them)
+        self.quantized: str | None = None  # "int8" once minillm.quantize_int8 has replaced the weights
         self._specs: dict = {}
+
+    @property
+    def is_quantized(self) -> bool:
+        return self.quantized is not None
 
     @property
     def dtype(self) -> torch.dtype:

@@ -435,4 +435,8 @@ def load_model(path: str | Path, dtype: torch.dtype, device: torch.device, *, st
     if tokens is not None and embd is not None and len(tokens) != int(embd.shape[-1]):
         raise MiniLLMError(f"{f.path.name}: the vocabulary has {len(tokens)} tokens but token_embd.weight "
                            f"has {int(embd.shape[-1])} rows")
-    return load_tensors(GGUFTensors(f, hf, dtype), config, dtype, device)
+    from .stops import gguf_stop_ids
+
+    model = load_tensors(GGUFTensors(f, hf, dtype), config, dtype, device)
+    model.eos_ids = gguf_stop_ids(f.meta, model.config.vocab_size)
+    return model
