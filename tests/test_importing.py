@@ -267,3 +267,101 @@ def test_load_quantize_and_compile():
     for bad in (dict(quantize="int4"), dict(compile="yes"), dict(fast=False, quantize="int8")):
         with pytest.raises(MiniLLMError):
             minillm.load(TINY, **bad)
+
+
+# ------------------------------------------------------------------------------------------------
+# Which model a stream belongs to; saving caches and chats
+
+SAVE_AND_CONTINUE = r"""
+import sys, torch, minillm
+mode, model_dir, path = sys.argv[1:4]
+model = minillm.load(model_dir)
+if mode == "save":
+    cache = model.new_cache(2, sinks=2, window=10)
+    model(torch.tensor([[1, 7, 9, 11, 13], [1, 8, 10, 12, 14]]), cache=cache)
+    cache.save(path, rows=[1])
+    alone = model.new_cache(1, sinks=2, window=10)  # the same stream in a cache of one row, never saved
+    alone.import_row(0, cache.export_row(1))
+    step = model(torch.tensor([[6]]), cache=alone)[0, -1]
+else:
+    try:
+        cache = minillm.SinkCache.load(path, model)
+    except minillm.MiniLLMError as e:
+        print("refused:", e)
+        raise SystemExit(0)
+    step = model(torch.tensor([[6]]), cache=cache)[0, -1]
+print("logits", step.double().sum().item().hex(), step.argmax().item())
+"""
+
+
+def _run(*args) -> str:
+    import os
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", SAVE_AND_CONTINUE, *map(str, args)], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip().splitlines()[-1]
+
+
+def test_the_same_weights_loaded_twice_are_one_model_and_other_weights_are_not():
+    a, b = minillm.load(TINY), minillm.load(TINY)
+    cache = a.new_cache(1, sinks=2, window=8)
+    a(torch.tensor([[1, 5, 9]]), cache=cache)
+    b(torch.tensor([[4]]), cache=cache)  # a twin may use it
+    other = b.new_cache(1, sinks=2, window=8)
+    other.import_row(0, cache.export_row(0))
+    with torch.no_grad():
+        b.norm.weight[0] += 1e-3  # an in-place change: now another model
+    with pytest.raises(MiniLLMError, match="different model"):
+        b(torch.tensor([[4]]), cache=cache)
+    with pytest.raises(MiniLLMError, match="different model"):
+        b.new_cache(1, sinks=2, window=8).import_row(0, cache.export_row(0))
+
+
+def test_saved_cache_continues_bit_identically_in_a_new_process_and_only_for_its_model(tmp_path):
+    path = tmp_path / "cache.safetensors"
+    want = _run("save", TINY, path)
+    assert _run("load", TINY, path) == want  # a new process, the same weights: the same next logits
+    other = tmp_path / "other"
+    model = minillm.load(TINY)
+    with torch.no_grad():
+        model.layers[0].mlp.w_out.weight[0, 0] += 0.5
+    minillm.save_pretrained(model, other)
+    for name in ("tokenizer.model", "tokenizer_config.json", "generation_config.json"):
+        (other / name).write_bytes((TINY / name).read_bytes())
+    refused = _run("load", other, path)
+    assert refused.startswith("refused: load:") and "different model" in refused
+    # no pickle: a plain safetensors file, its settings JSON in the header
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        assert set(f.keys()) == {"k", "v", "raw_sink_k"} and '"tokens_seen": [5]' in f.metadata()["minillm"]
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_chat_session_save_and_load_continue_bit_identically(tmp_path):
+    model, tok = minillm.load(TINY), minillm.load_tokenizer(TINY)
+    chat = minillm.ChatSession(model, tok, window=30, seed=5, max_new_tokens=20)
+    "".join(chat.turn("Hello"))
+    chat.save(tmp_path / "chat.safetensors")
+    want = "".join(chat.turn("And then?")), chat.messages, chat.prompt_text
+    again = minillm.ChatSession.load(tmp_path / "chat.safetensors", minillm.load(TINY), tok)
+    assert ("".join(again.turn("And then?")), again.messages, again.prompt_text) == want
+    assert again.sampling == chat.sampling
+    with pytest.raises(MiniLLMError, match="not a minillm.ChatSession file"):
+        minillm.ChatSession.load(_saved_cache(tmp_path, model), model, tok)
+
+
+def _saved_cache(tmp_path, model) -> Path:
+    cache = model.new_cache(1, sinks=2, window=8)
+    model(torch.tensor([[1, 5]]), cache=cache)
+    cache.save(tmp_path / "c.safetensors")
+    return tmp_path / "c.safetensors"
+
+
+def test_row_state_is_public_and_frozen():
+    import dataclasses
+
+    assert dataclasses.is_dataclass(minillm.RowState) and minillm.RowState.__dataclass_params__.frozen

@@ -284,6 +284,22 @@ class ChatSession:
         self.unfed = None
         return Reply(self, text, ids)
 
+    def save(self, path) -> None:
+        """Write the conversation (its stream in the cache, its history, settings and generator) to
+        one safetensors file, atomically; `ChatSession.load` continues it bit-identically
+        (minillm/apps/state.py)."""
+        from .state import save_session
+
+        save_session(self, path)
+
+    @classmethod
+    def load(cls, path, model, tokenizer) -> ChatSession:
+        """A session (with a cache of its own) continuing the one `save` wrote, refused unless the
+        model has the same config and weights and the tokenizer the same chat template."""
+        from .state import load_session
+
+        return load_session(cls, path, model, tokenizer)
+
     def sampler(self) -> Sampler:
         """This turn's sampling (the session's settings, its one generator across turns), as
         `generate(**self.sampling, generator=self.generator)` samples."""

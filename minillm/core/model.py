@@ -26,6 +26,7 @@ from torch import nn
 from .config import ModelConfig
 from ..checks import check_int, parse_device, parse_dtype
 from ..errors import MiniLLMError
+from ..identity import register, same_model
 from .attention import Spec, plan
 from .cache import SinkCache
 from .positions import alibi_slopes, rope_inv_freq
@@ -130,6 +131,7 @@ class Model(nn.Module):
         self.norm = make_norm(c)
         self.lm_head = None if c.tie_word_embeddings else nn.Linear(c.hidden_size, c.vocab_size, bias=False)
         self.uid = next(_model_ids)  # caches remember which model made them
+        register(self)  # so that a twin (the same config and weights) may use its caches (identity.py)
         # A longer streamed chunk goes in pieces of this many tokens (which never changes the result):
         # it bounds one piece's (n, S + n) scores per head, while keeping the products efficient.
         self.max_chunk = 1024
@@ -200,8 +202,9 @@ class Model(nn.Module):
             return
         if not isinstance(cache, SinkCache):
             raise MiniLLMError(f"cache must be a SinkCache from model.new_cache(), got {type(cache).__name__}")
-        if cache.owner_id != self.uid:
-            raise MiniLLMError("cache was made by a different model; use this model's new_cache()")
+        if cache.owner_id != self.uid and not same_model(cache.owner_id, self):  # a twin's cache is fine
+            raise MiniLLMError("cache was made by a different model (other weights or config); use this "
+                               "model's new_cache()")
         if cache.batch_size != input_ids.shape[0]:
             raise MiniLLMError(f"batch_size mismatch: the cache holds {cache.batch_size} rows, the input has "
                                f"{input_ids.shape[0]}")
