@@ -365,3 +365,20 @@ def test_row_state_is_public_and_frozen():
     import dataclasses
 
     assert dataclasses.is_dataclass(minillm.RowState) and minillm.RowState.__dataclass_params__.frozen
+
+
+def test_a_directory_transformers_converted_from_a_gguf_loads(tmp_path):
+    import json
+    import shutil
+
+    d = tmp_path / "converted"
+    shutil.copytree(TINY, d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "gguf"}
+    (d / "config.json").write_text(json.dumps(cfg))
+    ids = torch.tensor([[1, 5, 9, 13]])
+    assert torch.equal(minillm.load(d)(ids), minillm.load(TINY)(ids))
+    cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(MiniLLMError, match="quantization_config"):
+        minillm.load(d)
