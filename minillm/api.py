@@ -76,8 +76,17 @@ def load_tokenizer(name_or_path: str | Path):
     return _load(name_or_path)
 
 
-def save_pretrained(model: Model, directory: str | Path, dtype=None) -> Path:
-    """Write the model as config.json + model.safetensors in its family's Hugging Face format."""
+def save_pretrained(model: Model, directory: str | Path, dtype=None, *, tokenizer=None) -> Path:
+    """Write the model as config.json + model.safetensors in its family's Hugging Face format;
+    with `tokenizer=`, its files and chat template too (`tokenizer.save_pretrained`), so the
+    directory is a whole checkpoint for `minillm.load` and `minillm.load_tokenizer`."""
     from .formats.checkpoint import save_pretrained as _save
+    from .formats.tokenizer import Tokenizer
 
-    return _save(model, directory, None if dtype is None else parse_dtype(dtype))
+    if tokenizer is not None and not isinstance(tokenizer, Tokenizer):
+        raise MiniLLMError(f"save_pretrained: tokenizer must be a minillm Tokenizer (from minillm.load_tokenizer), "
+                           f"got {type(tokenizer).__name__}")
+    out = _save(model, directory, None if dtype is None else parse_dtype(dtype))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    return out

@@ -382,3 +382,46 @@ def test_a_directory_transformers_converted_from_a_gguf_loads(tmp_path):
     (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(MiniLLMError, match="quantization_config"):
         minillm.load(d)
+
+
+# ------------------------------------------------------------------------------------------------
+# Packaging a model with its tokenizer
+
+TEXTS = ["It was a dark and stormy night", "  two spaces, <s> and </s> inside", "Ünïcödé ✓ 𝔘", "x\n\ny", ""]
+
+
+def _same_tokenizer(a, b):
+    for text in TEXTS:
+        for bos in (None, True, False):
+            assert a.encode(text, add_bos=bos) == b.encode(text, add_bos=bos), (text, bos)
+        ids = a.encode(text)
+        assert a.decode(ids) == b.decode(ids) and a.decode(ids, skip_special_tokens=True) == \
+            b.decode(ids, skip_special_tokens=True)
+    assert (a.bos_id, a.eos_ids, a.stop_ids, a.chat_template, a.template_tokens, a.vocab_size, a.adds_bos) == \
+        (b.bos_id, b.eos_ids, b.stop_ids, b.chat_template, b.template_tokens, b.vocab_size, b.adds_bos)
+    if a.chat_template:
+        messages = [{"role": "user", "content": "Hello there!"}]
+        assert a.apply_chat_template(messages, add_generation_prompt=True) == \
+            b.apply_chat_template(messages, add_generation_prompt=True)
+
+
+@pytest.mark.parametrize("name", ["llama-tiny", "pythia-tiny", "chatml"])
+def test_save_pretrained_with_the_tokenizer_round_trips(tmp_path, name):
+    src = _chatml_copy(tmp_path) if name == "chatml" else ROOT / "weights" / name
+    model, tok = minillm.load(src), minillm.load_tokenizer(src)
+    out = minillm.save_pretrained(model, tmp_path / "out", tokenizer=tok)
+    _same_tokenizer(tok, minillm.load_tokenizer(out))
+    again = minillm.load(out)
+    assert again.eos_ids == model.eos_ids
+    ids = torch.tensor([tok.encode("It was a dark and stormy night")])
+    assert torch.equal(again(ids), model(ids))
+    _same_tokenizer(tok, minillm.load_tokenizer(tok.save_pretrained(tmp_path / "tok-only")))
+    with pytest.raises(MiniLLMError, match="tokenizer must be"):
+        minillm.save_pretrained(model, tmp_path / "bad", tokenizer="weights/llama-tiny")
+
+
+def test_a_gguf_tokenizer_saves_as_a_directory(tmp_path):
+    from test_smollm2 import _gguf_path
+
+    tok = minillm.load_tokenizer(_gguf_path())
+    _same_tokenizer(tok, minillm.load_tokenizer(tok.save_pretrained(tmp_path / "smollm2-tok")))

@@ -311,6 +311,33 @@ class Tokenizer:
         found = (self.token_to_id(t) for t in template_end_tokens(self.chat_template))
         return self.eos_ids | frozenset(i for i in found if i is not None)
 
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write the tokenizer as a Hugging Face directory: tokenizer.json (or tokenizer.model),
+        tokenizer_config.json (its special tokens and flags), chat_template.jinja (if it has a
+        template) and generation_config.json's stop ids; `load_tokenizer(directory)` reads back a
+        tokenizer that encodes, decodes and renders chats identically."""
+        d = Path(directory)
+        if d.exists() and not d.is_dir():
+            raise MiniLLMError(f"save_pretrained: {d} exists and is not a directory")
+        d.mkdir(parents=True, exist_ok=True)
+        config: dict[str, Any] = {k: v for k, v in self.template_tokens.items()}
+        config["clean_up_tokenization_spaces"] = self.clean_up_spaces
+        if isinstance(self._backend, _SentencePiece):
+            (d / "tokenizer.model").write_bytes(self._backend.sp.serialized_model_proto())
+            config["add_bos_token"], config["add_eos_token"] = self._sp_add
+        else:
+            self._backend.tk.save(str(d / "tokenizer.json"))
+        (d / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n",
+                                                 encoding="utf-8")
+        if self.chat_template is not None:
+            (d / "chat_template.jinja").write_text(self.chat_template, encoding="utf-8")
+        eos = sorted(self.eos_ids, key=lambda i: (i != self.eos_id, i))  # the first EOS first
+        gen_path = d / "generation_config.json"
+        gen = _read_json(gen_path)
+        gen.update({"bos_token_id": self.bos_id, "eos_token_id": eos[0] if len(eos) == 1 else eos or None})
+        gen_path.write_text(json.dumps(gen, indent=2) + "\n", encoding="utf-8")
+        return d
+
     def token_to_id(self, token: str) -> int | None:
         """The id of a token string (`<|im_end|>`), or None if the vocabulary lacks it."""
         return self._backend.token_to_id(token)
