@@ -425,3 +425,48 @@ def test_a_gguf_tokenizer_saves_as_a_directory(tmp_path):
 
     tok = minillm.load_tokenizer(_gguf_path())
     _same_tokenizer(tok, minillm.load_tokenizer(tok.save_pretrained(tmp_path / "smollm2-tok")))
+
+
+# ------------------------------------------------------------------------------------------------
+# A long conversation keeps a bounded history
+
+NUMBERED = ("{% for m in messages %}{{ loop.index }}:{{ m['role'] }}:{{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}{{ messages | length + 1 }}:assistant:{% endif %}")
+
+
+@pytest.mark.parametrize("template", ["chatml", "numbered"])
+def test_history_is_trimmed_to_what_the_next_turn_needs(tmp_path, monkeypatch, template):
+    import json
+
+    d = _chatml_copy(tmp_path)
+    if template == "numbered":  # every turn's rendering depends on the whole history: nothing may go
+        tc = json.loads((d / "tokenizer_config.json").read_text())
+        tc["chat_template"] = NUMBERED
+        (d / "tokenizer_config.json").write_text(json.dumps(tc))
+    model, tok = minillm.load(d), minillm.load_tokenizer(d)
+
+    def run(trim: bool):
+        if not trim:
+            monkeypatch.setattr(minillm.ChatSession, "_trim", lambda self: None)
+        chat = minillm.ChatSession(model, tok, temperature=0, max_new_tokens=3, window=60, system="Be brief.")
+        replies, sizes = [], []
+        for i in range(50):
+            replies.append("".join(chat.turn(f"Turn {i}: tell me more.")))
+            sizes.append(len(chat.prompt_text))
+        monkeypatch.undo()
+        return chat, replies, sizes
+
+    trimmed, replies, sizes = run(True)
+    full, want, full_sizes = run(False)
+    assert replies == want  # the same conversation, token for token
+    assert torch.equal(trimmed.cache.k, full.cache.k) and torch.equal(trimmed.cache.tokens_seen, full.cache.tokens_seen)
+    if template == "chatml":
+        assert len(trimmed.messages) == 3 and max(sizes[2:]) <= 2 * sizes[1] < full_sizes[-1] / 10
+    else:
+        assert len(trimmed.messages) == 101 and sizes == full_sizes
+    # the whole conversation still continues it, as transformers users pass it
+    conversation = [{"role": "system", "content": "Be brief."}]
+    for i, r in enumerate(replies):
+        conversation += [{"role": "user", "content": f"Turn {i}: tell me more."}, {"role": "assistant", "content": r}]
+    assert "".join(trimmed.turn(conversation + [{"role": "user", "content": "Last."}])) == \
+        "".join(full.turn("Last."))

@@ -200,25 +200,53 @@ class ChatSession:
             # tokenizes its output with add_special_tokens=False, and so do we.
             self.prompt_text = rendered
             return self.tok.encode(rendered, add_bos=False)
-        said = self.prompt_text + self.messages[-1]["content"]  # what the cache holds, as text
-        marked = self._render(self.messages[:-1] + [{"role": "assistant", "content": self.MARK}, user])
+        delta, rewritten = self._delta(self.messages, self.prompt_text, user, rendered)
+        if rewritten and self.unfed is not None:
+            ids = [self.unfed]
+        self.prompt_text = rendered
+        return ids + encode_continuation(self.tok, delta) if delta else ids
+
+    def _delta(self, messages: list[dict], prompt_text: str, user: dict, rendered: str) -> tuple[str, bool]:
+        """The text a new user turn adds after the reply the cache holds (`rendered`: the
+        conversation `messages` + `user`, rendered), and whether the template rewrites earlier turns."""
+        said = prompt_text + messages[-1]["content"]  # what the cache holds, as text
+        marked = self._render(messages[:-1] + [{"role": "assistant", "content": self.MARK}, user])
         before, mark, after = marked.partition(self.MARK)
         if rendered.startswith(said):
             # The template renders the reply as it was generated: the rest closes the reply (its
             # end-of-turn token, if the template writes one, is there as text) and opens the new turn.
-            delta = rendered[len(said):]
-        elif (mark and self.MARK not in after and before.startswith(self.prompt_text)
-              and not before[len(self.prompt_text):].strip()):
+            return rendered[len(said):], False
+        if (mark and self.MARK not in after and before.startswith(prompt_text)
+                and not before[len(prompt_text):].strip()):
             # The template alters the reply (trims it, strips a <think> block): the cache keeps the
             # reply as generated, and what the template puts after it is fed.
-            delta = after
-        else:  # a template that rewrites earlier turns: the reply's stop token, then this turn on its own
-            if self.unfed is not None:
-                ids = [self.unfed]
-            system = [self.messages[0]] if self.messages[:1] and self.messages[0]["role"] == "system" else []
-            delta = self._render(system + [user])
-        self.prompt_text = rendered
-        return ids + encode_continuation(self.tok, delta) if delta else ids
+            return after, False
+        # A template that rewrites earlier turns: the reply's stop token, then this turn on its own.
+        system = [messages[0]] if messages[:1] and messages[0]["role"] == "system" else []
+        return self._render(system + [user]), True
+
+    PROBE = "\ue002minillm-next-turn\ue003"
+
+    def _trim(self) -> None:
+        """Keep only the history the next turn's rendering needs: the system message and the last
+        exchange, when the template renders a next turn from them exactly as from the whole
+        conversation (checked with a stand-in user text); otherwise everything. So `messages` and
+        `prompt_text` stay bounded in a conversation of any length, as the cache does."""
+        system = self.messages[:1] if self.messages[:1] and self.messages[0]["role"] == "system" else []
+        if len(self.messages) - len(system) <= 2:
+            return
+        trimmed = system + self.messages[-2:]
+        if self.template is None:  # the plain format renders each turn alone
+            self.messages = trimmed
+            return
+        probe = {"role": "user", "content": self.PROBE}
+        try:
+            want = self._delta(self.messages, self.prompt_text, probe, self._render(self.messages + [probe]))
+            short = self._render(trimmed[:-1])
+            if self._delta(trimmed, short, probe, self._render(trimmed + [probe])) == want:
+                self.messages, self.prompt_text = trimmed, short
+        except MiniLLMError:  # a template that refuses the shorter history: keep it all
+            pass
 
     def turn(self, text, *, max_new_tokens=..., temperature=..., top_k=..., top_p=...) -> Iterator[str]:
         """Feed the user's `text`; yield the reply's text as it is generated.
@@ -264,14 +292,18 @@ class ChatSession:
         if not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
                    for m in messages):
             raise MiniLLMError("chat messages must be {'role': str, 'content': str} dicts")
-        held = self.messages
+        held = self.messages  # the conversation so far, or its end that the session keeps (_trim)
         if not self.turns and not held and messages[:1] and messages[0]["role"] == "system" and len(messages) == 2:
             if self.template is None:
                 raise MiniLLMError("a system prompt needs a chat template to render it, and this chat has none")
             self.messages = held = [dict(messages[0])]
-        if [dict(m) for m in messages[: len(held)]] != held or len(messages) != len(held) + 1 \
-                or messages[-1]["role"] != "user":
-            raise MiniLLMError(f"chat messages must be this session's conversation so far ({len(held)} messages) "
+        system = held[:1] if held[:1] and held[0]["role"] == "system" else []
+        body = held[len(system):]
+        given = [dict(m) for m in messages[:-1]]
+        so_far = len(system) + 2 * self.turns  # every turn added a user message and a reply
+        if (len(given) != so_far or given[: len(system)] != system or given[so_far - len(body):] != body
+                or messages[-1]["role"] != "user"):
+            raise MiniLLMError(f"chat messages must be this session's conversation so far ({so_far} messages) "
                                f"followed by one new user message; got {len(messages)} messages")
         return messages[-1]["content"]
 
@@ -351,6 +383,7 @@ class Reply:
             s.messages += [{"role": "user", "content": self.text},
                            {"role": "assistant", "content": "".join(self.pieces)}]
             s.turns += 1
+            s._trim()
 
 
 # ----------------------------------------------------------------------------------------------
