@@ -333,3 +333,20 @@ def test_bad_tokenizer_metadata_is_refused(ckpt, tmp_path):
 def test_metadata_errors_name_the_gguf_key(ckpt, tmp_path):
     path = write_gguf(tmp_path / "heads.gguf", ckpt, raw_meta={"llama.attention.head_count_kv": (0, "uint32")})
     _one_line(lambda: minillm.load(path), "'llama.attention.head_count_kv' must be >= 1")
+
+
+def test_the_header_is_read_from_a_plain_view_of_the_mapping_with_the_same_values(ckpt, tmp_path):
+    """minillm reads the header through a plain ndarray (numpy's memmap subclass cost SmolLM2's
+    load 8-10 s in per-slice hooks); every field and tensor must be what gguf's own reader reads."""
+    from minillm.formats.gguf import GGUFFile
+
+    path = write_gguf(tmp_path / "q8.gguf", ckpt, qtype=Q.Q8_0, meta={"general.name": "tiny"})
+    ours, theirs = GGUFFile(path).reader, gguf.GGUFReader(str(path), "r")
+    assert all(type(p) is np.ndarray for f in ours.fields.values() for p in f.parts)
+    assert list(ours.fields) == list(theirs.fields)
+    for key, field in theirs.fields.items():
+        assert [bytes(p.tobytes()) for p in ours.fields[key].parts] == [bytes(p.tobytes()) for p in field.parts], key
+        assert ours.fields[key].contents() == field.contents(), key
+    for a, b in zip(ours.tensors, theirs.tensors):
+        assert (a.name, a.tensor_type, a.shape.tolist()) == (b.name, b.tensor_type, b.shape.tolist())
+        assert np.array_equal(a.data, b.data) and not a.data.flags.writeable
