@@ -470,3 +470,30 @@ def test_history_is_trimmed_to_what_the_next_turn_needs(tmp_path, monkeypatch, t
         conversation += [{"role": "user", "content": f"Turn {i}: tell me more."}, {"role": "assistant", "content": r}]
     assert "".join(trimmed.turn(conversation + [{"role": "user", "content": "Last."}])) == \
         "".join(full.turn("Last."))
+
+
+# ------------------------------------------------------------------------------------------------
+# torch.compile(model), as transformers users write it
+
+
+def test_torch_compile_of_the_model_traces_the_dense_forward_whole_and_gives_the_same_logits():
+    import torch._dynamo
+
+    model = random_model(tiny_config("llama_gqa"), dtype=torch.float32)
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    torch._dynamo.reset()
+    assert torch._dynamo.explain(model)(ids).graph_break_count == 0  # the validation no longer breaks it
+    want = model(ids)
+    got = torch.compile(model)(ids)
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    # streaming through a compiled model works too (with graph breaks; compile_decode is the fast path)
+    compiled = torch.compile(model, backend="eager")
+    caches = model.new_cache(1, sinks=2, window=6), model.new_cache(1, sinks=2, window=6)
+    a, b = model(ids, cache=caches[0]), compiled(ids, cache=caches[1])
+    for _ in range(6):
+        assert torch.equal(a, b)
+        step = a[:, -1:].argmax(-1)
+        a, b = model(step, cache=caches[0]), compiled(step, cache=caches[1])
+    with pytest.raises(MiniLLMError, match="out of range"):  # outside tracing, the check still runs
+        model(torch.tensor([[10**6]]))
+    torch._dynamo.reset()

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from ..checks import check_int, parse_device, parse_dtype
+from ..checks import check_int, parse_device, parse_dtype, tracing
 from ..errors import MiniLLMError
 from ..identity import register, same_model
 from .attention import Spec, plan
@@ -192,7 +192,8 @@ class Model(nn.Module):
         if input_ids.device != self.device:
             raise MiniLLMError(f"device mismatch: input_ids are on {input_ids.device}, the model on {self.device}")
         V = self.config.vocab_size
-        if bool(((input_ids < 0) | (input_ids >= V)).any()):  # one reduction; the embedding would fail obscurely
+        # One reduction (the embedding would fail obscurely); not while torch.compile traces (checks.tracing).
+        if not tracing() and bool(((input_ids < 0) | (input_ids >= V)).any()):
             bad = input_ids[(input_ids < 0) | (input_ids >= V)][0].item()
             raise MiniLLMError(f"input_ids: token id {bad} is out of range for the model's vocabulary of {V}")
         if cache is None:
