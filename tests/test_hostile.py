@@ -467,6 +467,8 @@ api("SinkCache.load(another model's state)", lambda ctx: minillm.SinkCache.load(
 api("SinkCache.load(k of the wrong shape)", lambda ctx: minillm.SinkCache.load(
     _saved_state(ctx, "shape.st", tensors={"k": torch.zeros(2, 1, 2, 3, 4), "v": torch.zeros(2, 1, 2, 3, 4)}),
     ctx.model("sp")), "does not fit")
+api("ChatSession.load(a path as the model)", lambda ctx: minillm.ChatSession.load(
+    _saved_state(ctx, "c2.st"), str(LLAMA), ctx.tok("sp")), "must be a minillm Model")
 api("ChatSession.load(a cache's file)", lambda ctx: minillm.ChatSession.load(
     _saved_state(ctx, "cache.st"), ctx.model("sp"), ctx.tok("sp")), "not a minillm.ChatSession file")
 

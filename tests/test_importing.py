@@ -497,3 +497,15 @@ def test_torch_compile_of_the_model_traces_the_dense_forward_whole_and_gives_the
     with pytest.raises(MiniLLMError, match="out of range"):  # outside tracing, the check still runs
         model(torch.tensor([[10**6]]))
     torch._dynamo.reset()
+
+
+def test_stream_generate_takes_chat_messages(tmp_path):
+    d = _chatml_copy(tmp_path)
+    model, tok = minillm.load(d), minillm.load_tokenizer(d)
+    messages = [{"role": "user", "content": "Hello there!"}]
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True)
+    assert tok.decode(ids).endswith("<|im_start|>assistant\n")
+    got = [r.token for r in minillm.stream_generate(model, tok, messages, max_new_tokens=12, temperature=0)]
+    assert got == list(minillm.generate(model, ids, max_new_tokens=12, temperature=0, vocab_size=tok.vocab_size))
+    with pytest.raises(MiniLLMError, match="no chat template"):
+        list(minillm.stream_generate(minillm.load(TINY), minillm.load_tokenizer(TINY), messages))

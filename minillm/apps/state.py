@@ -156,6 +156,9 @@ def save_session(session, path) -> None:
 
 
 def load_session(cls, path, model, tokenizer):
+    from ..checks import check_model
+
+    check_model(model)
     info, tensors = _read(path, CHAT_FORMAT)
     _check_owner(info, model, path)
     sampling = info.get("sampling")
