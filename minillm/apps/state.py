@@ -95,7 +95,7 @@ def _rows_state(cache, rows: list[int]) -> tuple[dict[str, torch.Tensor], list[i
 
 
 def _import(cache, tensors: dict, counts, n: int, fingerprint: str, model) -> None:
-    from ..core.cache import RowState
+    import dataclasses
 
     if not isinstance(counts, list) or len(counts) != n:
         raise MiniLLMError(f"load: the file lists {counts!r:.40} as its rows' counts, expected {n} integers")
@@ -106,10 +106,11 @@ def _import(cache, tensors: dict, counts, n: int, fingerprint: str, model) -> No
         if name not in tensors or tensors[name].dim() != 5 or tensors[name].shape[1] != n:
             raise MiniLLMError(f"load: the file's {name} tensor is missing or not (layers, {n}, heads, slots, dim)")
     raw = tensors.get("raw_sink_k")
+    blank = cache.export_row(0)  # a RowState of this cache (its class, without importing the core here)
     for b in range(n):
-        cache.import_row(b, RowState(k=tensors["k"][:, b], v=tensors["v"][:, b],
-                                     raw_sink_k=None if raw is None else raw[:, b], tokens_seen=counts[b],
-                                     sinks=cache.sinks, window=cache.window, owner_id=-1, fingerprint=fingerprint))
+        cache.import_row(b, dataclasses.replace(blank, k=tensors["k"][:, b], v=tensors["v"][:, b],
+                                                raw_sink_k=None if raw is None else raw[:, b], tokens_seen=counts[b],
+                                                owner_id=-1, fingerprint=fingerprint))
 
 
 def save_cache(cache, path, rows=None) -> None:
