@@ -33,6 +33,7 @@ _EXPORTS = {
     "ConfigWarning": "formats.config", "from_hf_config": "formats.families", "load_config": "formats.families",
     "generate": "apps.generation", "generate_batch": "apps.batching", "Request": "apps.batching",
     "ChatSession": "apps.chat", "ChatSessions": "apps.chat",
+    "stream_generate": "apps.stream", "GenerationResponse": "apps.stream",
 }
 _SUBMODULES = ("evaluate", "fast", "core")
 
@@ -53,5 +54,5 @@ def __dir__():
 
 
 __all__ = ["Model", "ModelConfig", "RowState", "compile_decode", "fast", "core", "ConfigWarning", "SinkCache", "MiniLLMError", "load", "load_tokenizer",
-           "save_pretrained", "generate", "generate_batch", "Request", "ChatSession", "ChatSessions", "quantize_int8", "evaluate",
+           "save_pretrained", "generate", "generate_batch", "stream_generate", "GenerationResponse", "Request", "ChatSession", "ChatSessions", "quantize_int8", "evaluate",
            "from_hf_config", "load_config", "parse_dtype", "parse_device", "__version__"]

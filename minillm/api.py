@@ -13,7 +13,7 @@ from .core.model import Model
 
 
 def load(name_or_path: str | Path, dtype=torch.float32, device="cpu", *, strict: bool = False,
-         fast: bool = True) -> Model:
+         fast: bool = True, quantize: str | None = None, compile: bool = False) -> Model:
     """Load a checkpoint without transformers: a local directory or hub repo id (config.json +
     safetensors), or a `.gguf` file (dequantized into `dtype`; needs the `gguf` package: `pip install gguf`,
     the `minillm-sinks[gguf]` extra).
@@ -23,14 +23,26 @@ def load(name_or_path: str | Path, dtype=torch.float32, device="cpu", *, strict:
 
     `fast=True` (the default) gives the model minillm's fast layer (minillm/fast/: SDPA kernels,
     the decode step, the CPU weight layout), held equal to the core by the tests; `fast=False`
-    runs the core (minillm/core/) alone, and no code of minillm/fast/ is imported."""
+    runs the core (minillm/core/) alone, and no code of minillm/fast/ is imported.
+    `quantize="int8"` then quantizes the weights (`minillm.quantize_int8`), and `compile=True`
+    compiles the decode step (`minillm.compile_decode`), both parts of the fast layer.
+
+    The model is for inference: its parameters need no gradients (`model.requires_grad_(True)`
+    to train it). `model.eos_ids` holds the ids that end a reply (EOS and the chat template's
+    end-of-turn token, minillm/formats/stops.py), where generation stops by default."""
     from .formats.checkpoint import load_model
     from .formats.gguf import is_gguf
     from .formats.hub import resolve_model_dir
+    from .formats.stops import directory_stop_ids
 
-    for name, flag in (("strict", strict), ("fast", fast)):
+    for name, flag in (("strict", strict), ("fast", fast), ("compile", compile)):
         if not isinstance(flag, bool):
             raise MiniLLMError(f"load: {name} must be True or False, got {flag!r}")
+    if quantize not in (None, "int8"):
+        raise MiniLLMError(f"load: quantize must be None or 'int8', got {quantize!r}")
+    if not fast and (quantize or compile):
+        raise MiniLLMError(f"load: fast=False runs the core alone; {'quantize' if quantize else 'compile'} "
+                           f"belongs to the fast layer (drop one of them)")
     dtype, device = parse_dtype(dtype), parse_device(device)
     if device.type == "meta":  # the weights would load as shapes only, and every call would fail
         raise MiniLLMError(f"unsupported device {str(device)!r} for a model (use cpu, cuda, cuda:N or mps)")
@@ -41,11 +53,20 @@ def load(name_or_path: str | Path, dtype=torch.float32, device="cpu", *, strict:
     else:
         directory = resolve_model_dir(name_or_path)
         model = load_model(directory, load_config(directory, strict=strict), dtype, device)
+        model.eos_ids = directory_stop_ids(directory, model.config.vocab_size)
     model.source = str(name_or_path)
     if fast:
         from .fast import enable
 
         enable(model)
+    if quantize == "int8":
+        from .fast.quant import quantize_int8
+
+        quantize_int8(model)
+    if compile:
+        from .fast import compile_decode
+
+        compile_decode(model)
     return model
 
 
@@ -56,8 +77,17 @@ def load_tokenizer(name_or_path: str | Path):
     return _load(name_or_path)
 
 
-def save_pretrained(model: Model, directory: str | Path, dtype=None) -> Path:
-    """Write the model as config.json + model.safetensors in its family's Hugging Face format."""
+def save_pretrained(model: Model, directory: str | Path, dtype=None, *, tokenizer=None) -> Path:
+    """Write the model as config.json + model.safetensors in its family's Hugging Face format;
+    with `tokenizer=`, its files and chat template too (`tokenizer.save_pretrained`), so the
+    directory is a whole checkpoint for `minillm.load` and `minillm.load_tokenizer`."""
     from .formats.checkpoint import save_pretrained as _save
+    from .formats.tokenizer import Tokenizer
 
-    return _save(model, directory, None if dtype is None else parse_dtype(dtype))
+    if tokenizer is not None and not isinstance(tokenizer, Tokenizer):
+        raise MiniLLMError(f"save_pretrained: tokenizer must be a minillm Tokenizer (from minillm.load_tokenizer), "
+                           f"got {type(tokenizer).__name__}")
+    out = _save(model, directory, None if dtype is None else parse_dtype(dtype))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    return out

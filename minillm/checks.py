@@ -64,3 +64,10 @@ def parse_device(device) -> torch.device:
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise MiniLLMError(f"device {device!r} requested but MPS is not available")
     return dev
+
+
+def tracing() -> bool:
+    """Whether torch.compile is tracing the caller (`torch.compile(model)`). A check that reads a
+    tensor's values (a token id out of range) would break the graph there, so the model skips it
+    while traced: out-of-range ids then fail in the embedding, as in transformers' compiled models."""
+    return torch.compiler.is_compiling()

@@ -20,7 +20,8 @@ def is_norm(name: str) -> bool:
 
 
 def init_random(model, seed: int = 0, std: float = 0.02, *, norm_jitter: float = 0.0):
-    """Fill `model`'s parameters in place (see the module docstring); returns the model in eval mode."""
+    """Fill `model`'s parameters in place (see the module docstring); returns the model in eval mode,
+    its parameters without gradients (as `minillm.load` gives a model; `requires_grad_(True)` to train)."""
     check_int("seed", seed, 0)
     first = next(model.parameters())
     g = torch.Generator(device=first.device).manual_seed(seed)
@@ -33,4 +34,4 @@ def init_random(model, seed: int = 0, std: float = 0.02, *, norm_jitter: float =
                     p.fill_(1.0)
             else:
                 p.copy_(std * torch.randn(p.shape, generator=g, device=p.device, dtype=p.dtype))
-    return model.eval()
+    return model.requires_grad_(False).eval()  # for inference, as `minillm.load` gives it

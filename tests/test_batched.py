@@ -624,11 +624,12 @@ FOREIGN = {  # how the cache a state comes from differs from the one it is impor
 @pytest.mark.parametrize("origin", list(FOREIGN))
 @torch.no_grad()
 def test_8_foreign_states_are_refused_by_name(origin, variant):
-    """import_row of a state exported by another model's cache (same config), or by a cache of
+    """import_row of a state exported by another model's cache (same config, other weights: a model
+    with the same weights is the same model, tests/test_importing.py), or by a cache of
     other sinks, window or dtype: a MiniLLMError naming the state (or import_row), and the cache is
     left as it was."""
     model = make_model(variant, seed=1)
-    other_model = make_model(variant, seed=1)  # the same weights, but another model
+    other_model = make_model(variant, seed=2)  # the same config, other weights
     state = FOREIGN[origin](model, other_model).export_row(1)
     cache = fed_cache(model)
     assert_refused(lambda: cache.import_row(1, state), r"state|import_row", cache)

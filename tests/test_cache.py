@@ -156,9 +156,12 @@ def test_device_mismatch(model):
 
 @torch.no_grad()
 def test_cache_of_another_model(model):
-    twin = random_model(model.config, dtype=torch.float32)  # same config and weights, another model
-    cache = twin.new_cache(batch_size=1, sinks=1, window=4)
+    other = random_model(model.config, dtype=model.dtype, seed=1)  # same config, other weights
+    cache = other.new_cache(batch_size=1, sinks=1, window=4)
     _refused(model, cache, torch.zeros(1, 2, dtype=torch.long), "different model")
+    twin = random_model(model.config, dtype=model.dtype, seed=0)  # the same config and weights: the same model
+    twin.load_state_dict(model.state_dict())
+    model(torch.zeros(1, 2, dtype=torch.long), cache=twin.new_cache(batch_size=1, sinks=1, window=4))
 
 
 @torch.no_grad()

@@ -67,8 +67,11 @@ def check_conversation(tok, hf, replies: list[str], *, system: str | None = None
     for user, reply in zip(USERS, replies + [""]):
         got = "".join(chat.turn(user))
         messages += [{"role": "user", "content": user}]
-        want_text = hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        # The session keeps only the history its next turn needs (the system message and the last
+        # exchange, where the template allows), rendered as transformers renders it.
+        want_text = hf.apply_chat_template(chat.messages[:-1], add_generation_prompt=True, tokenize=False)
         assert chat.prompt_text == want_text
+        assert chat.messages[-2:] == [{"role": "user", "content": user}, {"role": "assistant", "content": got}]
         messages += [{"role": "assistant", "content": got}]
         assert got == reply
     # Everything fed, minus the final stop token (generated, not yet fed), against the oracle.
@@ -242,10 +245,11 @@ def test_a_reply_read_only_in_part_still_counts(tmp_path):
     first = next(gen)
     gen.close()  # the caller stops reading after the first piece
     fed = len(model.fed)
+    assert chat.messages[1]["content"] == first and chat.turns == 1
     list(chat.turn("Next"))
     msgs = [{"role": "user", "content": "Hello there!"}, {"role": "assistant", "content": first},
             {"role": "user", "content": "Next"}]
-    assert chat.messages[1]["content"] == first and chat.turns == 2
+    assert chat.turns == 2
     want = hf.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
     # Continued, not restarted: the fed stream is the conversation so far, then turn 2's own reply.
     assert tok.decode(model.fed).startswith(want) and len(model.fed) > fed

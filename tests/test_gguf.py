@@ -392,3 +392,20 @@ def test_a_short_context_length_is_named_as_the_cause(ckpt, tmp_path, capsys):
     # An explicit --cache-size is the user's own: then the flag is named.
     assert main(["generate", str(path), "--prompt", "x", "--cache-size", "3"]) == 2
     assert "--cache-size must exceed --sinks (got --cache-size 3" in capsys.readouterr().err
+
+
+def test_the_header_is_read_from_a_plain_view_of_the_mapping_with_the_same_values(ckpt, tmp_path):
+    """minillm reads the header through a plain ndarray (numpy's memmap subclass cost SmolLM2's
+    load 8-10 s in per-slice hooks); every field and tensor must be what gguf's own reader reads."""
+    from minillm.formats.gguf import GGUFFile
+
+    path = write_gguf(tmp_path / "q8.gguf", ckpt, qtype=Q.Q8_0, meta={"general.name": "tiny"})
+    ours, theirs = GGUFFile(path).reader, gguf.GGUFReader(str(path), "r")
+    assert all(type(p) is np.ndarray for f in ours.fields.values() for p in f.parts)
+    assert list(ours.fields) == list(theirs.fields)
+    for key, field in theirs.fields.items():
+        assert [bytes(p.tobytes()) for p in ours.fields[key].parts] == [bytes(p.tobytes()) for p in field.parts], key
+        assert ours.fields[key].contents() == field.contents(), key
+    for a, b in zip(ours.tensors, theirs.tensors):
+        assert (a.name, a.tensor_type, a.shape.tolist()) == (b.name, b.tensor_type, b.shape.tolist())
+        assert np.array_equal(a.data, b.data) and not a.data.flags.writeable

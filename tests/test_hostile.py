@@ -531,6 +531,51 @@ api("load_tokenizer(): chat_template.jinja is a directory",
     lambda ctx: _real_load_tokenizer(ctx.d / "i20" / "jinja_dir"), "is a directory, not a regular file")
 
 
+api("quantize_int8 applied twice", lambda ctx: [minillm.quantize_int8(m) for m in [minillm.load(LLAMA)] * 2],
+    "already quantized")
+api("load(quantize='int4')", lambda ctx: minillm.load(LLAMA, quantize="int4"), "quantize must be")
+
+
+def _saved_state(ctx, name, edit=None, tensors=None):
+    """A cache of the sp model saved to ctx.d/name, its header JSON changed by `edit` (a dict update)."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    model = ctx.model("sp")
+    cache = model.new_cache(1, 2, 6)
+    model(torch.tensor([[1, 5, 9]]), cache=cache)
+    path = ctx.d / name
+    cache.save(path)
+    with safe_open(str(path), "pt") as f:
+        info, saved = json.loads(f.metadata()["minillm"]), {k: f.get_tensor(k) for k in f.keys()}
+    info.update(edit or {})
+    save_file(tensors if tensors is not None else saved, str(path), metadata={"minillm": json.dumps(info)})
+    return path
+
+
+api("SinkCache.load(not a safetensors file)", lambda ctx: minillm.SinkCache.load(
+    (ctx.d / "garbage.st").write_bytes(b"\x08" + b"\0" * 7 + b"{garbage") and ctx.d / "garbage.st", ctx.model("sp")),
+    "not a readable safetensors file")
+api("SinkCache.load(safetensors without minillm state)", lambda ctx: minillm.SinkCache.load(
+    _saved_state(ctx, "plain.st") and (__import__("safetensors.torch").torch.save_file(
+        {"k": torch.zeros(1)}, str(ctx.d / "plain2.st")) or ctx.d / "plain2.st"), ctx.model("sp")), "no minillm state")
+api("SinkCache.load(tokens_seen=-1)", lambda ctx: minillm.SinkCache.load(
+    _saved_state(ctx, "neg.st", {"tokens_seen": [-1]}), ctx.model("sp")), "tokens_seen")
+api("SinkCache.load(window=10**12)", lambda ctx: minillm.SinkCache.load(
+    _saved_state(ctx, "win.st", {"window": 10**12}), ctx.model("sp")), "needs")
+api("SinkCache.load(another model's state)", lambda ctx: minillm.SinkCache.load(
+    _saved_state(ctx, "fp.st", {"fingerprint": "0" * 64}), ctx.model("sp")), "different model")
+api("SinkCache.load(k of the wrong shape)", lambda ctx: minillm.SinkCache.load(
+    _saved_state(ctx, "shape.st", tensors={"k": torch.zeros(2, 1, 2, 3, 4), "v": torch.zeros(2, 1, 2, 3, 4)}),
+    ctx.model("sp")), "does not fit")
+api("ChatSession.load(a path as the model)", lambda ctx: minillm.ChatSession.load(
+    _saved_state(ctx, "c2.st"), str(LLAMA), ctx.tok("sp")), "must be a minillm Model")
+api("ChatSession.load(a cache's file)", lambda ctx: minillm.ChatSession.load(
+    _saved_state(ctx, "cache.st"), ctx.model("sp"), ctx.tok("sp")), "not a minillm.ChatSession file")
+
+
 # ------------------------------------------------------------------------------------------------
 # Fixtures: the files every row refers to
 

@@ -146,7 +146,7 @@ def test_samples_start_with_bos_or_sink():
 @pytest.mark.parametrize("variant", ["llama_gqa", "mpt", "falcon_rw", "gpt_neox_parallel"])
 def test_sdpa_gradients_equal_explicit_path(variant):
     """Training uses the dense SDPA forward; its gradients must be those of the explicit scores."""
-    model = random_model(tiny_config(variant), std=0.2)
+    model = random_model(tiny_config(variant), std=0.2).requires_grad_(True)  # built for inference; train it
     ids = torch.randint(0, 61, (2, 12), generator=torch.Generator().manual_seed(1))
     grads = []
     for probs in (None, []):
@@ -160,7 +160,7 @@ def test_sdpa_gradients_equal_explicit_path(variant):
 
 def test_zero_sink_is_differentiable():
     """The zero-sink path is the explicit one: check its gradient against a finite difference."""
-    model = random_model(tiny_config("gpt_neox_parallel", zero_sink=True), std=0.2)
+    model = random_model(tiny_config("gpt_neox_parallel", zero_sink=True), std=0.2).requires_grad_(True)
     ids = torch.randint(0, 61, (2, 10), generator=torch.Generator().manual_seed(2))
 
     def loss():

@@ -182,7 +182,7 @@ def row_seed(seed: int, index: int) -> int:
 def generate_batch(model, prompts: Iterable[Sequence[int] | torch.Tensor | Request], *, batch_size: int = 8,
                    max_new_tokens: int | None = 256, temperature: float = 0.8, top_k: int | None = None,
                    top_p: float | None = 0.95, seed: int = 0, sinks: int = 4, window: int = 1020,
-                   eos_ids: Iterable[int] = (), ignore_eos: bool = False,
+                   eos_ids: Iterable[int] | None = None, ignore_eos: bool = False,
                    vocab_size: int | None = None) -> Iterator[BatchEvent]:
     """Generate for many prompts through one cache of `batch_size` rows, by continuous batching
     (the module docstring); yield a `BatchEvent` (index, token, stop) for every token, as it is
@@ -192,7 +192,7 @@ def generate_batch(model, prompts: Iterable[Sequence[int] | torch.Tensor | Reque
     are `generate`'s, for every prompt; prompt i samples from a generator seeded with
     `row_seed(seed, i)` = seed + i unless its Request gives a seed. So prompt i's tokens are
     those of `generate(model, ids_i, seed=seed + i, ...)`, whatever the batch size and the other
-    prompts. Each prompt stops on its own: its EOS id is yielded with stop "eos" (unless
+    prompts (`eos_ids=None`: the model's `eos_ids`, as in `generate`). Each prompt stops on its own: its EOS id is yielded with stop "eos" (unless
     `ignore_eos`), or its last token with stop "length". `prompts` may be an iterator: it is
     read only as rows free up, so an endless source is served in constant memory. A prompt is
     checked when its row takes it; a bad one raises MiniLLMError naming its index.

@@ -111,8 +111,7 @@ def _jinja_env(jinja2, sandbox):
 # One conversation
 
 
-# End-of-turn tokens of common chat formats: a reply stops on these too, when the template uses them.
-END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
+from ..formats.stops import END_OF_TURN  # noqa: E402,F401  (a reply stops on these too, when the template uses them)
 
 
 class ChatSession:
@@ -156,7 +155,7 @@ class ChatSession:
         else:
             self.cache = cache
             self.row = check_int("row", row, 0, cache.batch_size - 1, hint=f" (the cache has {cache.batch_size} rows)")
-        self.stop_ids = frozenset(tokenizer.eos_ids) | self._end_of_turn_ids()
+        self.stop_ids = frozenset(tokenizer.eos_ids) | self._end_of_turn_ids() | getattr(model, "eos_ids", frozenset())
         self.sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                              ignore_eos=ignore_eos, eos_ids=self.stop_ids, vocab_size=tokenizer.vocab_size)
         self.generator = torch.Generator(device=model.device).manual_seed(seed)
@@ -201,37 +200,79 @@ class ChatSession:
             # tokenizes its output with add_special_tokens=False, and so do we.
             self.prompt_text = rendered
             return self.tok.encode(rendered, add_bos=False)
-        said = self.prompt_text + self.messages[-1]["content"]  # what the cache holds, as text
-        marked = self._render(self.messages[:-1] + [{"role": "assistant", "content": self.MARK}, user])
+        delta, rewritten = self._delta(self.messages, self.prompt_text, user, rendered)
+        if rewritten and self.unfed is not None:
+            ids = [self.unfed]
+        self.prompt_text = rendered
+        return ids + encode_continuation(self.tok, delta) if delta else ids
+
+    def _delta(self, messages: list[dict], prompt_text: str, user: dict, rendered: str) -> tuple[str, bool]:
+        """The text a new user turn adds after the reply the cache holds (`rendered`: the
+        conversation `messages` + `user`, rendered), and whether the template rewrites earlier turns."""
+        said = prompt_text + messages[-1]["content"]  # what the cache holds, as text
+        marked = self._render(messages[:-1] + [{"role": "assistant", "content": self.MARK}, user])
         before, mark, after = marked.partition(self.MARK)
         if rendered.startswith(said):
             # The template renders the reply as it was generated: the rest closes the reply (its
             # end-of-turn token, if the template writes one, is there as text) and opens the new turn.
-            delta = rendered[len(said):]
-        elif (mark and self.MARK not in after and before.startswith(self.prompt_text)
-              and not before[len(self.prompt_text):].strip()):
+            return rendered[len(said):], False
+        if (mark and self.MARK not in after and before.startswith(prompt_text)
+                and not before[len(prompt_text):].strip()):
             # The template alters the reply (trims it, strips a <think> block): the cache keeps the
             # reply as generated, and what the template puts after it is fed.
-            delta = after
-        else:  # a template that rewrites earlier turns: the reply's stop token, then this turn on its own
-            if self.unfed is not None:
-                ids = [self.unfed]
-            system = [self.messages[0]] if self.messages[:1] and self.messages[0]["role"] == "system" else []
-            delta = self._render(system + [user])
-        self.prompt_text = rendered
-        return ids + encode_continuation(self.tok, delta) if delta else ids
+            return after, False
+        # A template that rewrites earlier turns: the reply's stop token, then this turn on its own.
+        system = [messages[0]] if messages[:1] and messages[0]["role"] == "system" else []
+        return self._render(system + [user]), True
 
-    def turn(self, text: str) -> Iterator[str]:
+    PROBE = "\ue002minillm-next-turn\ue003"
+
+    def _trim(self) -> None:
+        """Keep only the history the next turn's rendering needs: the system message and the last
+        exchange, when the template renders a next turn from them exactly as from the whole
+        conversation (checked with a stand-in user text); otherwise everything. So `messages` and
+        `prompt_text` stay bounded in a conversation of any length, as the cache does."""
+        system = self.messages[:1] if self.messages[:1] and self.messages[0]["role"] == "system" else []
+        if len(self.messages) - len(system) <= 2:
+            return
+        trimmed = system + self.messages[-2:]
+        if self.template is None:  # the plain format renders each turn alone
+            self.messages = trimmed
+            return
+        probe = {"role": "user", "content": self.PROBE}
+        try:
+            want = self._delta(self.messages, self.prompt_text, probe, self._render(self.messages + [probe]))
+            short = self._render(trimmed[:-1])
+            if self._delta(trimmed, short, probe, self._render(trimmed + [probe])) == want:
+                self.messages, self.prompt_text = trimmed, short
+        except MiniLLMError:  # a template that refuses the shorter history: keep it all
+            pass
+
+    def turn(self, text, *, max_new_tokens=..., temperature=..., top_k=..., top_p=...) -> Iterator[str]:
         """Feed the user's `text`; yield the reply's text as it is generated.
+
+        `text` may also be the conversation as chat messages ([{"role": ..., "content": ...}]), as
+        transformers, mlx-lm and llama-cpp-python take it: the messages this session already holds,
+        followed by one new user message (a fresh session may start with a system message). The
+        keywords set this turn's sampling only (not given: the constructor's, which later turns keep).
 
         Stopping early (not reading the generator to its end) still records the reply so far, so
         the next turn continues the conversation the cache holds."""
+        text = self._user_text(text)
+        given = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
+        settings = {**self.sampling, **{k: v for k, v in given.items() if v is not ...}}
+        check_sampling(settings["temperature"], settings["top_k"], settings["top_p"])
+        check_int("max_new_tokens", settings["max_new_tokens"], 0, none_ok=True)
         if self.cache.batch_size > 1:  # a row of a shared cache: the batched turn, with only this session
-            yield from (piece for _, piece in chat_turns({self: text}))
+            saved, self.sampling = self.sampling, settings
+            try:
+                yield from (piece for _, piece in chat_turns({self: text}))
+            finally:
+                self.sampling = saved
             return
         reply = self.begin_turn(text)
         try:
-            for token in generate(self.model, reply.ids, cache=self.cache, generator=self.generator, **self.sampling):
+            for token in generate(self.model, reply.ids, cache=self.cache, generator=self.generator, **settings):
                 piece = reply.push(token)
                 if piece is None:
                     break
@@ -243,6 +284,29 @@ class ChatSession:
         finally:
             reply.close()
 
+    def _user_text(self, text) -> str:
+        """A turn's user text: `text` itself, or the new user message of a list of chat messages."""
+        if isinstance(text, str) or not isinstance(text, (list, tuple)):
+            return text  # begin_turn checks it
+        messages = list(text)
+        if not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                   for m in messages):
+            raise MiniLLMError("chat messages must be {'role': str, 'content': str} dicts")
+        held = self.messages  # the conversation so far, or its end that the session keeps (_trim)
+        if not self.turns and not held and messages[:1] and messages[0]["role"] == "system" and len(messages) == 2:
+            if self.template is None:
+                raise MiniLLMError("a system prompt needs a chat template to render it, and this chat has none")
+            self.messages = held = [dict(messages[0])]
+        system = held[:1] if held[:1] and held[0]["role"] == "system" else []
+        body = held[len(system):]
+        given = [dict(m) for m in messages[:-1]]
+        so_far = len(system) + 2 * self.turns  # every turn added a user message and a reply
+        if (len(given) != so_far or given[: len(system)] != system or given[so_far - len(body):] != body
+                or messages[-1]["role"] != "user"):
+            raise MiniLLMError(f"chat messages must be this session's conversation so far ({so_far} messages) "
+                               f"followed by one new user message; got {len(messages)} messages")
+        return messages[-1]["content"]
+
     def begin_turn(self, text: str) -> Reply:
         """Start a turn: the ids to feed for `text` and the reply's bookkeeping (`Reply`). The
         batched turns (`chat_turns`) use it too, so every session renders its turns alike."""
@@ -251,6 +315,22 @@ class ChatSession:
         ids = self._new_ids(text)
         self.unfed = None
         return Reply(self, text, ids)
+
+    def save(self, path) -> None:
+        """Write the conversation (its stream in the cache, its history, settings and generator) to
+        one safetensors file, atomically; `ChatSession.load` continues it bit-identically
+        (minillm/apps/state.py)."""
+        from .state import save_session
+
+        save_session(self, path)
+
+    @classmethod
+    def load(cls, path, model, tokenizer) -> ChatSession:
+        """A session (with a cache of its own) continuing the one `save` wrote, refused unless the
+        model has the same config and weights and the tokenizer the same chat template."""
+        from .state import load_session
+
+        return load_session(cls, path, model, tokenizer)
 
     def sampler(self) -> Sampler:
         """This turn's sampling (the session's settings, its one generator across turns), as
@@ -300,10 +380,10 @@ class Reply:
         self.closed = True
         if self.fed or int(s.cache.tokens_seen[s.row]):
             self.flush()
-            if s.template:
-                s.messages += [{"role": "user", "content": self.text},
-                               {"role": "assistant", "content": "".join(self.pieces)}]
+            s.messages += [{"role": "user", "content": self.text},
+                           {"role": "assistant", "content": "".join(self.pieces)}]
             s.turns += 1
+            s._trim()
 
 
 # ----------------------------------------------------------------------------------------------

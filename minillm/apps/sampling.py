@@ -182,11 +182,11 @@ class Sampler:
 
 
 def make_sampler(model, *, max_new_tokens: int | None = 256, temperature: float = 0.8, top_k: int | None = None,
-                 top_p: float | None = 0.95, seed: int = 0, eos_ids: Iterable[int] = (),
+                 top_p: float | None = 0.95, seed: int = 0, eos_ids: Iterable[int] | None = None,
                  ignore_eos: bool = False, vocab_size: int | None = None,
                  generator: torch.Generator | None = None) -> Sampler:
     """A checked `Sampler` (every argument as `generate` takes it); draws from `generator`, or from
-    a new one on the model's device seeded with `seed`."""
+    a new one on the model's device seeded with `seed`. `eos_ids=None`: the model's `eos_ids`."""
     check_sampling(temperature, top_k, top_p)
     check_int("max_new_tokens", max_new_tokens, 0, none_ok=True)
     check_int("vocab_size", vocab_size, 1, none_ok=True)
@@ -194,6 +194,8 @@ def make_sampler(model, *, max_new_tokens: int | None = 256, temperature: float 
         check_seed(seed)
     elif not isinstance(generator, torch.Generator):
         raise MiniLLMError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    if eos_ids is None:  # the model's own (minillm.load reads them); () stops on none
+        eos_ids = getattr(model, "eos_ids", ())
     if isinstance(eos_ids, (str, bytes)):
         raise MiniLLMError(f"eos_ids must be a collection of token ids, got {type(eos_ids).__name__}")
     try:

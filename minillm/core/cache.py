@@ -47,7 +47,8 @@ class RowState:
     tokens_seen: int
     sinks: int
     window: int
-    owner_id: int
+    owner_id: int  # the uid of the model that made it (in this process)
+    fingerprint: str | None = None  # that model's fingerprint (minillm/identity.py), once known
 
 
 class SinkCache:
@@ -162,8 +163,9 @@ class SinkCache:
         if not isinstance(state, RowState):
             raise MiniLLMError(f"import_row: state must be a RowState from cache.export_row(), got "
                                f"{type(state).__name__}")
-        if state.owner_id != self.owner_id:
-            raise MiniLLMError("import_row: the state comes from a cache of a different model")
+        if state.owner_id != self.owner_id and not self._same_owner(state):
+            raise MiniLLMError("import_row: the state comes from a cache of a different model (other weights "
+                               "or config)")
         check_int("import_row: the state's tokens_seen", state.tokens_seen, 0, 2**63 - 1)  # not 2.7, -1 or 2^64
         if (state.sinks, state.window) != (self.sinks, self.window):
             raise MiniLLMError(f"import_row: the state is from a cache of sinks {state.sinks} + window "
@@ -179,6 +181,29 @@ class SinkCache:
         if self.raw_sink_k is not None:
             self.raw_sink_k[:, b].copy_(state.raw_sink_k)
         self._seen[b] = state.tokens_seen
+
+    def _same_owner(self, state: RowState) -> bool:
+        """Whether `state` comes from a model with the fingerprint of this cache's (a twin)."""
+        from ..identity import of_owner
+
+        mine = of_owner(self.owner_id)
+        return mine is not None and mine == (state.fingerprint or of_owner(state.owner_id))
+
+    def save(self, path, rows=None) -> None:
+        """Write the streams of `rows` (None: every row) to `path`: one safetensors file, with
+        their counts, shape and the model's fingerprint as JSON in its header; written atomically,
+        read back with no pickle by `SinkCache.load` (minillm/apps/state.py)."""
+        from ..apps.state import save_cache
+
+        save_cache(self, path, rows)
+
+    @staticmethod
+    def load(path, model) -> SinkCache:
+        """A new cache of `model` holding the streams `SinkCache.save` wrote, refused unless they
+        were saved from a model with the same config and weights."""
+        from ..apps.state import load_cache
+
+        return load_cache(path, model)
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, raw_k: torch.Tensor, w: CacheWrite) -> None:
         """Persist one forward's keys at `layer`: k (rotated), v and raw_k (un-rotated), each

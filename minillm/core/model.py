@@ -24,8 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from ..checks import check_int, parse_device, parse_dtype
+from ..checks import check_int, parse_device, parse_dtype, tracing
 from ..errors import MiniLLMError
+from ..identity import register, same_model
 from .attention import Spec, plan
 from .cache import SinkCache
 from .positions import alibi_slopes, rope_inv_freq
@@ -130,11 +131,18 @@ class Model(nn.Module):
         self.norm = make_norm(c)
         self.lm_head = None if c.tie_word_embeddings else nn.Linear(c.hidden_size, c.vocab_size, bias=False)
         self.uid = next(_model_ids)  # caches remember which model made them
+        register(self)  # so that a twin (the same config and weights) may use its caches (identity.py)
         # A longer streamed chunk goes in pieces of this many tokens (which never changes the result):
         # it bounds one piece's (n, S + n) scores per head, while keeping the products efficient.
         self.max_chunk = 1024
         self.fast = None  # the fast layer (minillm.fast.enable), or None: this file's path alone
+        self.eos_ids: frozenset[int] = frozenset()  # the ids that end a reply (minillm.load reads them)
+        self.quantized: str | None = None  # "int8" once minillm.quantize_int8 has replaced the weights
         self._specs: dict = {}
+
+    @property
+    def is_quantized(self) -> bool:
+        return self.quantized is not None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -184,7 +192,8 @@ class Model(nn.Module):
         if input_ids.device != self.device:
             raise MiniLLMError(f"device mismatch: input_ids are on {input_ids.device}, the model on {self.device}")
         V = self.config.vocab_size
-        if bool(((input_ids < 0) | (input_ids >= V)).any()):  # one reduction; the embedding would fail obscurely
+        # One reduction (the embedding would fail obscurely); not while torch.compile traces (checks.tracing).
+        if not tracing() and bool(((input_ids < 0) | (input_ids >= V)).any()):
             bad = input_ids[(input_ids < 0) | (input_ids >= V)][0].item()
             raise MiniLLMError(f"input_ids: token id {bad} is out of range for the model's vocabulary of {V}")
         if cache is None:
@@ -194,8 +203,9 @@ class Model(nn.Module):
             return
         if not isinstance(cache, SinkCache):
             raise MiniLLMError(f"cache must be a SinkCache from model.new_cache(), got {type(cache).__name__}")
-        if cache.owner_id != self.uid:
-            raise MiniLLMError("cache was made by a different model; use this model's new_cache()")
+        if cache.owner_id != self.uid and not same_model(cache.owner_id, self):  # a twin's cache is fine
+            raise MiniLLMError("cache was made by a different model (other weights or config); use this "
+                               "model's new_cache()")
         if cache.batch_size != input_ids.shape[0]:
             raise MiniLLMError(f"batch_size mismatch: the cache holds {cache.batch_size} rows, the input has "
                                f"{input_ids.shape[0]}")

@@ -60,7 +60,9 @@ def disable(model):
 
 
 def compile_decode(model, **options):
-    """Run one-token streaming steps through `torch.compile(model._step, **options)`.
+    """Run one-token streaming steps through `torch.compile(model._step, **options)`: the fast
+    path for compiled decoding (`minillm.load(..., compile=True)` calls it), rather than
+    `torch.compile(model)`, which compiles the whole forward, validation included.
 
     The step's shapes are fixed once the cache is full, and everything that changes from step to
     step (the slot, the rotations) is a tensor, so it compiles once for the steady state, and the

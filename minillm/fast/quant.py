@@ -51,6 +51,9 @@ def quantize_int8(model, *, head: bool = True):
 
     if not isinstance(model, Model):
         raise MiniLLMError(f"quantize_int8: model must be a minillm Model, got {type(model).__name__}")
+    if model.is_quantized or any(isinstance(m, Int8Linear) for m in model.modules()):
+        raise MiniLLMError(f"quantize_int8: the model is already quantized ({model.quantized or 'int8'}); "
+                           f"quantize the float model once")
     if model.device.type != "cpu":
         raise MiniLLMError(f"quantize_int8: the int8 kernel is CPU-only here, the model is on {model.device}")
     if model.dtype not in (torch.float32, torch.bfloat16, torch.float16):

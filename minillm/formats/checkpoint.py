@@ -251,7 +251,10 @@ def load_tensors(tensors, config: ModelConfig, dtype: torch.dtype, device: torch
                                f"{config.family} model with this config)")
     report("tensors", len(expected), len(expected))
     model.load_state_dict(state, strict=True, assign=True)
-    return model.eval()
+    # A loaded model is for inference: no parameter asks for a gradient, so a forward records no
+    # autograd graph (the README's loop would otherwise keep every step's graph alive). Training
+    # turns them back on (`model.requires_grad_(True)`), as tools/train.py's fresh models have them.
+    return model.requires_grad_(False).eval()
 
 
 def hf_state_dict(model) -> dict[str, torch.Tensor]:

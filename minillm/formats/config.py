@@ -184,6 +184,10 @@ class ConfigReader:
                                    f"{', '.join(kinds)} (minillm supports only full_attention layers)")
             if key == "rope_scaling" and _unscaled(value):
                 continue
+            if key == "quantization_config" and isinstance(value, dict) and value.get("quant_method") == "gguf":
+                # transformers' conversion of a GGUF: the weights it wrote are dequantized floats
+                # (a tensor of an integer dtype is still refused by the loader, by name).
+                continue
             if value not in neutral:
                 shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
                 raise MiniLLMError(f"{self.where}: unsupported option {key}={shown} for model_type "

@@ -65,8 +65,8 @@ class _HFTokenizers:
         # special=True runs the post-processor (which adds BOS where the file says so).
         return self.tk.encode(text, add_special_tokens=special).ids
 
-    def decode(self, ids: list[int]) -> str:
-        return self.tk.decode(ids, skip_special_tokens=False)
+    def decode(self, ids: list[int], skip_special: bool = False) -> str:
+        return self.tk.decode(ids, skip_special_tokens=skip_special)
 
     def token_to_id(self, token: str) -> int | None:
         return self.tk.token_to_id(token)
@@ -117,8 +117,10 @@ class _SentencePiece:
                 ids += cont[len(self._anchor):] if cont[: len(self._anchor)] == self._anchor else self.sp.encode(part)
         return ids
 
-    def decode(self, ids: list[int]) -> str:
+    def decode(self, ids: list[int], skip_special: bool = False) -> str:
         # Control tokens (<s>, </s>) have no surface text in sentencepiece: they decode to "".
+        if skip_special:
+            ids = [i for i in ids if not self.sp.is_control(i)]
         return self.sp.decode(ids)
 
     def id_to_token(self, i: int) -> str | None:
@@ -259,8 +261,11 @@ class Tokenizer:
             ids = [self.bos_id, *ids]  # never zero, never two
         return ids
 
-    def decode(self, ids: Iterable[int]) -> str:
-        """Text of `ids` (a list, tuple, or 1-D tensor). Special tokens are not skipped."""
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        """Text of `ids` (a list, tuple, or 1-D tensor). Special tokens (BOS, EOS, `<|im_end|>`)
+        are kept, or left out with `skip_special_tokens=True`, as in transformers."""
+        if not isinstance(skip_special_tokens, bool):
+            raise MiniLLMError(f"decode: skip_special_tokens must be True or False, got {skip_special_tokens!r}")
         if isinstance(ids, (str, bytes)):
             raise MiniLLMError(f"decode expects token ids, got {type(ids).__name__} (decode ids, not text)")
         try:
@@ -275,8 +280,65 @@ class Tokenizer:
                 raise MiniLLMError(
                     f"token id {i} is out of range for a vocabulary of {self.vocab_size}"
                 )
-        text = self._backend.decode(ids)
+        text = self._backend.decode(ids, skip_special_tokens) if skip_special_tokens else self._backend.decode(ids)
         return _clean_up_tokenization(text) if self.clean_up_spaces else text
+
+    def apply_chat_template(self, messages, *, add_generation_prompt: bool = False, tokenize: bool = True,
+                            chat_template: str | None = None, **kwargs):
+        """The conversation `messages` ([{"role": ..., "content": ...}, ...]) rendered with the
+        checkpoint's chat template, as transformers' `apply_chat_template` renders it: a list of
+        token ids (the template writes every special token itself, so nothing is added), or the
+        text with `tokenize=False`. `add_generation_prompt=True` opens the assistant's turn. Extra
+        keywords reach the template as variables, as in transformers."""
+        from ..apps.chat import render_chat_template
+
+        template = self.chat_template if chat_template is None else chat_template
+        if template is None:
+            raise MiniLLMError("apply_chat_template: this tokenizer has no chat template (give chat_template=...)")
+        if isinstance(messages, dict) or not isinstance(messages, (list, tuple)) or not all(
+                isinstance(m, dict) for m in messages):
+            raise MiniLLMError("apply_chat_template: messages must be a list of {'role': ..., 'content': ...} dicts")
+        for name, flag in (("add_generation_prompt", add_generation_prompt), ("tokenize", tokenize)):
+            if not isinstance(flag, bool):
+                raise MiniLLMError(f"apply_chat_template: {name} must be True or False, got {flag!r}")
+        text = render_chat_template(template, list(messages), add_generation_prompt=add_generation_prompt,
+                                    **{**self.template_tokens, **kwargs})
+        return self.encode(text, add_bos=False) if tokenize else text
+
+    @property
+    def stop_ids(self) -> frozenset[int]:
+        """The ids that end a reply: `eos_ids` and the end-of-turn token the chat template writes."""
+        from .stops import template_end_tokens
+
+        found = (self.token_to_id(t) for t in template_end_tokens(self.chat_template))
+        return self.eos_ids | frozenset(i for i in found if i is not None)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write the tokenizer as a Hugging Face directory: tokenizer.json (or tokenizer.model),
+        tokenizer_config.json (its special tokens and flags), chat_template.jinja (if it has a
+        template) and generation_config.json's stop ids; `load_tokenizer(directory)` reads back a
+        tokenizer that encodes, decodes and renders chats identically."""
+        d = Path(directory)
+        if d.exists() and not d.is_dir():
+            raise MiniLLMError(f"save_pretrained: {d} exists and is not a directory")
+        d.mkdir(parents=True, exist_ok=True)
+        config: dict[str, Any] = {k: v for k, v in self.template_tokens.items()}
+        config["clean_up_tokenization_spaces"] = self.clean_up_spaces
+        if isinstance(self._backend, _SentencePiece):
+            (d / "tokenizer.model").write_bytes(self._backend.sp.serialized_model_proto())
+            config["add_bos_token"], config["add_eos_token"] = self._sp_add
+        else:
+            self._backend.tk.save(str(d / "tokenizer.json"))
+        (d / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n",
+                                                 encoding="utf-8")
+        if self.chat_template is not None:
+            (d / "chat_template.jinja").write_text(self.chat_template, encoding="utf-8")
+        eos = sorted(self.eos_ids, key=lambda i: (i != self.eos_id, i))  # the first EOS first
+        gen_path = d / "generation_config.json"
+        gen = _read_json(gen_path)
+        gen.update({"bos_token_id": self.bos_id, "eos_token_id": eos[0] if len(eos) == 1 else eos or None})
+        gen_path.write_text(json.dumps(gen, indent=2) + "\n", encoding="utf-8")
+        return d
 
     def token_to_id(self, token: str) -> int | None:
         """The id of a token string (`<|im_end|>`), or None if the vocabulary lacks it."""
