@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from ..errors import MiniLLMError, first_line
+from ..formats.reading import parse_json
 
 CACHE_FORMAT, CHAT_FORMAT, VERSION = "minillm.SinkCache", "minillm.ChatSession", 1
 
@@ -52,10 +53,9 @@ def _read(path, kind: str) -> tuple[dict, dict[str, torch.Tensor]]:
             tensors = {name: f.get_tensor(name) for name in f.keys()}
     except Exception as e:  # safetensors raises its own errors for a damaged file
         raise MiniLLMError(f"load: {path} is not a readable safetensors file ({first_line(e)})") from None
-    try:
-        info = json.loads(meta["minillm"])
-    except (KeyError, ValueError, TypeError):
-        raise MiniLLMError(f"load: {path} holds no minillm state (no 'minillm' entry in its header)") from None
+    if not isinstance(meta.get("minillm"), str):
+        raise MiniLLMError(f"load: {path} holds no minillm state (no 'minillm' entry in its header)")
+    info = parse_json(meta["minillm"], f"load: {path}'s minillm header")
     if not isinstance(info, dict) or info.get("format") != kind or info.get("version") != VERSION:
         raise MiniLLMError(f"load: {path} is not a {kind} file of version {VERSION} "
                            f"(it says {info.get('format') if isinstance(info, dict) else None!r})")

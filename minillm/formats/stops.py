@@ -9,24 +9,23 @@ They come from every place a checkpoint states them, as transformers and llama.c
 - a GGUF file: `tokenizer.ggml.eos_token_id`, `tokenizer.ggml.eot_token_id` and the template's
   end-of-turn token in `tokenizer.ggml.tokens`.
 Ids outside the vocabulary are left out (they can never be sampled); a file that cannot be read
-adds nothing here (loading its tokenizer reports it).
+is refused with one line naming it, as loading its tokenizer would refuse it.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
+
+from .reading import is_present, read_json, read_text_file
 
 # End-of-turn tokens of common chat formats: a reply stops on these too, when the template writes them.
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
 
 
 def _json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    except (OSError, UnicodeDecodeError, ValueError):
-        return {}
+    # Read as every other input file is (refused by kind, size and nesting, with one line naming it).
+    data = read_json(path, what=path.name, optional=True, expect_object=False)
     return data if isinstance(data, dict) else {}
 
 
@@ -49,10 +48,8 @@ def directory_stop_ids(d: Path, vocab_size: int) -> frozenset[int]:
     found += _ids(_json(d / "generation_config.json").get("eos_token_id"), vocab_size)
     tok_cfg = _json(d / "tokenizer_config.json")
     jinja = d / "chat_template.jinja"
-    try:
-        template = jinja.read_text(encoding="utf-8") if jinja.is_file() else tok_cfg.get("chat_template")
-    except (OSError, UnicodeDecodeError):
-        template = None
+    template = read_text_file(jinja, what="chat template", encoding="utf-8") if is_present(jinja) \
+        else tok_cfg.get("chat_template")
     wanted = template_end_tokens(template)
     eos = tok_cfg.get("eos_token")
     eos = eos.get("content") if isinstance(eos, dict) else eos

@@ -29,6 +29,7 @@ then tokenizer_config.json, then the GGUF's `tokenizer.chat_template`.
 
 from __future__ import annotations
 
+import json
 import operator
 import os
 import re
