@@ -431,6 +431,49 @@ api("load(dtype='int8')", lambda ctx: minillm.load(LLAMA, dtype="int8"), "unknow
 
 
 # ------------------------------------------------------------------------------------------------
+# Issue 20, category 8: sampling parameters at the edges of float32 (the most likely token is kept)
+
+
+def _greedy_api(ctx, **kw):
+    ids = [1, 50, 60]
+    want = list(minillm.generate(ctx.model("sp"), ids, max_new_tokens=4, temperature=0))
+    return list(minillm.generate(ctx.model("sp"), ids, max_new_tokens=4, **kw)) == want
+
+
+for kind in KINDS:
+    m = f"{{{kind}}}"
+    for flags in (["--top-p", "1e-300"], ["--top-p", "5e-324"], ["--top-p", "1e-45", "--temperature", "1e-300"],
+                  ["--temperature", "inf", "--top-k", "1"], ["--temperature", "1e38", "--top-k", "1"],
+                  ["--temperature", "1e-45"], ["--temperature", "-0.0"]):
+        row(f"{kind} generate {' '.join(flags)} is the library's greedy",
+            ["generate", m, "--prompt", "It was a dark", "--max-new-tokens", "8", "--ignore-eos"] + flags,
+            0, "8 tokens", check=lambda ctx, out, err, kind=kind: ctx.check_greedy(kind, out))
+    for flags in (["--top-k", str(2**63)], ["--top-k", str(10**30)], ["--top-k", "100000"], ["--top-p", "1"],
+                  ["--temperature", "1e38"], ["--temperature", "inf"]):
+        row(f"{kind} generate {' '.join(flags)[:30]} runs", ["generate", m, "--prompt", "hi", "--max-new-tokens", "3",
+                                                             "--ignore-eos"] + flags, 0, "3 tokens")
+    row(f"{kind} chat --top-p 1e-300", ["chat", m, "--prompts", "{d}/turns.jsonl", "--max-new-tokens", "2",
+                                        "--top-p", "1e-300"], 0, "3 turns")
+for kw in (dict(top_p=1e-300), dict(top_p=5e-324), dict(temperature=1e-45, top_p=1e-300), dict(temperature=1e38, top_k=1),
+           dict(temperature=float("inf"), top_k=1), dict(temperature=10**400, top_k=1), dict(temperature=-0.0),
+           dict(temperature=0.8, top_k=1, top_p=1e-300)):
+    api(f"generate({kw}) is greedy", lambda ctx, kw=kw: _greedy_api(ctx, **kw), "", expect=None,
+        check=lambda ctx, ok: ok is True)
+for kw in (dict(top_k=2**63), dict(top_k=2**64 + 1), dict(top_k=10**6), dict(top_p=1.0), dict(temperature=1e38)):
+    api(f"generate({kw}) runs", _gen(**kw), "", expect=None, check=lambda ctx, out: len(out) == 2)
+for kw, frag in [(dict(temperature=float("-inf")), "temperature"), (dict(temperature=-1e-300), "temperature"),
+                 (dict(top_k=-(2**63)), "top_k"), (dict(top_p=float("inf")), "top_p"), (dict(top_p=-0.0), "top_p"),
+                 (dict(top_p=1 + 1e-15), "top_p"), (dict(top_k=True), "top_k")]:
+    api(f"generate({kw}) refused", _gen(**kw), frag)
+api("generate_batch(Request(top_p=1e-300)) is greedy", lambda ctx: [e.token for e in minillm.generate_batch(
+    ctx.model("sp"), [minillm.Request([1, 50, 60], top_p=1e-300, temperature=0.9)], max_new_tokens=4)]
+    == list(minillm.generate(ctx.model("sp"), [1, 50, 60], max_new_tokens=4, temperature=0)), "", expect=None,
+    check=lambda ctx, ok: ok is True)
+api("generate_batch(Request(top_p=0)) names the prompt", lambda ctx: list(minillm.generate_batch(
+    ctx.model("sp"), [[1, 2], minillm.Request([1, 50], top_p=0)], max_new_tokens=2)), "prompt 1: top_p")
+
+
+# ------------------------------------------------------------------------------------------------
 # Fixtures: the files every row refers to
 
 
