@@ -11,6 +11,7 @@ import random
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -392,3 +393,64 @@ def test_in_process_main(monkeypatch, capsys, tmp_path):
     assert cli.main(["ppl", "--text", str(tmp_path / "t.txt")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("minillm: error: no MODEL given and the default checkpoint") and err.count("\n") == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# Streams are written in place (issue 20, category 5)
+
+
+def test_a_stream_output_is_written_in_place_not_renamed_over(tiny_checkpoint, files, tmp_path):
+    """`--json /dev/stdout >> log.txt` appends (it used to rename the JSON over log.txt, losing
+    the earlier lines); so do `batch --output /dev/stdout`, /dev/fd/N and a symlink to /dev/stdout.
+    A pipe and a FIFO named by path get the output too. A regular file is still replaced atomically."""
+    py, m = sys.executable, tiny_checkpoint
+    text = files / "prompt.txt"
+    log = tmp_path / "log.txt"
+    log.write_text("earlier line\n")
+    p = _shell(f"{py} -m minillm ppl {m} --text {text} --threads 1 --json /dev/stdout >> {log}")
+    assert p.returncode == 0, p.stderr
+    got = log.read_text()
+    assert got.startswith("earlier line\nmode ") and got.rstrip().endswith("}"), got
+    assert json.loads(got[got.index("{"):])["modes"]["streaming"]["tokens"] > 0
+    (tmp_path / "p.jsonl").write_text('{"prompt": "hi", "max_new_tokens": 2}\n{"prompt": "yo", "max_new_tokens": 2}\n')
+    batch = f"{py} -m minillm batch {m} --input {tmp_path / 'p.jsonl'} --threads 1"
+    for out, redirect in [("/dev/stdout", f">> {log}"), ("/dev/fd/3", f"3>> {log}"),
+                          (f"/proc/self/fd/1", f">> {log}"), (str(tmp_path / "link"), f">> {log}")]:
+        (tmp_path / "link").unlink(missing_ok=True)
+        (tmp_path / "link").symlink_to("/dev/stdout")
+        before = log.read_text()
+        p = _shell(f"{batch} --output {out} {redirect}")
+        assert p.returncode == 0, p.stderr
+        added = log.read_text()[len(before):]
+        assert log.read_text().startswith(before) and [json.loads(x)["line"] for x in added.splitlines()] == [1, 2]
+    assert log.is_file() and not log.is_symlink()
+    p = _shell(f"{batch} --output /dev/stdout | cat")  # a pipe
+    assert p.returncode == 0 and [json.loads(x)["line"] for x in p.stdout.decode().splitlines()] == [1, 2], p.stderr
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    p = _shell(f"cat {fifo} > {tmp_path / 'from_fifo'} & {batch} --output {fifo}; wait")
+    assert p.returncode == 0, p.stderr
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)  # still the FIFO, not renamed over
+    assert [json.loads(x)["line"] for x in (tmp_path / "from_fifo").read_text().splitlines()] == [1, 2]
+    regular = tmp_path / "r.jsonl"
+    regular.write_text("old\n")
+    ino = regular.stat().st_ino
+    p = _shell(f"{batch} --output {regular}")
+    assert p.returncode == 0 and regular.stat().st_ino != ino  # atomic: a new file renamed over
+    assert [json.loads(x)["line"] for x in regular.read_text().splitlines()] == [1, 2]
+
+
+@pytest.mark.parametrize("unbuffered", [True, False])
+def test_help_onto_a_full_disk_is_an_error(unbuffered):
+    """`minillm --help > /dev/full` exited 0 (argparse ignores a failed write)."""
+    env = {k: v for k, v in ENV.items() if k != "PYTHONUNBUFFERED"}
+    if unbuffered:
+        env["PYTHONUNBUFFERED"] = "1"
+    for args in (["--help"], ["--version"], ["generate", "--help"], []):
+        p = subprocess.run(["bash", "-c", " ".join([sys.executable, "-m", "minillm", *args]) + " > /dev/full"],
+                           capture_output=True, text=True, env=env, timeout=120)
+        assert p.returncode == 2 and p.stderr.count("\n") == 1, (args, p.stderr)
+        assert p.stderr.startswith("minillm: error: cannot write to stdout: No space left on device"), p.stderr
+    p = subprocess.run(["bash", "-c", f"{sys.executable} -m minillm --help | head -c 5"], capture_output=True,
+                       text=True, env=env, timeout=120)
+    assert p.returncode == 0 and p.stdout == "usage" and "Traceback" not in p.stderr, p.stderr

@@ -145,8 +145,9 @@ row("model missing", ["generate", "./no-such-model", "--prompt", "x"], 2, "model
 OUT_BAD = [
     ("a directory", "{d}/out", "is a directory"),
     ("a trailing slash", "{d}/out/new/", "is a directory"),
-    ("/dev/full", "/dev/full", "is not a regular file"),
-    ("/dev/null", "/dev/null", "is not a regular file"),
+    ("a socket", "{d}/sock", "is a socket, not a file or a stream"),
+    ("a descriptor not open", "/dev/fd/97", "descriptor 97 is not open"),
+    ("/proc/self/fd of one not open", "/proc/self/fd/98", "descriptor 98 is not open"),
     ("a missing directory", "{d}/no/such/dir/x.json", "does not exist"),
     ("an unwritable place", "/proc/minillm-x.json", "cannot write in /proc"),
     ("the input text", "{d}/ok.txt", "is an input of this run"),
@@ -165,6 +166,19 @@ for cmd, flag in [("ppl", "--json"), ("ppl", "--plot"), ("attn", "--json"), ("at
                 continue  # refused for their extension first; the figure-input rows are below
             path = path.replace(".json", ".png")  # (a .json figure is refused for its extension first)
         row(f"{cmd} {flag} onto {what}", base + [flag, path], 2, frag)
+# Issue 20, category 5: a stream is written in place, never renamed over (the /dev/stdout cases,
+# `>> log.txt` and pipes, need a real process: tests/test_cli.py)
+for cmd in ("ppl", "attn"):
+    row(f"{cmd} --json /dev/null is written in place", BASE[cmd] + ["--json", "/dev/null"], 0, "",
+        check=lambda ctx, out, err: os.path.exists("/dev/null") and not os.path.isfile("/dev/null"))
+    row(f"{cmd} --json /dev/full: the write error, one line", BASE[cmd] + ["--json", "/dev/full"], 2,
+        "cannot write --json /dev/full: No space left on device")
+    row(f"{cmd} --json /dev/stdin (not open for writing)", BASE[cmd] + ["--json", "/dev/stdin"], 2, "descriptor 0 is")
+    row(f"{cmd} --json a symlink to /dev/full", BASE[cmd] + ["--json", "{d}/to_full"], 2, "No space left on device")
+row("ppl --plot /dev/null is refused for its format", BASE["ppl"] + ["--plot", "/dev/null"], 2,
+    "unsupported figure format")
+row("ppl --json onto a symlink to a descriptor not open", BASE["ppl"] + ["--json", "{d}/to_fd96"], 2,
+    "descriptor 96 is not open")
 row("ppl --json x.png --plot x.png", BASE["ppl"] + ["--json", "{d}/out/x.png", "--plot", "{d}/out/x.png"], 2,
     "are the same file")
 row("attn --json = --png", BASE["attn"][:4] + ["--png", "{d}/out/m.png", "--json", "{d}/out/m.png"], 2,
@@ -612,6 +626,13 @@ def ctx(tmp_path_factory):
     (d / "blank.jsonl").write_text("\n   \n\n", encoding="utf-8")
     (d / "empty.jsonl").write_bytes(b"")
     _corrupt_checkpoints(d)
+    import socket
+
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(d / "sock"))
+    sock.close()
+    os.symlink("/dev/full", d / "to_full")
+    os.symlink("/dev/fd/96", d / "to_fd96")
     return Context(d)
 
 

@@ -16,7 +16,8 @@ and no traceback (`ppl` first prints what it scored so far).
 Text rule: every text (`--prompt`, `--prompt-file`, `--text`, chat turns from a file or stdin)
 must be valid UTF-8. Invalid bytes or lone surrogates are refused, naming where and the offset;
 nothing is silently replaced. Outputs (`--json`, `--plot`, `--png`, `--output`) are checked before the work,
-never overwrite an input, and are written atomically (a temporary file renamed into place).
+never overwrite an input, and a file is written atomically (a temporary file renamed into place);
+a stream (/dev/stdout, /dev/fd/N, a FIFO, a terminal) is written in place, never renamed over.
 
     parser.py    the arguments          commands.py  the commands and `main`
     files.py     the text rule; outputs checked first and written atomically

@@ -15,7 +15,7 @@ import math
 import sys
 
 from ..errors import MiniLLMError
-from .files import check_text, flush_print, write_atomic
+from .files import check_text, flush_print, write_output
 from .parser import MAX_SEED
 
 
@@ -170,7 +170,4 @@ class Records:
                 flush_print(text + "\n")
             return
 
-        def write(tmp: str) -> None:
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.writelines(t + "\n" for t in lines)
-        write_atomic(self.path, "--output", write)
+        write_output(self.path, "--output", lambda f: f.writelines((t + "\n").encode("utf-8") for t in lines))
