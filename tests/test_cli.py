@@ -118,17 +118,17 @@ def test_generate_int8_matches_the_quantized_library(tiny_checkpoint, files):
     assert p.stdout == "".join(dec.push(t) for t in tokens) + dec.flush() + "\n"
 
 
-def interrupt_after(args, pattern: str, stream: str, timeout: float = 120):
-    """Start minillm, wait until `pattern` (a regex) shows on stdout/stderr, send SIGINT, return
-    (rc, out, err)."""
-    proc = subprocess.Popen([*CMD, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
+def interrupt_after(args, pattern: str, stream: str, timeout: float = 120, sig=signal.SIGINT, env=None):
+    """Start minillm, wait until `pattern` (a regex) shows on stdout/stderr, send `sig` (SIGINT),
+    return (rc, out, err)."""
+    proc = subprocess.Popen([*CMD, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env or ENV)
     watched = proc.stdout if stream == "stdout" else proc.stderr
     seen, deadline = b"", time.monotonic() + timeout
     try:
         while not seen or not re.search(pattern.encode(), seen):  # some output: past the imports
             assert time.monotonic() < deadline and proc.poll() is None, seen.decode(errors="replace")
             seen += os.read(watched.fileno(), 4096)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
@@ -454,3 +454,64 @@ def test_help_onto_a_full_disk_is_an_error(unbuffered):
     p = subprocess.run(["bash", "-c", f"{sys.executable} -m minillm --help | head -c 5"], capture_output=True,
                        text=True, env=env, timeout=120)
     assert p.returncode == 0 and p.stdout == "usage" and "Traceback" not in p.stderr, p.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# SIGTERM is handled as SIGINT, and exits 143 (issue 20, category 6)
+
+
+def test_sigterm_writes_what_is_finished_and_exits_143(tiny_checkpoint, files, tmp_path):
+    """`kill -TERM` (timeout, systemd, containers) during batch used to lose every finished record;
+    now every command writes what it finished, as on Ctrl-C, and exits 143. The signal goes out only
+    after the process shows it reached the point under test (a record written, a token printed)."""
+    m = tiny_checkpoint
+    (tmp_path / "p.jsonl").write_text('{"prompt": "hi", "max_new_tokens": 2}\n{"prompt": "yo", "max_new_tokens": -1}\n'
+                                      '{"prompt": "later"}\n')
+    batch = ["batch", m, "--input", tmp_path / "p.jsonl", "--batch-size", 2, "--ignore-eos", "--threads", 1,
+             "--cache-size", 16]
+    rc, out, err = interrupt_after(batch, r'"line": 1', "stdout", sig=signal.SIGTERM)  # records to stdout
+    assert rc == 143 and "Traceback" not in err, err
+    assert [json.loads(x)["line"] for x in out.splitlines()] == [1] and "interrupted" in err.splitlines()[-1]
+    probe = tmp_path / "probe.txt"
+    output = tmp_path / "out.jsonl"
+    # To a file, records are written at the end: the probe (MINILLM_STARTUP_PROBE) reports each one.
+    proc = subprocess.Popen([*CMD, *map(str, batch + ["--output", output])], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env={**ENV, "MINILLM_STARTUP_PROBE": str(probe)})
+    deadline = time.monotonic() + 120
+    while not (probe.exists() and "record 1" in probe.read_text()):
+        assert time.monotonic() < deadline and proc.poll() is None, "the batch never reported a record"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and b"Traceback" not in err, err
+    assert [json.loads(x)["line"] for x in output.read_text().splitlines()] == [1]
+    rc, out, err = interrupt_after(["generate", m, "--prompt", "Once", "--max-new-tokens", -1, "--ignore-eos",
+                                    "--cache-size", 16, "--threads", 1], ".", "stdout", sig=signal.SIGTERM)
+    assert rc == 143 and "Traceback" not in err and "interrupted" in err.strip().splitlines()[-1], err
+    rc, out, err = interrupt_after(["chat", m, "--prompts", files / "turns.jsonl", "--max-new-tokens", -1,
+                                    "--ignore-eos", "--cache-size", 16, "--threads", 1], "ASSISTANT:.", "stdout",
+                                   sig=signal.SIGTERM)
+    assert rc == 143 and "Traceback" not in err and "interrupted" in err.strip().splitlines()[-1], err
+    out_json = tmp_path / "partial.json"
+    rc, stdout, err = interrupt_after(["ppl", m, "--text", files / "big.txt", "--mode", "recompute", "--cache-size",
+                                       256, "--json", out_json, "--threads", 1], r"recompute:.*\dk?tok/s\]", "stderr",
+                                      sig=signal.SIGTERM)
+    assert rc == 143 and "Traceback" not in err, err
+    assert json.loads(out_json.read_text())["interrupted"]
+
+
+def test_sigterm_during_start_up_exits_143(tiny_checkpoint):
+    """A SIGTERM once the handler is in place (the package's first statement), during the imports."""
+    probe = tiny_checkpoint.parent / f"probe-term-{os.getpid()}.txt"
+    probe.unlink(missing_ok=True)
+    proc = subprocess.Popen([*CMD, "generate", str(tiny_checkpoint), "--prompt", "Once", "--max-new-tokens", "-1",
+                             "--ignore-eos", "--cache-size", "16", "--threads", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**ENV, "MINILLM_STARTUP_PROBE": str(probe)})
+    deadline = time.monotonic() + 120
+    while not (probe.exists() and "handler" in probe.read_text()):
+        assert time.monotonic() < deadline and proc.poll() is None, "the CLI never reported its handler"
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=60)[1].decode(errors="replace")
+    assert proc.returncode == 143 and "Traceback" not in err, err

@@ -11,7 +11,7 @@ MODEL is a local checkpoint directory or a hub repo id; without it, the shipped 
 new token included), as in the library's `new_cache(sinks=N, window=S-N)`.
 
 Bad input is one line on stderr (`minillm: error: ...`) and exit code 2; Ctrl-C exits with 130
-and no traceback (`ppl` first prints what it scored so far).
+(SIGTERM: 143) and no traceback (`ppl` first prints what it scored so far).
 
 Text rule: every text (`--prompt`, `--prompt-file`, `--text`, chat turns from a file or stdin)
 must be valid UTF-8. Invalid bytes or lone surrogates are refused, naming where and the offset;
