@@ -35,7 +35,8 @@ def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 def write_gguf(path: Path, ckpt: Path, *, qtype=Q.F32, arch="llama", drop=(), extra_tensor=None,
                drop_token=False, meta=None, tokenizer_model="gpt2", add_bos=True, extra_values=None,
-               raw_meta=None, types_patch=None, pre="default") -> Path:
+               raw_meta=None, types_patch=None, pre="default",
+               chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}") -> Path:
     """A GGUF of the checkpoint at `ckpt`; `add_bos=None` writes no tokenizer.ggml.add_bos_token key."""
     model = minillm.load(ckpt)
     c = model.config
@@ -70,7 +71,7 @@ def write_gguf(path: Path, ckpt: Path, *, qtype=Q.F32, arch="llama", drop=(), ex
     w.add_eos_token_id(1)
     if add_bos is not None:
         w.add_add_bos_token(add_bos)
-    w.add_chat_template("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    w.add_chat_template(chat_template)
     for key, value in (meta or {}).items():
         if isinstance(value, str):
             w.add_string(key, value)
@@ -333,3 +334,20 @@ def test_bad_tokenizer_metadata_is_refused(ckpt, tmp_path):
 def test_metadata_errors_name_the_gguf_key(ckpt, tmp_path):
     path = write_gguf(tmp_path / "heads.gguf", ckpt, raw_meta={"llama.attention.head_count_kv": (0, "uint32")})
     _one_line(lambda: minillm.load(path), "'llama.attention.head_count_kv' must be >= 1")
+
+
+def test_a_gguf_chat_template_runs_within_the_budget(ckpt, tmp_path, monkeypatch):
+    """Issue 20, category 2: a GGUF's tokenizer.chat_template is rendered within the same time and
+    size limits as one from chat_template.jinja (tests/test_template.py)."""
+    from minillm.apps.chat import ChatSession
+
+    monkeypatch.setenv("MINILLM_TEMPLATE_SECONDS", "1")
+    for template, match in (("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+                             "time limit of 1 s"),
+                            ("{% for i in range(100000) %}{{ 'y' * 100000 }}{% endfor %}", "10,000,000 characters")):
+        path = write_gguf(tmp_path / f"t{len(match)}.gguf", ckpt, chat_template=template)
+        tok = minillm.load_tokenizer(path)
+        assert tok.chat_template == template
+        session = ChatSession(minillm.load(path), tok, max_new_tokens=2)
+        with pytest.raises(MiniLLMError, match=match):
+            list(session.turn("hi"))

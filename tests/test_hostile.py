@@ -488,6 +488,119 @@ api("generate_batch(Request(top_p=0)) names the prompt", lambda ctx: list(minill
 
 
 # ------------------------------------------------------------------------------------------------
+# Issue 20, category 2: a chat template runs within a time and size budget, wherever it comes from
+
+TEMPLATES = {
+    "nested_loops": ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "time limit"),
+    "string_loops": ("{% set s = 'y' * 100000 %}{% for a in s %}{% for b in s %}{% endfor %}{% endfor %}", "time limit"),
+    "macro_exp": ("{% macro f(n) %}{% if n %}{{ f(n-1) }}{{ f(n-1) }}{% endif %}{% endmacro %}{{ f(60) }}", "time limit"),
+    "y_times": ("{% for i in range(100000) %}{{ 'y' * 100000 }}{% endfor %}", "wrote output of"),
+    "repeat": ("{{ 'y' * 10**9 }}", "made a repetition"),
+    "doubling": ("{% set ns = namespace(x='y') %}{% for i in range(64) %}{% set ns.x = ns.x ~ ns.x %}{% endfor %}",
+                 "made a string"),
+    "center": ("{{ messages[0]['content']|center(10**10) }}", "took an argument"),
+    "format": ("{{ '%0999999999d' % 1 }}", "used a format width"),
+    "join": ("{{ (['y' * 10000] * 10000)|join }}", "made a repetition"),
+    "list_str": ("{{ [messages] * 100000000 }}", "made a repetition"),
+    "replace": ("{{ ('y' * 10000)|replace('y', 'y' * 10000) }}", "made a replace"),
+    "lipsum": ("{{ lipsum(10**6) }}", "made lipsum"),
+    "macro_body": ("{% macro m() %}{% for i in range(100000) %}{{ 'y' * 1000 }}{% endfor %}{% endmacro %}{{ m() }}",
+                   "made collected text"),
+    "pow": ("{{ 7 ** (7 ** 8) }}", "past 1048576 bits"),
+    "recursion": ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", "RecursionError"),
+}
+for name, (template, frag) in TEMPLATES.items():
+    slow = frag == "time limit"
+    if not slow or name == "nested_loops":  # the default limit, 5 s, through the CLI: one slow row
+        row(f"chat with a chat_template.jinja: {name}", ["chat", f"{{d}}/tmpl_{name}", "--prompts", "{d}/turns.jsonl",
+                                                         "--max-new-tokens", "2"], 2, frag)
+    api(f"render_chat_template: {name}", lambda ctx, t=template: importlib.import_module("minillm.apps.chat")
+        .render_chat_template(t, [{"role": "user", "content": "hi"}], add_generation_prompt=True, time_limit=1), frag)
+api("ChatSession in a thread: nested loops", lambda ctx: _in_thread(lambda: list(minillm.ChatSession(
+    ctx.model("hf"), _tok_with_template(ctx, TEMPLATES["nested_loops"][0]), max_new_tokens=2).turn("hi"))),
+    "time limit of 5 s")
+api("render_chat_template(time_limit=0)", lambda ctx: importlib.import_module("minillm.apps.chat").render_chat_template(
+    "hi", [], add_generation_prompt=True, time_limit=0), "time limit must be")
+
+
+def _in_thread(fn):
+    """Run `fn` in a worker thread (as a server renders), re-raising what it raised."""
+    import threading
+
+    got = []
+
+    def work():
+        try:
+            got.append(fn())
+        except BaseException as e:  # noqa: BLE001 - handed back to the row
+            got.append(e)
+    th = threading.Thread(target=work, daemon=True)
+    th.start()
+    th.join(ROW_SECONDS - 5)
+    assert got, "the thread never finished: a hang"
+    if isinstance(got[0], BaseException):
+        raise got[0]
+    return got[0]
+
+
+def _tok_with_template(ctx, template):
+    import copy
+
+    tok = copy.copy(ctx.tok("hf"))
+    tok.chat_template = template
+    return tok
+
+
+# ------------------------------------------------------------------------------------------------
+# Issue 20, category 6: SIGTERM, as SIGINT, writes what is finished and exits 143 (a real process:
+# the signal goes out once the process reports, through MINILLM_STARTUP_PROBE, the point under test)
+
+
+def _sigterm(ctx, argv, point: str):
+    import subprocess
+    import time
+
+    probe = ctx.d / f"probe-{point.replace(' ', '-')}-{len(argv)}.txt"
+    probe.unlink(missing_ok=True)
+    env = {**os.environ, "MINILLM_STARTUP_PROBE": str(probe),
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-m", "minillm", *ctx.argv(argv)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env)
+    try:
+        deadline = time.monotonic() + ROW_SECONDS - 10
+        while not (probe.exists() and point in probe.read_text()):
+            assert time.monotonic() < deadline and proc.poll() is None, "never reached " + point
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
+
+
+def _batch_term_check(ctx, result, path=None):
+    rc, out, err = result
+    assert rc == 143 and "Traceback" not in err, (rc, err)
+    text = out if path is None else (ctx.d / path).read_text()
+    return [json.loads(x)["line"] for x in text.splitlines()] == [1]
+
+
+_BATCH = ["batch", "{llama}", "--input", "{d}/term.jsonl", "--batch-size", "2", "--ignore-eos", "--threads", "1",
+          "--cache-size", "16"]
+api("SIGTERM during batch to stdout writes the finished record, 143", lambda ctx: _sigterm(ctx, _BATCH, "record 1"),
+    "", expect=None, check=_batch_term_check)
+api("SIGTERM during batch --output FILE writes the finished record, 143", lambda ctx: _sigterm(
+    ctx, _BATCH + ["--output", "{d}/out/term.jsonl"], "record 1"), "", expect=None,
+    check=lambda ctx, r: _batch_term_check(ctx, r, "out/term.jsonl"))
+for cmd, argv in [("generate", BASE["generate"][:4] + ["--max-new-tokens", "-1", "--ignore-eos"]),
+                  ("chat", BASE["chat"][:4] + ["--max-new-tokens", "-1", "--ignore-eos"]),
+                  ("ppl", BASE["ppl"][:2] + ["--text", "{d}/long.txt"])]:
+    api(f"SIGTERM during {cmd}'s start-up exits 143", lambda ctx, a=argv: _sigterm(ctx, a, "cli"), "", expect=None,
+        check=lambda ctx, r: r[0] == 143 and "Traceback" not in r[2])
+
+
+# ------------------------------------------------------------------------------------------------
 # Fixtures: the files every row refers to
 
 
@@ -631,6 +744,14 @@ def ctx(tmp_path_factory):
     sock = socket.socket(socket.AF_UNIX)
     sock.bind(str(d / "sock"))
     sock.close()
+    for name, (template, _) in TEMPLATES.items():
+        t = d / f"tmpl_{name}"
+        t.mkdir()
+        for f in PYTHIA.iterdir():
+            os.symlink(f, t / f.name)
+        (t / "chat_template.jinja").write_text(template, encoding="utf-8")
+    (d / "term.jsonl").write_text('{"prompt": "hi", "max_new_tokens": 2}\n{"prompt": "yo", "max_new_tokens": -1}\n'
+                                  '{"prompt": "later"}\n', encoding="utf-8")
     os.symlink("/dev/full", d / "to_full")
     os.symlink("/dev/fd/96", d / "to_fd96")
     return Context(d)

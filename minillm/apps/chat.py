@@ -25,6 +25,8 @@ from ..errors import MiniLLMError, first_line
 from .batching import Row, row_seed, run_rows
 from .generation import generate, new_stream_ids
 from .sampling import Sampler, check_sampling, make_sampler
+from .template import message as template_message
+from .template import render_budgeted, sandbox_class
 
 
 # ----------------------------------------------------------------------------------------------
@@ -47,30 +49,34 @@ PLAIN_NEXT = "\nUSER: {text}\nASSISTANT:"
 
 
 def render_chat_template(template: str, messages: list[dict], *, add_generation_prompt: bool,
-                         bos_token: str = "", eos_token: str = "", **special_tokens: str) -> str:
+                         bos_token: str = "", eos_token: str = "", time_limit: float | None = None,
+                         max_chars: int | None = None, **special_tokens: str) -> str:
     """Render a Hugging Face chat template (Jinja) the way transformers does: a sandboxed
     environment with trim_blocks/lstrip_blocks, loop controls ({% break %}, {% continue %}), the
     {% generation %} tag (rendered as its body), transformers' `tojson` (no HTML escaping, no ASCII
-    escaping), and `raise_exception` and `strftime_now`. Any failure is one MiniLLMError."""
+    escaping), and `raise_exception` and `strftime_now`. It runs within a budget
+    (minillm/apps/template.py): `time_limit` seconds (default MINILLM_TEMPLATE_SECONDS, else 5)
+    and `max_chars` characters of output or of any value it makes (default
+    MINILLM_TEMPLATE_MAX_CHARS, else 10,000,000), in any thread. Any failure is one MiniLLMError."""
     try:
         import jinja2
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
     except ImportError:  # pragma: no cover - jinja2 is a declared dependency
         raise MiniLLMError("the chat template needs jinja2 (pip install jinja2)") from None
-    env = _jinja_env(jinja2, ImmutableSandboxedEnvironment)
+    env = _jinja_env(jinja2)
     try:
-        return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                                bos_token=bos_token, eos_token=eos_token, **special_tokens)
+        return render_budgeted(env, template, dict(messages=messages, add_generation_prompt=add_generation_prompt,
+                                              bos_token=bos_token, eos_token=eos_token, **special_tokens),
+                               time_limit, max_chars)
+    except MiniLLMError:
+        raise
     except Exception as e:  # a template is code: TemplateError, but also TypeError, RecursionError, ...
-        raise MiniLLMError(f"the checkpoint's chat template failed: {type(e).__name__}: {first_line(e)}"
-                           if not isinstance(e, jinja2.TemplateError) else
-                           f"the checkpoint's chat template failed: {first_line(e)}") from None
+        raise MiniLLMError(template_message(e, jinja2.TemplateError)) from None
 
 
 _ENV = None
 
 
-def _jinja_env(jinja2, sandbox):
+def _jinja_env(jinja2):
     """One environment, built once, with what transformers' `_compile_jinja_template` adds."""
     global _ENV
     if _ENV is not None:
@@ -99,8 +105,9 @@ def _jinja_env(jinja2, sandbox):
     def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-    env = sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, jinja2.ext.loopcontrols])
+    env = sandbox_class()(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, jinja2.ext.loopcontrols])
     env.filters["tojson"] = tojson
+    env.check_filters()
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
     _ENV = env
