@@ -601,6 +601,33 @@ for cmd, argv in [("generate", BASE["generate"][:4] + ["--max-new-tokens", "-1",
 
 
 # ------------------------------------------------------------------------------------------------
+# Issue 20, category 10: API memory bombs are refused up front, as the CLI's are
+
+
+def _long_ids(n=20_000, rows=1):
+    return torch.randint(5, 1000, (rows, n), generator=torch.Generator().manual_seed(0))
+
+
+api("model(20k ids, attn_probs=[])", lambda ctx: ctx.model("sp")(_long_ids(), attn_probs=[]),
+    "a forward over 1 x 20000 tokens with attn_probs without a cache needs")
+api("model(2000 x 20k ids)", lambda ctx: ctx.model("sp")(_long_ids(20_000, 2000)), "a forward over 2000 x 20000")
+api("model(300 x 20k ids, cache)", lambda ctx: ctx.model("sp")(_long_ids(20_000, 300), cache=ctx.model("sp").new_cache(
+    300, 4, 60)), "a forward over 300 x 20000 tokens needs")
+api("perplexity(recompute_batch=10**6)", _ppl(_long_ids()[0].tolist(), "recompute", recompute_batch=10**6),
+    "recompute_batch=1000000: 20000 windows of 1024 tokens at once needs")
+api("perplexity(recompute_batch=10**6, window=10**7)", _ppl(mode="recompute", recompute_batch=10**6, window=10**7),
+    "recompute_batch=1000000")
+api("generate_batch(batch_size=10**9) from an iterator", lambda ctx: list(minillm.generate_batch(
+    ctx.model("sp"), iter([[1, 2]] * 3), batch_size=10**9, window=1020)), "needs")
+api("generate(window=10**9)", _gen(window=10**9), "needs")
+api("ChatSession(window=10**12)", lambda ctx: minillm.ChatSession(ctx.model("sp"), ctx.tok("sp"), window=10**12), "needs")
+api("attention_probs(20k tokens)", lambda ctx: importlib.import_module("minillm.apps.attention_maps").attention_probs(
+    ctx.model("sp"), _long_ids()[0].tolist()), "attention maps over 20000 tokens")
+api("model(1k ids, attn_probs=[]) still runs", lambda ctx: ctx.model("sp")(_long_ids(1000), attn_probs=(p := [])) is not
+    None and len(p), "", expect=None, check=lambda ctx, n: n == 6)
+
+
+# ------------------------------------------------------------------------------------------------
 # Fixtures: the files every row refers to
 
 
@@ -951,3 +978,21 @@ def summary() -> dict:
 
 if __name__ == "__main__":
     print(json.dumps(summary(), indent=1))
+
+
+def test_a_forward_is_measured_against_the_memory_available(ctx, monkeypatch):
+    """Issue 20, category 10: `m(ids, attn_probs=[])` and `perplexity(recompute_batch=...)` used to
+    allocate whatever they were asked for (4 GB and more). With 300 MiB available (patched), a
+    request needing a few GiB is refused up front; a small one still runs."""
+    from minillm import limits
+    from minillm.evaluate import perplexity
+
+    monkeypatch.setattr(limits, "available_bytes", lambda device: 300 << 20)
+    model = ctx.model("sp")
+    with pytest.raises(MiniLLMError, match=r"with attn_probs without a cache needs [\d.]+ GiB, more than the 300.0 MiB"):
+        model(_long_ids(4000), attn_probs=[])
+    with pytest.raises(MiniLLMError, match="recompute_batch=500: 500 windows of 1024 tokens"):
+        perplexity(model, _long_ids(1600)[0].tolist(), "recompute", recompute_batch=500)
+    probs = []
+    assert model(_long_ids(200), attn_probs=probs).shape == (1, 200, 4096) and len(probs) == 6
+    assert perplexity(model, _long_ids(1100)[0].tolist(), "recompute", 4, 60, recompute_batch=8).tokens == 1099

@@ -196,6 +196,12 @@ def perplexity(model, ids, mode: str = "streaming", sinks: int = 4, window: int 
     if on_nonfinite not in ("raise", "keep"):
         raise MiniLLMError(f"on_nonfinite must be 'raise' or 'keep', got {on_nonfinite!r}")
     ids = _check_ids(ids)
+    if mode == "recompute" and recompute_batch is not None:  # its memory, before any work
+        from ..limits import check_forward
+
+        b = min(recompute_batch, len(ids))
+        check_forward(model, b, sinks + window, None, 0, False,
+                      f"recompute_batch={recompute_batch}: {b} windows of {sinks + window} tokens at once")
     prefix = token_ids(prefix) if len(prefix) else []
     stream, n_prefix = stream_tensor(model, prefix + ids)
     n_prefix += len(prefix)  # tokens in front of the text: the sink token, then `prefix`

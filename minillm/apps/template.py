@@ -292,6 +292,7 @@ def sandbox_class():
 
 
 _COMPILED: dict = {}
+_COMPILED_LOCK = threading.Lock()
 
 
 def _compiled(env, source: str):
@@ -300,9 +301,10 @@ def _compiled(env, source: str):
     template = _COMPILED.get(key)
     if template is None:
         template = env.from_string(source)
-        if len(_COMPILED) >= 16:
-            _COMPILED.pop(next(iter(_COMPILED)))
-        _COMPILED[key] = template
+        with _COMPILED_LOCK:  # renders may run in several threads at once
+            if len(_COMPILED) >= 16:
+                _COMPILED.pop(next(iter(_COMPILED)))
+            _COMPILED[key] = template
     return template
 
 

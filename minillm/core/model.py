@@ -26,6 +26,7 @@ from torch import nn
 from .config import ModelConfig
 from ..checks import check_int, parse_device, parse_dtype
 from ..errors import MiniLLMError
+from ..limits import check_forward
 from .attention import Spec, plan
 from .cache import SinkCache
 from .positions import alibi_slopes, rope_inv_freq
@@ -225,7 +226,11 @@ class Model(nn.Module):
         self._check(input_ids, cache)
         if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) or logits_to_keep < 0:
             raise MiniLLMError(f"logits_to_keep must be an integer >= 0, got {logits_to_keep!r}")
+        if attn_probs is not None and not isinstance(attn_probs, list):
+            raise MiniLLMError(f"attn_probs must be a list (it receives each layer's probabilities) or None, "
+                               f"got {type(attn_probs).__name__}")
         B, T = input_ids.shape
+        check_forward(self, B, T, cache, min(logits_to_keep, T), attn_probs is not None)  # memory, up front
         lengths = self._lengths(lengths, B, T, cache)
         keep = min(logits_to_keep, T)
         if lengths is not None and T > 1 and int(lengths.max()) <= 1:  # one token per row at most: decode
