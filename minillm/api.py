@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from .checks import DTYPES, parse_device, parse_dtype  # noqa: F401  (public here)
+from .checks import DTYPES, check_model, check_path, parse_device, parse_dtype  # noqa: F401  (public here)
 from .errors import MiniLLMError
 from .formats.families import load_config
 from .core.model import Model
@@ -27,6 +27,7 @@ def load(name_or_path: str | Path, dtype=torch.float32, device="cpu", *, strict:
     from .formats.gguf import is_gguf
     from .formats.hub import resolve_model_dir
 
+    check_path("load: name_or_path", name_or_path)
     for name, flag in (("strict", strict), ("fast", fast)):
         if not isinstance(flag, bool):
             raise MiniLLMError(f"load: {name} must be True or False, got {flag!r}")
@@ -52,11 +53,23 @@ def load_tokenizer(name_or_path: str | Path):
     """tokenizer.json (tokenizers), tokenizer.model (sentencepiece) or a .gguf file: .encode / .decode."""
     from .formats.tokenizer import load_tokenizer as _load
 
-    return _load(name_or_path)
+    return _load(check_path("load_tokenizer: name_or_path", name_or_path))
 
 
 def save_pretrained(model: Model, directory: str | Path, dtype=None) -> Path:
-    """Write the model as config.json + model.safetensors in its family's Hugging Face format."""
+    """Write the model as config.json + model.safetensors in its family's Hugging Face format,
+    into `directory` (made if missing; an existing file there is refused, never replaced)."""
+    import os
+
     from .formats.checkpoint import save_pretrained as _save
 
-    return _save(model, directory, None if dtype is None else parse_dtype(dtype))
+    check_model(model)
+    check_path("save_pretrained: directory", directory)
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise MiniLLMError(f"save_pretrained: {os.fspath(directory)} exists and is not a directory; give a "
+                           f"directory to write config.json and model.safetensors into")
+    dtype = None if dtype is None else parse_dtype(dtype)
+    try:
+        return _save(model, directory, dtype)
+    except OSError as e:  # a parent that is a file, no permission, a full disk
+        raise MiniLLMError(f"save_pretrained: cannot write {os.fspath(directory)}: {e.strerror or e}") from None

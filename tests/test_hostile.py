@@ -346,7 +346,7 @@ for kw, frag in [(dict(window=10**9), "needs"), (dict(window=10**15, batch_size=
                  (dict(window=0), "window must be an integer >= 1"), (dict(sinks=-1), "sinks must be"),
                  (dict(batch_size=0), "batch_size must be"), (dict(window=1.5), "window must be"),
                  (dict(window="8"), "window must be"), (dict(window=True), "window must be"),
-                 (dict(dtype="int8"), "unknown dtype"), (dict(dtype=torch.int32), "unknown dtype"),
+                 (dict(dtype="int8"), "unknown dtype"), (dict(dtype=torch.int32), "dtype torch.int32 is not supported"),
                  (dict(dtype="float17"), "unknown dtype"), (dict(device="tpu"), "unknown device")]:
     api(f"new_cache({kw})", lambda ctx, kw=kw: ctx.model("sp").new_cache(**kw), frag)
 for dt in ("float16", "bfloat16", "fp64", torch.float16):
@@ -625,6 +625,113 @@ api("attention_probs(20k tokens)", lambda ctx: importlib.import_module("minillm.
     ctx.model("sp"), _long_ids()[0].tolist()), "attention maps over 20000 tokens")
 api("model(1k ids, attn_probs=[]) still runs", lambda ctx: ctx.model("sp")(_long_ids(1000), attn_probs=(p := [])) is not
     None and len(p), "", expect=None, check=lambda ctx, n: n == 6)
+
+
+# ------------------------------------------------------------------------------------------------
+# Issue 20, category 9: every public argument is type-checked (MiniLLMError, never a bare
+# TypeError/AttributeError/ValueError/NotImplementedError), and two sessions cannot share a row
+
+
+def _api_mod():
+    return importlib.import_module("minillm.api")  # the real loaders (minillm.load is memoised here)
+
+
+for v in (None, 123, 1.5, ["a"], b"weights", torch.zeros(1), "", "a\0b"):
+    api(f"load({v!r:.20})", lambda ctx, v=v: _api_mod().load(v), "name_or_path must be")
+    api(f"load_tokenizer({v!r:.20})", lambda ctx, v=v: _api_mod().load_tokenizer(v), "name_or_path must be")
+    api(f"load_config({v!r:.20})", lambda ctx, v=v: minillm.load_config(v), "directory must be")
+for dt in (torch.float8_e4m3fn, torch.float8_e5m2, torch.int8, torch.complex64, torch.bool, None, 5):
+    api(f"load(dtype={dt})", lambda ctx, dt=dt: _api_mod().load(LLAMA, dtype=dt), "dtype")
+    if dt is not None:  # (new_cache's None is the model's dtype)
+        api(f"new_cache(dtype={dt})", lambda ctx, dt=dt: ctx.model("sp").new_cache(1, 2, 8, dtype=dt), "dtype")
+api("save_pretrained onto an existing file", lambda ctx: minillm.save_pretrained(ctx.model("sp"), ctx.d / "ok.txt"),
+    "exists and is not a directory")
+api("save_pretrained into a path under a file", lambda ctx: minillm.save_pretrained(ctx.model("sp"),
+                                                                                  ctx.d / "ok.txt" / "sub"), "cannot write")
+api("save_pretrained(None as the directory)", lambda ctx: minillm.save_pretrained(ctx.model("sp"), None),
+    "directory must be a path")
+api("save_pretrained(a tokenizer as the model)", lambda ctx: minillm.save_pretrained(ctx.tok("sp"), ctx.d / "o"),
+    "must be a minillm Model")
+api("save_pretrained(dtype=float8)", lambda ctx: minillm.save_pretrained(ctx.model("sp"), ctx.d / "o8",
+                                                                        dtype=torch.float8_e4m3fn), "not supported")
+for kind in KINDS:
+    for v, frag in (("a", "must be an integer"), (1.5, "must be an integer"), (None, "must be an integer"),
+                    (True, "must be an integer"), (-1, "out of range"), (10**9, "out of range"),
+                    (torch.tensor(1.5), "must be an integer")):
+        api(f"{kind} decoder().push({v!r:.20})", lambda ctx, kind=kind, v=v: ctx.tok(kind).decoder().push(v), frag)
+        api(f"{kind} token_text({v!r:.20})", lambda ctx, kind=kind, v=v: ctx.tok(kind).token_text(v),
+            frag if v is not None else "", expect=MiniLLMError if v is not None else None)
+    api(f"{kind} decoder().push(tensor(5)) decodes", lambda ctx, kind=kind: ctx.tok(kind).decoder(start_of_text=False)
+        .push(torch.tensor(5)) + "x", "", expect=None, check=lambda ctx, r: r.endswith("x"))
+    api(f"{kind} decoder(start_of_text='no')", lambda ctx, kind=kind: ctx.tok(kind).decoder(start_of_text="no"),
+        "start_of_text must be")
+    for v in (5, None, b"<s>"):
+        api(f"{kind} token_to_id({v!r})", lambda ctx, kind=kind, v=v: ctx.tok(kind).token_to_id(v), "token's string")
+for args, frag in [(("model", None, 2), "tokenizer must be"), (("model", "tok", "2"), "n must be"),
+                   (("model", "tok", 0), "n must be"), ((None, "tok", 2), "model must be"),
+                   (("model", "weights", 2), "tokenizer must be")]:
+    api(f"ChatSessions{args}", lambda ctx, a=args: minillm.ChatSessions(
+        *(ctx.model("hf") if x == "model" else ctx.tok("hf") if x == "tok" else x for x in a)), frag)
+for kw, frag in [(dict(seed="x"), "seed"), (dict(seed=2**70), "seed"), (dict(max_new_tokens="5"), "max_new_tokens"),
+                 (dict(max_new_tokens=-2), "max_new_tokens"), (dict(ignore_eos="no"), "ignore_eos"),
+                 (dict(use_template=1), "use_template"), (dict(row="0"), "row")]:
+    api(f"ChatSession({kw})", lambda ctx, kw=kw: minillm.ChatSession(ctx.model("hf"), ctx.tok("hf"), **kw), frag)
+api("ChatSession(model, None)", lambda ctx: minillm.ChatSession(ctx.model("hf"), None), "tokenizer must be")
+api("ChatSession(None, tok)", lambda ctx: minillm.ChatSession(None, ctx.tok("hf")), "model must be")
+
+
+def _two_sessions(ctx, close_first=False):
+    cache = ctx.model("hf").new_cache(2, 4, 60)
+    first = minillm.ChatSession(ctx.model("hf"), ctx.tok("hf"), cache=cache, row=1, max_new_tokens=1)
+    if close_first:
+        first.close()
+    second = minillm.ChatSession(ctx.model("hf"), ctx.tok("hf"), cache=cache, row=1, max_new_tokens=1)
+    return first, second
+
+
+api("two ChatSessions on one row of one cache", lambda ctx: _two_sessions(ctx), "row 1 of this cache is held")
+api("a ChatSession on a row released by close()", lambda ctx: _two_sessions(ctx, True), "", expect=None,
+    check=lambda ctx, r: r[0].closed and not r[1].closed)
+api("a closed ChatSession takes no turn", lambda ctx: list(_two_sessions(ctx, True)[0].turn("hi")), "is closed")
+api("ChatSessions rows are held", lambda ctx: (lambda c: minillm.ChatSession(ctx.model("hf"), ctx.tok("hf"),
+                                               cache=c.cache, row=0))(minillm.ChatSessions(ctx.model("hf"),
+                                                                                          ctx.tok("hf"), 2)),
+    "row 0 of this cache is held")
+api("generate(ids on the meta device)", _gen(ids=torch.tensor([1, 2], device="meta")), "meta tensor")
+api("perplexity(ids on the meta device)", _ppl(torch.tensor([1, 2, 3], device="meta")), "meta tensor")
+api("model(ids on the meta device)", lambda ctx: ctx.model("sp")(torch.tensor([[1, 2]], device="meta")), "device mismatch")
+api("generate(generator on meta's device type)", lambda ctx: list(minillm.generate(
+    ctx.model("sp"), [1, 2], generator=type("G", (torch.Generator,), {"device": torch.device("meta")})())),
+    "generator is on meta")
+api("generate(ignore_eos='no')", _gen(ignore_eos="no"), "ignore_eos must be")
+for kw, frag in [(dict(prefix=None), "prefix must be"), (dict(prefix=5), "prefix must be"),
+                 (dict(prefix="ab"), "prefix must be"), (dict(prefix=[1.5]), "prefix must be integer"),
+                 (dict(exact_loop="x"), "exact_loop must be"), (dict(progress=1), "progress must be")]:
+    api(f"perplexity({kw})", _ppl(**kw), frag)
+api("attention_sink_scores(min_query='x')", _sinks("attention_sink_scores", min_query="x"), "min_query must be")
+api("compile_decode(None)", lambda ctx: minillm.compile_decode(None), "must be a minillm Model")
+api("model(ids, attn_probs='x')", lambda ctx: ctx.model("sp")(torch.tensor([[1, 2]]), attn_probs="x"),
+    "attn_probs must be a list")
+api("model(ids, attn_probs=(1,))", lambda ctx: ctx.model("sp")(torch.tensor([[1, 2]]), attn_probs=()),
+    "attn_probs must be a list")
+
+
+def _seen(ctx, value, tokens=3):
+    cache = ctx.model("sp").new_cache(1, 4, 60)
+    cache.tokens_seen = value
+    return ctx.model("sp")(torch.tensor([[1] * tokens]), cache=cache)
+
+
+for v, frag in [(2**64, "tokens_seen must be an integer in [0, 9223372036854775807]"), (2**63, "tokens_seen"),
+                (-1, "tokens_seen"), (torch.tensor([-1]), "tokens_seen must be"),
+                (torch.tensor([2**63], dtype=torch.uint64), "tokens_seen must be"),
+                (2**63 - 2, "would carry a row's tokens_seen (9223372036854775806) past 2^63-1"),
+                (2**63 - 3, "past 2^63-1")]:
+    api(f"cache.tokens_seen = {v!r:.30} then a forward", lambda ctx, v=v: _seen(ctx, v), frag)
+api("cache.tokens_seen = 2^63-4, 3 tokens: the last that fit", lambda ctx: _seen(ctx, 2**63 - 4).shape, "",
+    expect=None, check=lambda ctx, shape: tuple(shape) == (1, 3, 4096))
+api("cache.tokens_seen = 2^62 still runs", lambda ctx: _seen(ctx, 2**62).shape, "", expect=None,
+    check=lambda ctx, shape: tuple(shape) == (1, 3, 4096))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -40,6 +40,8 @@ def token_ids(ids, what: str = "ids") -> list[int]:
     if isinstance(ids, torch.Tensor):
         if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
             raise MiniLLMError(f"{what} must be integer token ids, got a {ids.dtype} tensor")
+        if ids.device.type == "meta":
+            raise MiniLLMError(f"{what} is a meta tensor (shapes only, no values); give real token ids")
         return ids.flatten().tolist()
     out = []
     for i in ids:
@@ -197,11 +199,16 @@ def make_sampler(model, *, max_new_tokens: int | None = 256, temperature: float 
     a new one on the model's device seeded with `seed`."""
     check_sampling(temperature, top_k, top_p)
     check_int("max_new_tokens", max_new_tokens, 0, none_ok=True)
+    if not isinstance(ignore_eos, bool):
+        raise MiniLLMError(f"ignore_eos must be True or False, got {ignore_eos!r:.40}")
     check_int("vocab_size", vocab_size, 1, none_ok=True)
     if generator is None:
         check_seed(seed)
     elif not isinstance(generator, torch.Generator):
         raise MiniLLMError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    elif torch.device(generator.device).type != torch.device(model.device).type:
+        raise MiniLLMError(f"generator is on {generator.device}, the model on {model.device}: sampling draws on "
+                           f"the model's device (torch.Generator(device=model.device))")
     if isinstance(eos_ids, (str, bytes)):
         raise MiniLLMError(f"eos_ids must be a collection of token ids, got {type(eos_ids).__name__}")
     try:

@@ -26,6 +26,9 @@ from ..checks import check_int
 from ..errors import MiniLLMError
 
 
+MAX_SEEN = 2**63 - 1  # a row's count is an int64: a stream ends there (a forward that would pass it is refused)
+
+
 @dataclass
 class CacheWrite:
     """Where one forward's new keys go: chunk column src[p] of row rows[p] to slot dst[p] of that
@@ -79,11 +82,11 @@ class SinkCache:
                     or value.dtype == torch.bool):
                 raise MiniLLMError(f"tokens_seen must be an int or a ({self.batch_size},) integer tensor, got a "
                                    f"{tuple(value.shape)} {value.dtype} tensor")
-            if bool((value < 0).any()):
-                raise MiniLLMError("tokens_seen must be >= 0 in every row")
+            if any(not 0 <= n <= MAX_SEEN for n in value.tolist()):
+                raise MiniLLMError(f"tokens_seen must be in [0, 2^63-1] in every row, got {value.tolist()}")
             self._seen.copy_(value)
         else:
-            self._seen.fill_(check_int("tokens_seen", value, 0))
+            self._seen.fill_(check_int("tokens_seen", value, 0, MAX_SEEN))
 
     @property
     def capacity(self) -> int:
@@ -164,7 +167,7 @@ class SinkCache:
                                f"{type(state).__name__}")
         if state.owner_id != self.owner_id:
             raise MiniLLMError("import_row: the state comes from a cache of a different model")
-        check_int("import_row: the state's tokens_seen", state.tokens_seen, 0, 2**63 - 1)  # not 2.7, -1 or 2^64
+        check_int("import_row: the state's tokens_seen", state.tokens_seen, 0, MAX_SEEN)  # not 2.7, -1 or 2^64
         if (state.sinks, state.window) != (self.sinks, self.window):
             raise MiniLLMError(f"import_row: the state is from a cache of sinks {state.sinks} + window "
                                f"{state.window}, this one is {self.sinks} + {self.window}")

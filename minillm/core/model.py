@@ -28,7 +28,7 @@ from ..checks import check_int, parse_device, parse_dtype
 from ..errors import MiniLLMError
 from ..limits import check_forward
 from .attention import Spec, plan
-from .cache import SinkCache
+from .cache import MAX_SEEN, SinkCache
 from .positions import alibi_slopes, rope_inv_freq
 
 _model_ids = itertools.count(1)
@@ -207,6 +207,9 @@ class Model(nn.Module):
         if self.wpe is not None:
             raise MiniLLMError("this checkpoint has learned absolute position embeddings (transformer.wpe), "
                                "which cannot stream past max_seq_len; use the dense forward")
+        if int(cache._seen.max()) > MAX_SEEN - input_ids.shape[1]:  # the int64 count would wrap around
+            raise MiniLLMError(f"cache: {input_ids.shape[1]} more tokens would carry a row's tokens_seen "
+                               f"({int(cache._seen.max())}) past 2^63-1; reset the row")
 
     def forward(self, input_ids: torch.Tensor, cache: SinkCache | None = None,
                 attn_probs: list | None = None, logits_to_keep: int = 0, lengths=None) -> torch.Tensor:

@@ -67,7 +67,9 @@ def to_hf_config(config: ModelConfig) -> dict:
 
 
 def load_config(directory: str | Path, *, strict: bool = False) -> ModelConfig:
-    path = Path(directory) / "config.json"
+    from ...checks import check_path
+
+    path = Path(check_path("load_config: directory", directory)) / "config.json"
     if not path.is_file():
         raise MiniLLMError(f"config.json not found in {directory}")
     try:
