@@ -1073,20 +1073,6 @@ def test_fuzz_generate_arguments(ctx, kwargs, ids):
     assert len(out) <= kwargs["max_new_tokens"]
 
 
-def summary() -> dict:
-    """The table's counts, as the issue asks for them."""
-    cli_rows = [r for r in ROWS if isinstance(r.run, list)]
-    api_rows = [r for r in ROWS if callable(r.run)]
-    return {"rows": len(ROWS), "cli rows": len(cli_rows), "api rows": len(api_rows),
-            "clean errors expected": sum(r.expect in (2, MiniLLMError) for r in ROWS),
-            "handled correctly (success, checked)": sum(r.expect in (0, None) for r in ROWS),
-            "known failures in others' files (xfail)": sum(bool(r.xfail) for r in ROWS)}
-
-
-if __name__ == "__main__":
-    print(json.dumps(summary(), indent=1))
-
-
 def test_a_forward_is_measured_against_the_memory_available(ctx, monkeypatch):
     """Issue 20, category 10: `m(ids, attn_probs=[])` and `perplexity(recompute_batch=...)` used to
     allocate whatever they were asked for (4 GB and more). With 300 MiB available (patched), a
@@ -1103,3 +1089,18 @@ def test_a_forward_is_measured_against_the_memory_available(ctx, monkeypatch):
     probs = []
     assert model(_long_ids(200), attn_probs=probs).shape == (1, 200, 4096) and len(probs) == 6
     assert perplexity(model, _long_ids(1100)[0].tolist(), "recompute", 4, 60, recompute_batch=8).tokens == 1099
+
+
+def summary() -> dict:
+    """The table's counts, as the issue asks for them."""
+    cli_rows = [r for r in ROWS if isinstance(r.run, list)]
+    api_rows = [r for r in ROWS if callable(r.run)]
+    return {"rows": len(ROWS), "cli rows": len(cli_rows), "api rows": len(api_rows),
+            "clean errors expected": sum(r.expect in (2, MiniLLMError) for r in ROWS),
+            "handled correctly (success, checked)": sum(r.expect in (0, None) for r in ROWS),
+            "known failures in others' files (xfail)": sum(bool(r.xfail) for r in ROWS)}
+
+
+if __name__ == "__main__":
+    print(json.dumps(summary(), indent=1))
+
