@@ -161,8 +161,11 @@ class Records:
         _reached(f"record {lineno}")  # tests send their signal once a record is done
         if self.path == "-":
             while self.printed < len(self.order) and self.order[self.printed] in self.done:
-                flush_print(self.done[self.order[self.printed]] + "\n")
+                # Counted before it is printed: an interrupt (SIGINT, SIGTERM) that lands while the
+                # line is being flushed leaves it in stdout's buffer, and `finish` must not print it
+                # a second time.
                 self.printed += 1
+                flush_print(self.done[self.order[self.printed - 1]] + "\n")
 
     def finish(self) -> None:
         """Write what is done (after Ctrl-C, the lines not finished have no record)."""
