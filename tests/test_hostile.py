@@ -716,6 +716,15 @@ api("model(ids, attn_probs=(1,))", lambda ctx: ctx.model("sp")(torch.tensor([[1,
     "attn_probs must be a list")
 
 
+_CACHE_KW = dict(num_layers=1, batch_size=1, num_kv_heads=1, head_dim=4, sinks=1, window=4, dtype=torch.float32,
+                 device="cpu", owner_id=0, keep_raw_sinks=True)
+for k, v, frag in [("num_layers", "x", "num_layers must be"), ("head_dim", 0, "head_dim must be"),
+                   ("num_kv_heads", 1.5, "num_kv_heads must be"), ("window", 10**12, "needs"),
+                   ("batch_size", 10**9, "needs"), ("dtype", "x", "unknown dtype"),
+                   ("dtype", torch.float8_e4m3fn, "not supported"), ("device", "tpu", "unknown device")]:
+    api(f"SinkCache({k}={v!r:.20})", lambda ctx, k=k, v=v: minillm.SinkCache(**{**_CACHE_KW, k: v}), frag)
+
+
 def _seen(ctx, value, tokens=3):
     cache = ctx.model("sp").new_cache(1, 4, 60)
     cache.tokens_seen = value

@@ -22,8 +22,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..checks import check_int
+from ..checks import check_int, parse_device, parse_dtype
 from ..errors import MiniLLMError
+from ..limits import check_fits
 
 
 MAX_SEEN = 2**63 - 1  # a row's count is an int64: a stream ends there (a forward that would pass it is refused)
@@ -60,8 +61,13 @@ class SinkCache:
         self.sinks = check_int("sinks", sinks, 0)
         self.window = check_int("window", window, 1)
         self.batch_size = check_int("batch_size", batch_size, 1)
+        for name, value in (("num_layers", num_layers), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
+            check_int(name, value, 1)
+        dtype, device = parse_dtype(dtype), parse_device(device)
         self.owner_id = owner_id  # the model that made this cache
         shape = (num_layers, batch_size, num_kv_heads, self.capacity, head_dim)
+        check_fits(dtype.itemsize * num_layers * batch_size * num_kv_heads * head_dim * (2 * self.capacity + self.sinks),
+                   device, f"a SinkCache of {batch_size} x {self.capacity} keys")
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.raw_sink_k = (torch.zeros(shape[:3] + (self.sinks, head_dim), dtype=dtype, device=device)
