@@ -8,6 +8,10 @@ it once the imports are done); this module imports only the standard library, ma
 standard streams harmless, and only then imports torch and `minillm.cli`. An interrupt seen at any
 point exits with code 130 and no traceback; a broken pipe (`minillm generate ... | head`) stops
 quietly; a full or failing stdout (`> /dev/full`) is one line on stderr and exit code 2.
+
+SIGTERM (`timeout`, systemd, container runtimes, `kill`) is handled exactly as SIGINT: every
+command writes what it has finished (batch its finished records, ppl its scores so far), and the
+process exits with 143 (128 + SIGTERM) instead of 130.
 """
 
 from __future__ import annotations
@@ -17,7 +21,9 @@ import signal
 import sys
 
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM, what a shell reports for a process SIGTERM ended
 _interrupted = False
+_terminated = False  # the interrupt was a SIGTERM
 
 
 _raising = False  # until `main` is inside its try block, an interrupt is only recorded
@@ -25,8 +31,9 @@ _early = False  # installed by the package's first statement: keep what it recor
 
 
 def _on_sigint(signum, frame):
-    global _interrupted
+    global _interrupted, _terminated
     _interrupted = True
+    _terminated = _terminated or signum == signal.SIGTERM
     if _raising:
         raise KeyboardInterrupt
 
@@ -44,17 +51,25 @@ def _reached(point: str) -> None:
 
 
 def install_signal_handling(*, at_start_up: bool = True) -> None:
-    """Record SIGINT (also where a parent shell left it ignored), and raise it once `main` runs;
-    the package's first statement calls this when it runs as the command line."""
+    """Record SIGINT and SIGTERM (also where a parent shell left them ignored), and raise them as
+    KeyboardInterrupt once `main` runs; the package's first statement calls this when it runs as
+    the command line."""
     global _early
     _early = at_start_up
     signal.signal(signal.SIGINT, _on_sigint)
+    signal.signal(signal.SIGTERM, _on_sigint)
     _reached("handler")
 
 
 def interrupted() -> bool:
-    """Whether a SIGINT arrived since the handler was installed (even if something swallowed it)."""
+    """Whether a SIGINT or SIGTERM arrived since the handler was installed (even if something
+    swallowed it)."""
     return _interrupted
+
+
+def _exit_code(code: int) -> int:
+    """An interrupted run's code: 143 when the interrupt was a SIGTERM, else as given."""
+    return EXIT_TERMINATED if _terminated and code == EXIT_INTERRUPTED else code
 
 
 def _silence_stdout() -> None:
@@ -88,9 +103,9 @@ def _status(text: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    global _interrupted, _raising, _early
+    global _interrupted, _raising, _early, _terminated
     if not _early:  # not installed by the package's first statement (or a second run in one process)
-        _interrupted = False
+        _interrupted = _terminated = False
         install_signal_handling(at_start_up=False)
     _early = False
     _fill_closed_streams()
@@ -125,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             print("", file=sys.stderr)
         except (OSError, ValueError):
             pass
-        return EXIT_INTERRUPTED
+        return _exit_code(EXIT_INTERRUPTED)
     except BrokenPipeError:  # `| head` closed the pipe: stop quietly, as head expects
         _silence_stdout()
         return 0
@@ -140,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, ValueError):
             pass
         return 2
-    return code
+    return _exit_code(code)
 
 def run() -> None:
     """`python -m minillm` and the console script."""

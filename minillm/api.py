@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from .checks import DTYPES, parse_device, parse_dtype  # noqa: F401  (public here)
+from .checks import DTYPES, check_model, check_path, parse_device, parse_dtype  # noqa: F401  (public here)
 from .errors import MiniLLMError
 from .formats.families import load_config
 from .core.model import Model
@@ -35,6 +35,7 @@ def load(name_or_path: str | Path, dtype=torch.float32, device="cpu", *, strict:
     from .formats.hub import resolve_model_dir
     from .formats.stops import directory_stop_ids
 
+    check_path("load: name_or_path", name_or_path)
     for name, flag in (("strict", strict), ("fast", fast), ("compile", compile)):
         if not isinstance(flag, bool):
             raise MiniLLMError(f"load: {name} must be True or False, got {flag!r}")
@@ -74,20 +75,32 @@ def load_tokenizer(name_or_path: str | Path):
     """tokenizer.json (tokenizers), tokenizer.model (sentencepiece) or a .gguf file: .encode / .decode."""
     from .formats.tokenizer import load_tokenizer as _load
 
-    return _load(name_or_path)
+    return _load(check_path("load_tokenizer: name_or_path", name_or_path))
 
 
 def save_pretrained(model: Model, directory: str | Path, dtype=None, *, tokenizer=None) -> Path:
-    """Write the model as config.json + model.safetensors in its family's Hugging Face format;
-    with `tokenizer=`, its files and chat template too (`tokenizer.save_pretrained`), so the
-    directory is a whole checkpoint for `minillm.load` and `minillm.load_tokenizer`."""
+    """Write the model as config.json + model.safetensors in its family's Hugging Face format,
+    into `directory` (made if missing; an existing file there is refused, never replaced); with
+    `tokenizer=`, its files and chat template too (`tokenizer.save_pretrained`), so the directory is
+    a whole checkpoint for `minillm.load` and `minillm.load_tokenizer`."""
+    import os
+
     from .formats.checkpoint import save_pretrained as _save
     from .formats.tokenizer import Tokenizer
 
+    check_model(model)
+    check_path("save_pretrained: directory", directory)
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise MiniLLMError(f"save_pretrained: {os.fspath(directory)} exists and is not a directory; give a "
+                           f"directory to write config.json and model.safetensors into")
     if tokenizer is not None and not isinstance(tokenizer, Tokenizer):
         raise MiniLLMError(f"save_pretrained: tokenizer must be a minillm Tokenizer (from minillm.load_tokenizer), "
                            f"got {type(tokenizer).__name__}")
-    out = _save(model, directory, None if dtype is None else parse_dtype(dtype))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
+    dtype = None if dtype is None else parse_dtype(dtype)
+    try:
+        out = _save(model, directory, dtype)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(out)
+    except OSError as e:  # a parent that is a file, no permission, a full disk
+        raise MiniLLMError(f"save_pretrained: cannot write {os.fspath(directory)}: {e.strerror or e}") from None
     return out

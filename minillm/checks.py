@@ -6,6 +6,8 @@ and otherwise raises a MiniLLMError that names the argument, the rule and the va
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .errors import MiniLLMError
@@ -28,6 +30,33 @@ def check_int(name: str, value, minimum: int | None = None, maximum: int | None 
     raise MiniLLMError(f"{name} must be {rule}{' or None' if none_ok else ''}{hint}, got {value!r}")
 
 
+def check_path(name: str, value):
+    """A path (str or os.PathLike, not empty, no NUL byte), returned as given; None, a number or
+    a tensor is refused by name (open() would raise a bare TypeError)."""
+    if isinstance(value, os.PathLike):
+        value_s = os.fspath(value)
+    elif isinstance(value, str):
+        value_s = value
+    else:
+        raise MiniLLMError(f"{name} must be a path (a str or os.PathLike), got {type(value).__name__}")
+    if not isinstance(value_s, str) or not value_s.strip() or "\0" in value_s:
+        raise MiniLLMError(f"{name} must be a non-empty path without NUL bytes, got {value!r:.80}")
+    return value
+
+
+def check_bool(name: str, value) -> bool:
+    """A flag must be True or False: "no" or [] would be read by their truth."""
+    if not isinstance(value, bool):
+        raise MiniLLMError(f"{name} must be True or False, got {value!r:.80}")
+    return value
+
+
+def check_tokenizer(tokenizer, what: str = "tokenizer") -> None:
+    """A tokenizer is anything with encode, decode and eos_ids (minillm.load_tokenizer's, duck-typed)."""
+    if not all(hasattr(tokenizer, a) for a in ("encode", "decode", "eos_ids")):
+        raise MiniLLMError(f"{what} must be a tokenizer (from minillm.load_tokenizer), got {type(tokenizer).__name__}")
+
+
 def check_model(model, what: str = "model") -> None:
     """A model is anything called like minillm's Model with a config and new_cache (duck-typed,
     so wrappers and test doubles pass); a tokenizer, a path or None is refused by name."""
@@ -44,9 +73,12 @@ DTYPES = {
 
 
 def parse_dtype(dtype) -> torch.dtype:
+    """One of the dtypes the engine runs (float32, float64, bfloat16, float16), by name or as a
+    torch.dtype; any other (float8, an integer type) is refused up front, by name."""
     if isinstance(dtype, torch.dtype):
-        if dtype.is_floating_point:
+        if dtype in DTYPES.values():
             return dtype
+        raise MiniLLMError(f"dtype {dtype} is not supported (use one of float32, bfloat16, float16, float64)")
     elif isinstance(dtype, str) and dtype.lower().removeprefix("torch.") in DTYPES:
         return DTYPES[dtype.lower().removeprefix("torch.")]
     raise MiniLLMError(f"unknown dtype {dtype!r} (use one of float32, bfloat16, float16, float64)")

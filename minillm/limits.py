@@ -2,7 +2,11 @@
 
 `new_cache` and `minillm attn` ask `check_fits` first: a cache of a billion keys, or attention maps
 over 40,000 tokens, is refused up front with the size it would need, instead of an out-of-memory
-traceback after minutes (or the machine swapping itself to a halt).
+traceback after minutes (or the machine swapping itself to a halt). Every forward asks
+`check_forward` (a dense forward over 20,000 tokens with `attn_probs`, a perplexity
+`recompute_batch` of a million windows): the limit is the memory available on the device, so a
+caller raises it by freeing memory or by asking for less at a time (a cache, `logits_to_keep`,
+smaller batches).
 """
 
 from __future__ import annotations
@@ -62,3 +66,34 @@ def check_fits(nbytes: int, device, what: str) -> None:
     if free is not None and nbytes > free:
         raise MiniLLMError(f"{what} needs {human_bytes(nbytes)}, more than the {human_bytes(free)} "
                            f"available on {device}")
+
+
+CHECK_FORWARD_FROM = 1 << 28  # forwards estimated below 256 MiB are not measured against the device
+
+
+def forward_bytes(model, batch: int, tokens: int, capacity: int | None, keep: int, probs: bool) -> int:
+    """Working memory of one `model(...)` call over (batch, tokens) ids: the logits kept, one
+    layer's attention scores (explicit in the core and under `attn_probs`; a bias mask under
+    ALiBi) and activations of the largest piece, and every layer's probabilities under `attn_probs`.
+    `capacity`: the cache's keys (sinks + window), None for the dense forward."""
+    c = model.config
+    elem = model.dtype.itemsize
+    n = tokens if capacity is None else min(tokens, model.max_chunk)  # a cached forward runs in pieces
+    ctx = n + (capacity or 0)  # keys a query of the largest piece can see
+    explicit = probs or model.fast is None or c.zero_sink
+    copies = 3 if explicit else 0 if c.positions == "rope" else 1
+    need = copies * batch * c.num_heads * n * ctx * 4
+    need += batch * n * (4 * c.hidden_size + 3 * c.intermediate_size) * elem
+    need += (1 if capacity is None else 2) * batch * (keep or tokens) * c.vocab_size * max(elem, 4)
+    if probs:
+        need += c.num_layers * batch * c.num_heads * tokens * ctx * elem
+    return need
+
+
+def check_forward(model, batch: int, tokens: int, cache, keep: int, probs: bool, what: str = "") -> None:
+    """Refuse a forward whose working memory (`forward_bytes`) passes what the device has."""
+    capacity = None if cache is None else cache.sinks + cache.window
+    need = forward_bytes(model, batch, tokens, capacity, keep, probs)
+    if need > CHECK_FORWARD_FROM:
+        check_fits(need, model.device, what or f"a forward over {batch} x {tokens} tokens"
+                   f"{' with attn_probs' if probs else ''}{' without a cache' if cache is None else ''}")

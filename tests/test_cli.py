@@ -11,6 +11,7 @@ import random
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -120,17 +121,17 @@ def test_generate_int8_matches_the_quantized_library(tiny_checkpoint, files):
     assert p.stdout == "".join(dec.push(t) for t in tokens) + dec.flush() + "\n"
 
 
-def interrupt_after(args, pattern: str, stream: str, timeout: float = 120):
-    """Start minillm, wait until `pattern` (a regex) shows on stdout/stderr, send SIGINT, return
-    (rc, out, err)."""
-    proc = subprocess.Popen([*CMD, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
+def interrupt_after(args, pattern: str, stream: str, timeout: float = 120, sig=signal.SIGINT, env=None):
+    """Start minillm, wait until `pattern` (a regex) shows on stdout/stderr, send `sig` (SIGINT),
+    return (rc, out, err)."""
+    proc = subprocess.Popen([*CMD, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env or ENV)
     watched = proc.stdout if stream == "stdout" else proc.stderr
     seen, deadline = b"", time.monotonic() + timeout
     try:
         while not seen or not re.search(pattern.encode(), seen):  # some output: past the imports
             assert time.monotonic() < deadline and proc.poll() is None, seen.decode(errors="replace")
             seen += os.read(watched.fileno(), 4096)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
@@ -465,3 +466,122 @@ def test_a_text_pipe_is_read_as_a_stream(tiny_checkpoint, tmp_path):
     p = _shell(f"{' '.join(CMD)} ppl {tiny_checkpoint} --text <(printf 'the whale and the sea, %.0s' {{1..40}}) "
                f"--mode streaming --threads 1")
     assert p.returncode == 0 and b"Traceback" not in p.stderr, p.stderr[-2000:]
+# Streams are written in place (issue 20, category 5)
+
+
+def test_a_stream_output_is_written_in_place_not_renamed_over(tiny_checkpoint, files, tmp_path):
+    """`--json /dev/stdout >> log.txt` appends (it used to rename the JSON over log.txt, losing
+    the earlier lines); so do `batch --output /dev/stdout`, /dev/fd/N and a symlink to /dev/stdout.
+    A pipe and a FIFO named by path get the output too. A regular file is still replaced atomically."""
+    py, m = sys.executable, tiny_checkpoint
+    text = files / "prompt.txt"
+    log = tmp_path / "log.txt"
+    log.write_text("earlier line\n")
+    p = _shell(f"{py} -m minillm ppl {m} --text {text} --threads 1 --json /dev/stdout >> {log}")
+    assert p.returncode == 0, p.stderr
+    got = log.read_text()
+    assert got.startswith("earlier line\nmode ") and got.rstrip().endswith("}"), got
+    assert json.loads(got[got.index("{"):])["modes"]["streaming"]["tokens"] > 0
+    (tmp_path / "p.jsonl").write_text('{"prompt": "hi", "max_new_tokens": 2}\n{"prompt": "yo", "max_new_tokens": 2}\n')
+    batch = f"{py} -m minillm batch {m} --input {tmp_path / 'p.jsonl'} --threads 1"
+    for out, redirect in [("/dev/stdout", f">> {log}"), ("/dev/fd/3", f"3>> {log}"),
+                          (f"/proc/self/fd/1", f">> {log}"), (str(tmp_path / "link"), f">> {log}")]:
+        (tmp_path / "link").unlink(missing_ok=True)
+        (tmp_path / "link").symlink_to("/dev/stdout")
+        before = log.read_text()
+        p = _shell(f"{batch} --output {out} {redirect}")
+        assert p.returncode == 0, p.stderr
+        added = log.read_text()[len(before):]
+        assert log.read_text().startswith(before) and [json.loads(x)["line"] for x in added.splitlines()] == [1, 2]
+    assert log.is_file() and not log.is_symlink()
+    p = _shell(f"{batch} --output /dev/stdout | cat")  # a pipe
+    assert p.returncode == 0 and [json.loads(x)["line"] for x in p.stdout.decode().splitlines()] == [1, 2], p.stderr
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    p = _shell(f"cat {fifo} > {tmp_path / 'from_fifo'} & {batch} --output {fifo}; wait")
+    assert p.returncode == 0, p.stderr
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)  # still the FIFO, not renamed over
+    assert [json.loads(x)["line"] for x in (tmp_path / "from_fifo").read_text().splitlines()] == [1, 2]
+    regular = tmp_path / "r.jsonl"
+    regular.write_text("old\n")
+    ino = regular.stat().st_ino
+    p = _shell(f"{batch} --output {regular}")
+    assert p.returncode == 0 and regular.stat().st_ino != ino  # atomic: a new file renamed over
+    assert [json.loads(x)["line"] for x in regular.read_text().splitlines()] == [1, 2]
+
+
+@pytest.mark.parametrize("unbuffered", [True, False])
+def test_help_onto_a_full_disk_is_an_error(unbuffered):
+    """`minillm --help > /dev/full` exited 0 (argparse ignores a failed write)."""
+    env = {k: v for k, v in ENV.items() if k != "PYTHONUNBUFFERED"}
+    if unbuffered:
+        env["PYTHONUNBUFFERED"] = "1"
+    for args in (["--help"], ["--version"], ["generate", "--help"], []):
+        p = subprocess.run(["bash", "-c", " ".join([sys.executable, "-m", "minillm", *args]) + " > /dev/full"],
+                           capture_output=True, text=True, env=env, timeout=120)
+        assert p.returncode == 2 and p.stderr.count("\n") == 1, (args, p.stderr)
+        assert p.stderr.startswith("minillm: error: cannot write to stdout: No space left on device"), p.stderr
+    p = subprocess.run(["bash", "-c", f"{sys.executable} -m minillm --help | head -c 5"], capture_output=True,
+                       text=True, env=env, timeout=120)
+    assert p.returncode == 0 and p.stdout == "usage" and "Traceback" not in p.stderr, p.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# SIGTERM is handled as SIGINT, and exits 143 (issue 20, category 6)
+
+
+def test_sigterm_writes_what_is_finished_and_exits_143(tiny_checkpoint, files, tmp_path):
+    """`kill -TERM` (timeout, systemd, containers) during batch used to lose every finished record;
+    now every command writes what it finished, as on Ctrl-C, and exits 143. The signal goes out only
+    after the process shows it reached the point under test (a record written, a token printed)."""
+    m = tiny_checkpoint
+    (tmp_path / "p.jsonl").write_text('{"prompt": "hi", "max_new_tokens": 2}\n{"prompt": "yo", "max_new_tokens": -1}\n'
+                                      '{"prompt": "later"}\n')
+    batch = ["batch", m, "--input", tmp_path / "p.jsonl", "--batch-size", 2, "--ignore-eos", "--threads", 1,
+             "--cache-size", 16]
+    rc, out, err = interrupt_after(batch, r'"line": 1', "stdout", sig=signal.SIGTERM)  # records to stdout
+    assert rc == 143 and "Traceback" not in err, err
+    assert [json.loads(x)["line"] for x in out.splitlines()] == [1] and "interrupted" in err.splitlines()[-1]
+    probe = tmp_path / "probe.txt"
+    output = tmp_path / "out.jsonl"
+    # To a file, records are written at the end: the probe (MINILLM_STARTUP_PROBE) reports each one.
+    proc = subprocess.Popen([*CMD, *map(str, batch + ["--output", output])], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env={**ENV, "MINILLM_STARTUP_PROBE": str(probe)})
+    deadline = time.monotonic() + 120
+    while not (probe.exists() and "record 1" in probe.read_text()):
+        assert time.monotonic() < deadline and proc.poll() is None, "the batch never reported a record"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and b"Traceback" not in err, err
+    assert [json.loads(x)["line"] for x in output.read_text().splitlines()] == [1]
+    rc, out, err = interrupt_after(["generate", m, "--prompt", "Once", "--max-new-tokens", -1, "--ignore-eos",
+                                    "--cache-size", 16, "--threads", 1], ".", "stdout", sig=signal.SIGTERM)
+    assert rc == 143 and "Traceback" not in err and "interrupted" in err.strip().splitlines()[-1], err
+    rc, out, err = interrupt_after(["chat", m, "--prompts", files / "turns.jsonl", "--max-new-tokens", -1,
+                                    "--ignore-eos", "--cache-size", 16, "--threads", 1], "ASSISTANT:.", "stdout",
+                                   sig=signal.SIGTERM)
+    assert rc == 143 and "Traceback" not in err and "interrupted" in err.strip().splitlines()[-1], err
+    out_json = tmp_path / "partial.json"
+    rc, stdout, err = interrupt_after(["ppl", m, "--text", files / "big.txt", "--mode", "recompute", "--cache-size",
+                                       256, "--json", out_json, "--threads", 1], r"recompute:.*\dk?tok/s\]", "stderr",
+                                      sig=signal.SIGTERM)
+    assert rc == 143 and "Traceback" not in err, err
+    assert json.loads(out_json.read_text())["interrupted"]
+
+
+def test_sigterm_during_start_up_exits_143(tiny_checkpoint):
+    """A SIGTERM once the handler is in place (the package's first statement), during the imports."""
+    probe = tiny_checkpoint.parent / f"probe-term-{os.getpid()}.txt"
+    probe.unlink(missing_ok=True)
+    proc = subprocess.Popen([*CMD, "generate", str(tiny_checkpoint), "--prompt", "Once", "--max-new-tokens", "-1",
+                             "--ignore-eos", "--cache-size", "16", "--threads", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**ENV, "MINILLM_STARTUP_PROBE": str(probe)})
+    deadline = time.monotonic() + 120
+    while not (probe.exists() and "handler" in probe.read_text()):
+        assert time.monotonic() < deadline and proc.poll() is None, "the CLI never reported its handler"
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=60)[1].decode(errors="replace")
+    assert proc.returncode == 143 and "Traceback" not in err, err

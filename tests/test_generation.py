@@ -289,3 +289,33 @@ def test_tiny_and_huge_temperatures_sample_validly():
     assert len(draws) > 30  # infinite temperature: uniform
     with pytest.raises(MiniLLMError, match="not all finite"):
         sample(torch.tensor([0.0, float("nan")]), temperature=0)
+
+
+def test_sampling_parameters_at_the_edges_of_float32_and_float64():
+    """Issue 20, category 8: a top_p below float32's smallest number (1e-300, 5e-324) rounds to 0
+    and used to drop every token (multinomial crashed); the most likely token is always kept. top_k
+    ranks by the logits, so an infinite temperature is uniform over the k most likely, not over all.
+    float64 logits past float32's range are sampled in float64, not refused as non-finite."""
+    logits = torch.randn(50, generator=torch.Generator().manual_seed(3)) * 4
+    best = int(logits.argmax())
+    g = torch.Generator().manual_seed(0)
+    for p in (1e-300, 5e-324, 1e-45, 1e-39):
+        for t in (1.0, 1e-300, 1e38, float("inf")):
+            assert sample(logits, temperature=t, top_p=p, generator=g) == best
+        assert sample(logits, temperature=1.0, top_k=3, top_p=p, generator=g) == best
+    top3 = set(torch.topk(logits, 3).indices.tolist())
+    for t in (float("inf"), 1e38, 10**400):
+        draws = {sample(logits, temperature=t, top_k=3, top_p=None, generator=g) for _ in range(200)}
+        assert draws == top3
+    # top_p at an infinite temperature keeps the most likely by the logits (ties of equal probabilities)
+    draws = {sample(logits, temperature=float("inf"), top_p=0.09, generator=g) for _ in range(200)}
+    assert draws == set(torch.topk(logits, 5).indices.tolist())
+    for k in (2**63, 10**30, 50, 51):
+        assert 0 <= sample(logits, temperature=1.0, top_k=k, generator=g) < 50
+    big = torch.randn(50, dtype=torch.float64, generator=torch.Generator().manual_seed(4)) * 1e300
+    assert sample(big, temperature=1.0, generator=g) == int(big.argmax())
+    assert sample(big, temperature=0.5, top_k=2, top_p=1e-300, generator=g) == int(big.argmax())
+    model = random_model(tiny_config("llama_gqa"), dtype=torch.float64, seed=7)
+    greedy = list(generate(model, [1, 2, 3], max_new_tokens=6, temperature=0))
+    assert list(generate(model, [1, 2, 3], max_new_tokens=6, temperature=0.7, top_p=1e-300)) == greedy
+    assert list(generate(model, [1, 2, 3], max_new_tokens=6, temperature=-0.0)) == greedy

@@ -35,7 +35,8 @@ def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 def write_gguf(path: Path, ckpt: Path, *, qtype=Q.F32, arch="llama", drop=(), extra_tensor=None,
                drop_token=False, meta=None, tokenizer_model="gpt2", add_bos=True, extra_values=None,
-               raw_meta=None, types_patch=None, pre="default", lie=None) -> Path:
+               raw_meta=None, types_patch=None, pre="default", lie=None,
+               chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}") -> Path:
     """A GGUF of the checkpoint at `ckpt`; `add_bos=None` writes no tokenizer.ggml.add_bos_token key;
     `lie` replaces hyper-parameters with values its tensors do not have ({"block_count": 10**9})."""
     model = minillm.load(ckpt)
@@ -73,7 +74,7 @@ def write_gguf(path: Path, ckpt: Path, *, qtype=Q.F32, arch="llama", drop=(), ex
     w.add_eos_token_id(1)
     if add_bos is not None:
         w.add_add_bos_token(add_bos)
-    w.add_chat_template("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    w.add_chat_template(chat_template)
     for key, value in (meta or {}).items():
         if isinstance(value, str):
             w.add_string(key, value)
@@ -409,3 +410,18 @@ def test_the_header_is_read_from_a_plain_view_of_the_mapping_with_the_same_value
     for a, b in zip(ours.tensors, theirs.tensors):
         assert (a.name, a.tensor_type, a.shape.tolist()) == (b.name, b.tensor_type, b.shape.tolist())
         assert np.array_equal(a.data, b.data) and not a.data.flags.writeable
+def test_a_gguf_chat_template_runs_within_the_budget(ckpt, tmp_path, monkeypatch):
+    """Issue 20, category 2: a GGUF's tokenizer.chat_template is rendered within the same time and
+    size limits as one from chat_template.jinja (tests/test_template.py)."""
+    from minillm.apps.chat import ChatSession
+
+    monkeypatch.setenv("MINILLM_TEMPLATE_SECONDS", "1")
+    for template, match in (("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+                             "time limit of 1 s"),
+                            ("{% for i in range(100000) %}{{ 'y' * 100000 }}{% endfor %}", "10,000,000 characters")):
+        path = write_gguf(tmp_path / f"t{len(match)}.gguf", ckpt, chat_template=template)
+        tok = minillm.load_tokenizer(path)
+        assert tok.chat_template == template
+        session = ChatSession(minillm.load(path), tok, max_new_tokens=2)
+        with pytest.raises(MiniLLMError, match=match):
+            list(session.turn("hi"))

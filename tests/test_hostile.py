@@ -156,8 +156,9 @@ row("model missing", ["generate", "./no-such-model", "--prompt", "x"], 2, "model
 OUT_BAD = [
     ("a directory", "{d}/out", "is a directory"),
     ("a trailing slash", "{d}/out/new/", "is a directory"),
-    ("/dev/full", "/dev/full", "is not a regular file"),
-    ("/dev/null", "/dev/null", "is not a regular file"),
+    ("a socket", "{d}/sock", "is a socket, not a file or a stream"),
+    ("a descriptor not open", "/dev/fd/97", "descriptor 97 is not open"),
+    ("/proc/self/fd of one not open", "/proc/self/fd/98", "descriptor 98 is not open"),
     ("a missing directory", "{d}/no/such/dir/x.json", "does not exist"),
     ("an unwritable place", "/proc/minillm-x.json", "cannot write in /proc"),
     ("the input text", "{d}/ok.txt", "is an input of this run"),
@@ -176,6 +177,19 @@ for cmd, flag in [("ppl", "--json"), ("ppl", "--plot"), ("attn", "--json"), ("at
                 continue  # refused for their extension first; the figure-input rows are below
             path = path.replace(".json", ".png")  # (a .json figure is refused for its extension first)
         row(f"{cmd} {flag} onto {what}", base + [flag, path], 2, frag)
+# Issue 20, category 5: a stream is written in place, never renamed over (the /dev/stdout cases,
+# `>> log.txt` and pipes, need a real process: tests/test_cli.py)
+for cmd in ("ppl", "attn"):
+    row(f"{cmd} --json /dev/null is written in place", BASE[cmd] + ["--json", "/dev/null"], 0, "",
+        check=lambda ctx, out, err: os.path.exists("/dev/null") and not os.path.isfile("/dev/null"))
+    row(f"{cmd} --json /dev/full: the write error, one line", BASE[cmd] + ["--json", "/dev/full"], 2,
+        "cannot write --json /dev/full: No space left on device")
+    row(f"{cmd} --json /dev/stdin (not open for writing)", BASE[cmd] + ["--json", "/dev/stdin"], 2, "descriptor 0 is")
+    row(f"{cmd} --json a symlink to /dev/full", BASE[cmd] + ["--json", "{d}/to_full"], 2, "No space left on device")
+row("ppl --plot /dev/null is refused for its format", BASE["ppl"] + ["--plot", "/dev/null"], 2,
+    "unsupported figure format")
+row("ppl --json onto a symlink to a descriptor not open", BASE["ppl"] + ["--json", "{d}/to_fd96"], 2,
+    "descriptor 96 is not open")
 row("ppl --json x.png --plot x.png", BASE["ppl"] + ["--json", "{d}/out/x.png", "--plot", "{d}/out/x.png"], 2,
     "are the same file")
 row("attn --json = --png", BASE["attn"][:4] + ["--png", "{d}/out/m.png", "--json", "{d}/out/m.png"], 2,
@@ -424,7 +438,7 @@ for kw, frag in [(dict(window=10**9), "needs"), (dict(window=10**15, batch_size=
                  (dict(window=0), "window must be an integer >= 1"), (dict(sinks=-1), "sinks must be"),
                  (dict(batch_size=0), "batch_size must be"), (dict(window=1.5), "window must be"),
                  (dict(window="8"), "window must be"), (dict(window=True), "window must be"),
-                 (dict(dtype="int8"), "unknown dtype"), (dict(dtype=torch.int32), "unknown dtype"),
+                 (dict(dtype="int8"), "unknown dtype"), (dict(dtype=torch.int32), "dtype torch.int32 is not supported"),
                  (dict(dtype="float17"), "unknown dtype"), (dict(device="tpu"), "unknown device")]:
     api(f"new_cache({kw})", lambda ctx, kw=kw: ctx.model("sp").new_cache(**kw), frag)
 for dt in ("float16", "bfloat16", "fp64", torch.float16):
@@ -574,6 +588,305 @@ api("ChatSession.load(a path as the model)", lambda ctx: minillm.ChatSession.loa
     _saved_state(ctx, "c2.st"), str(LLAMA), ctx.tok("sp")), "must be a minillm Model")
 api("ChatSession.load(a cache's file)", lambda ctx: minillm.ChatSession.load(
     _saved_state(ctx, "cache.st"), ctx.model("sp"), ctx.tok("sp")), "not a minillm.ChatSession file")
+
+
+# ------------------------------------------------------------------------------------------------
+# Issue 20, category 8: sampling parameters at the edges of float32 (the most likely token is kept)
+
+
+def _greedy_api(ctx, **kw):
+    ids = [1, 50, 60]
+    want = list(minillm.generate(ctx.model("sp"), ids, max_new_tokens=4, temperature=0))
+    return list(minillm.generate(ctx.model("sp"), ids, max_new_tokens=4, **kw)) == want
+
+
+for kind in KINDS:
+    m = f"{{{kind}}}"
+    for flags in (["--top-p", "1e-300"], ["--top-p", "5e-324"], ["--top-p", "1e-45", "--temperature", "1e-300"],
+                  ["--temperature", "inf", "--top-k", "1"], ["--temperature", "1e38", "--top-k", "1"],
+                  ["--temperature", "1e-45"], ["--temperature", "-0.0"]):
+        row(f"{kind} generate {' '.join(flags)} is the library's greedy",
+            ["generate", m, "--prompt", "It was a dark", "--max-new-tokens", "8", "--ignore-eos"] + flags,
+            0, "8 tokens", check=lambda ctx, out, err, kind=kind: ctx.check_greedy(kind, out))
+    for flags in (["--top-k", str(2**63)], ["--top-k", str(10**30)], ["--top-k", "100000"], ["--top-p", "1"],
+                  ["--temperature", "1e38"], ["--temperature", "inf"]):
+        row(f"{kind} generate {' '.join(flags)[:30]} runs", ["generate", m, "--prompt", "hi", "--max-new-tokens", "3",
+                                                             "--ignore-eos"] + flags, 0, "3 tokens")
+    row(f"{kind} chat --top-p 1e-300", ["chat", m, "--prompts", "{d}/turns.jsonl", "--max-new-tokens", "2",
+                                        "--top-p", "1e-300"], 0, "3 turns")
+for kw in (dict(top_p=1e-300), dict(top_p=5e-324), dict(temperature=1e-45, top_p=1e-300), dict(temperature=1e38, top_k=1),
+           dict(temperature=float("inf"), top_k=1), dict(temperature=10**400, top_k=1), dict(temperature=-0.0),
+           dict(temperature=0.8, top_k=1, top_p=1e-300)):
+    api(f"generate({kw}) is greedy", lambda ctx, kw=kw: _greedy_api(ctx, **kw), "", expect=None,
+        check=lambda ctx, ok: ok is True)
+for kw in (dict(top_k=2**63), dict(top_k=2**64 + 1), dict(top_k=10**6), dict(top_p=1.0), dict(temperature=1e38)):
+    api(f"generate({kw}) runs", _gen(**kw), "", expect=None, check=lambda ctx, out: len(out) == 2)
+for kw, frag in [(dict(temperature=float("-inf")), "temperature"), (dict(temperature=-1e-300), "temperature"),
+                 (dict(top_k=-(2**63)), "top_k"), (dict(top_p=float("inf")), "top_p"), (dict(top_p=-0.0), "top_p"),
+                 (dict(top_p=1 + 1e-15), "top_p"), (dict(top_k=True), "top_k")]:
+    api(f"generate({kw}) refused", _gen(**kw), frag)
+api("generate_batch(Request(top_p=1e-300)) is greedy", lambda ctx: [e.token for e in minillm.generate_batch(
+    ctx.model("sp"), [minillm.Request([1, 50, 60], top_p=1e-300, temperature=0.9)], max_new_tokens=4)]
+    == list(minillm.generate(ctx.model("sp"), [1, 50, 60], max_new_tokens=4, temperature=0)), "", expect=None,
+    check=lambda ctx, ok: ok is True)
+api("generate_batch(Request(top_p=0)) names the prompt", lambda ctx: list(minillm.generate_batch(
+    ctx.model("sp"), [[1, 2], minillm.Request([1, 50], top_p=0)], max_new_tokens=2)), "prompt 1: top_p")
+
+
+# ------------------------------------------------------------------------------------------------
+# Issue 20, category 2: a chat template runs within a time and size budget, wherever it comes from
+
+TEMPLATES = {
+    "nested_loops": ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "time limit"),
+    "string_loops": ("{% set s = 'y' * 100000 %}{% for a in s %}{% for b in s %}{% endfor %}{% endfor %}", "time limit"),
+    "macro_exp": ("{% macro f(n) %}{% if n %}{{ f(n-1) }}{{ f(n-1) }}{% endif %}{% endmacro %}{{ f(60) }}", "time limit"),
+    "y_times": ("{% for i in range(100000) %}{{ 'y' * 100000 }}{% endfor %}", "wrote output of"),
+    "repeat": ("{{ 'y' * 10**9 }}", "made a repetition"),
+    "doubling": ("{% set ns = namespace(x='y') %}{% for i in range(64) %}{% set ns.x = ns.x ~ ns.x %}{% endfor %}",
+                 "made a string"),
+    "center": ("{{ messages[0]['content']|center(10**10) }}", "took an argument"),
+    "format": ("{{ '%0999999999d' % 1 }}", "used a format width"),
+    "join": ("{{ (['y' * 10000] * 10000)|join }}", "made a repetition"),
+    "list_str": ("{{ [messages] * 100000000 }}", "made a repetition"),
+    "replace": ("{{ ('y' * 10000)|replace('y', 'y' * 10000) }}", "made a replace"),
+    "lipsum": ("{{ lipsum(10**6) }}", "made lipsum"),
+    "macro_body": ("{% macro m() %}{% for i in range(100000) %}{{ 'y' * 1000 }}{% endfor %}{% endmacro %}{{ m() }}",
+                   "made collected text"),
+    "pow": ("{{ 7 ** (7 ** 8) }}", "past 1048576 bits"),
+    "recursion": ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", "RecursionError"),
+}
+for name, (template, frag) in TEMPLATES.items():
+    slow = frag == "time limit"
+    if not slow or name == "nested_loops":  # the default limit, 5 s, through the CLI: one slow row
+        row(f"chat with a chat_template.jinja: {name}", ["chat", f"{{d}}/tmpl_{name}", "--prompts", "{d}/turns.jsonl",
+                                                         "--max-new-tokens", "2"], 2, frag)
+    api(f"render_chat_template: {name}", lambda ctx, t=template: importlib.import_module("minillm.apps.chat")
+        .render_chat_template(t, [{"role": "user", "content": "hi"}], add_generation_prompt=True, time_limit=1), frag)
+api("ChatSession in a thread: nested loops", lambda ctx: _in_thread(lambda: list(minillm.ChatSession(
+    ctx.model("hf"), _tok_with_template(ctx, TEMPLATES["nested_loops"][0]), max_new_tokens=2).turn("hi"))),
+    "time limit of 5 s")
+api("render_chat_template(time_limit=0)", lambda ctx: importlib.import_module("minillm.apps.chat").render_chat_template(
+    "hi", [], add_generation_prompt=True, time_limit=0), "time limit must be")
+
+
+def _in_thread(fn):
+    """Run `fn` in a worker thread (as a server renders), re-raising what it raised."""
+    import threading
+
+    got = []
+
+    def work():
+        try:
+            got.append(fn())
+        except BaseException as e:  # noqa: BLE001 - handed back to the row
+            got.append(e)
+    th = threading.Thread(target=work, daemon=True)
+    th.start()
+    th.join(ROW_SECONDS - 5)
+    assert got, "the thread never finished: a hang"
+    if isinstance(got[0], BaseException):
+        raise got[0]
+    return got[0]
+
+
+def _tok_with_template(ctx, template):
+    import copy
+
+    tok = copy.copy(ctx.tok("hf"))
+    tok.chat_template = template
+    return tok
+
+
+# ------------------------------------------------------------------------------------------------
+# Issue 20, category 6: SIGTERM, as SIGINT, writes what is finished and exits 143 (a real process:
+# the signal goes out once the process reports, through MINILLM_STARTUP_PROBE, the point under test)
+
+
+def _sigterm(ctx, argv, point: str):
+    import subprocess
+    import time
+
+    probe = ctx.d / f"probe-{point.replace(' ', '-')}-{len(argv)}.txt"
+    probe.unlink(missing_ok=True)
+    env = {**os.environ, "MINILLM_STARTUP_PROBE": str(probe),
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-m", "minillm", *ctx.argv(argv)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env)
+    try:
+        deadline = time.monotonic() + ROW_SECONDS - 10
+        while not (probe.exists() and point in probe.read_text()):
+            assert time.monotonic() < deadline and proc.poll() is None, "never reached " + point
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
+
+
+def _batch_term_check(ctx, result, path=None):
+    rc, out, err = result
+    assert rc == 143 and "Traceback" not in err, (rc, err)
+    text = out if path is None else (ctx.d / path).read_text()
+    return [json.loads(x)["line"] for x in text.splitlines()] == [1]
+
+
+_BATCH = ["batch", "{llama}", "--input", "{d}/term.jsonl", "--batch-size", "2", "--ignore-eos", "--threads", "1",
+          "--cache-size", "16"]
+api("SIGTERM during batch to stdout writes the finished record, 143", lambda ctx: _sigterm(ctx, _BATCH, "record 1"),
+    "", expect=None, check=_batch_term_check)
+api("SIGTERM during batch --output FILE writes the finished record, 143", lambda ctx: _sigterm(
+    ctx, _BATCH + ["--output", "{d}/out/term.jsonl"], "record 1"), "", expect=None,
+    check=lambda ctx, r: _batch_term_check(ctx, r, "out/term.jsonl"))
+for cmd, argv in [("generate", BASE["generate"][:4] + ["--max-new-tokens", "-1", "--ignore-eos"]),
+                  ("chat", BASE["chat"][:4] + ["--max-new-tokens", "-1", "--ignore-eos"]),
+                  ("ppl", BASE["ppl"][:2] + ["--text", "{d}/long.txt"])]:
+    api(f"SIGTERM during {cmd}'s start-up exits 143", lambda ctx, a=argv: _sigterm(ctx, a, "cli"), "", expect=None,
+        check=lambda ctx, r: r[0] == 143 and "Traceback" not in r[2])
+
+
+# ------------------------------------------------------------------------------------------------
+# Issue 20, category 10: API memory bombs are refused up front, as the CLI's are
+
+
+def _long_ids(n=20_000, rows=1):
+    return torch.randint(5, 1000, (rows, n), generator=torch.Generator().manual_seed(0))
+
+
+api("model(20k ids, attn_probs=[])", lambda ctx: ctx.model("sp")(_long_ids(), attn_probs=[]),
+    "a forward over 1 x 20000 tokens with attn_probs without a cache needs")
+api("model(2000 x 20k ids)", lambda ctx: ctx.model("sp")(_long_ids(20_000, 2000)), "a forward over 2000 x 20000")
+api("model(300 x 20k ids, cache)", lambda ctx: ctx.model("sp")(_long_ids(20_000, 300), cache=ctx.model("sp").new_cache(
+    300, 4, 60)), "a forward over 300 x 20000 tokens needs")
+api("perplexity(recompute_batch=10**6)", _ppl(_long_ids()[0].tolist(), "recompute", recompute_batch=10**6),
+    "recompute_batch=1000000: 20000 windows of 1024 tokens at once needs")
+api("perplexity(recompute_batch=10**6, window=10**7)", _ppl(mode="recompute", recompute_batch=10**6, window=10**7),
+    "recompute_batch=1000000")
+api("generate_batch(batch_size=10**9) from an iterator", lambda ctx: list(minillm.generate_batch(
+    ctx.model("sp"), iter([[1, 2]] * 3), batch_size=10**9, window=1020)), "needs")
+api("generate(window=10**9)", _gen(window=10**9), "needs")
+api("ChatSession(window=10**12)", lambda ctx: minillm.ChatSession(ctx.model("sp"), ctx.tok("sp"), window=10**12), "needs")
+api("attention_probs(20k tokens)", lambda ctx: importlib.import_module("minillm.apps.attention_maps").attention_probs(
+    ctx.model("sp"), _long_ids()[0].tolist()), "attention maps over 20000 tokens")
+api("model(1k ids, attn_probs=[]) still runs", lambda ctx: ctx.model("sp")(_long_ids(1000), attn_probs=(p := [])) is not
+    None and len(p), "", expect=None, check=lambda ctx, n: n == 6)
+
+
+# ------------------------------------------------------------------------------------------------
+# Issue 20, category 9: every public argument is type-checked (MiniLLMError, never a bare
+# TypeError/AttributeError/ValueError/NotImplementedError), and two sessions cannot share a row
+
+
+def _api_mod():
+    return importlib.import_module("minillm.api")  # the real loaders (minillm.load is memoised here)
+
+
+for v in (None, 123, 1.5, ["a"], b"weights", torch.zeros(1), "", "a\0b"):
+    api(f"load({v!r:.20})", lambda ctx, v=v: _api_mod().load(v), "name_or_path must be")
+    api(f"load_tokenizer({v!r:.20})", lambda ctx, v=v: _api_mod().load_tokenizer(v), "name_or_path must be")
+    api(f"load_config({v!r:.20})", lambda ctx, v=v: minillm.load_config(v), "directory must be")
+for dt in (torch.float8_e4m3fn, torch.float8_e5m2, torch.int8, torch.complex64, torch.bool, None, 5):
+    api(f"load(dtype={dt})", lambda ctx, dt=dt: _api_mod().load(LLAMA, dtype=dt), "dtype")
+    if dt is not None:  # (new_cache's None is the model's dtype)
+        api(f"new_cache(dtype={dt})", lambda ctx, dt=dt: ctx.model("sp").new_cache(1, 2, 8, dtype=dt), "dtype")
+api("save_pretrained onto an existing file", lambda ctx: minillm.save_pretrained(ctx.model("sp"), ctx.d / "ok.txt"),
+    "exists and is not a directory")
+api("save_pretrained into a path under a file", lambda ctx: minillm.save_pretrained(ctx.model("sp"),
+                                                                                  ctx.d / "ok.txt" / "sub"), "cannot write")
+api("save_pretrained(None as the directory)", lambda ctx: minillm.save_pretrained(ctx.model("sp"), None),
+    "directory must be a path")
+api("save_pretrained(a tokenizer as the model)", lambda ctx: minillm.save_pretrained(ctx.tok("sp"), ctx.d / "o"),
+    "must be a minillm Model")
+api("save_pretrained(dtype=float8)", lambda ctx: minillm.save_pretrained(ctx.model("sp"), ctx.d / "o8",
+                                                                        dtype=torch.float8_e4m3fn), "not supported")
+for kind in KINDS:
+    for v, frag in (("a", "must be an integer"), (1.5, "must be an integer"), (None, "must be an integer"),
+                    (True, "must be an integer"), (-1, "out of range"), (10**9, "out of range"),
+                    (torch.tensor(1.5), "must be an integer")):
+        api(f"{kind} decoder().push({v!r:.20})", lambda ctx, kind=kind, v=v: ctx.tok(kind).decoder().push(v), frag)
+        api(f"{kind} token_text({v!r:.20})", lambda ctx, kind=kind, v=v: ctx.tok(kind).token_text(v),
+            frag if v is not None else "", expect=MiniLLMError if v is not None else None)
+    api(f"{kind} decoder().push(tensor(5)) decodes", lambda ctx, kind=kind: ctx.tok(kind).decoder(start_of_text=False)
+        .push(torch.tensor(5)) + "x", "", expect=None, check=lambda ctx, r: r.endswith("x"))
+    api(f"{kind} decoder(start_of_text='no')", lambda ctx, kind=kind: ctx.tok(kind).decoder(start_of_text="no"),
+        "start_of_text must be")
+    for v in (5, None, b"<s>"):
+        api(f"{kind} token_to_id({v!r})", lambda ctx, kind=kind, v=v: ctx.tok(kind).token_to_id(v), "token's string")
+for args, frag in [(("model", None, 2), "tokenizer must be"), (("model", "tok", "2"), "n must be"),
+                   (("model", "tok", 0), "n must be"), ((None, "tok", 2), "model must be"),
+                   (("model", "weights", 2), "tokenizer must be")]:
+    api(f"ChatSessions{args}", lambda ctx, a=args: minillm.ChatSessions(
+        *(ctx.model("hf") if x == "model" else ctx.tok("hf") if x == "tok" else x for x in a)), frag)
+for kw, frag in [(dict(seed="x"), "seed"), (dict(seed=2**70), "seed"), (dict(max_new_tokens="5"), "max_new_tokens"),
+                 (dict(max_new_tokens=-2), "max_new_tokens"), (dict(ignore_eos="no"), "ignore_eos"),
+                 (dict(use_template=1), "use_template"), (dict(row="0"), "row")]:
+    api(f"ChatSession({kw})", lambda ctx, kw=kw: minillm.ChatSession(ctx.model("hf"), ctx.tok("hf"), **kw), frag)
+api("ChatSession(model, None)", lambda ctx: minillm.ChatSession(ctx.model("hf"), None), "tokenizer must be")
+api("ChatSession(None, tok)", lambda ctx: minillm.ChatSession(None, ctx.tok("hf")), "model must be")
+
+
+def _two_sessions(ctx, close_first=False):
+    cache = ctx.model("hf").new_cache(2, 4, 60)
+    first = minillm.ChatSession(ctx.model("hf"), ctx.tok("hf"), cache=cache, row=1, max_new_tokens=1)
+    if close_first:
+        first.close()
+    second = minillm.ChatSession(ctx.model("hf"), ctx.tok("hf"), cache=cache, row=1, max_new_tokens=1)
+    return first, second
+
+
+api("two ChatSessions on one row of one cache", lambda ctx: _two_sessions(ctx), "row 1 of this cache is held")
+api("a ChatSession on a row released by close()", lambda ctx: _two_sessions(ctx, True), "", expect=None,
+    check=lambda ctx, r: r[0].closed and not r[1].closed)
+api("a closed ChatSession takes no turn", lambda ctx: list(_two_sessions(ctx, True)[0].turn("hi")), "is closed")
+api("ChatSessions rows are held", lambda ctx: (lambda c: minillm.ChatSession(ctx.model("hf"), ctx.tok("hf"),
+                                               cache=c.cache, row=0))(minillm.ChatSessions(ctx.model("hf"),
+                                                                                          ctx.tok("hf"), 2)),
+    "row 0 of this cache is held")
+api("generate(ids on the meta device)", _gen(ids=torch.tensor([1, 2], device="meta")), "meta tensor")
+api("perplexity(ids on the meta device)", _ppl(torch.tensor([1, 2, 3], device="meta")), "meta tensor")
+api("model(ids on the meta device)", lambda ctx: ctx.model("sp")(torch.tensor([[1, 2]], device="meta")), "device mismatch")
+api("generate(generator on meta's device type)", lambda ctx: list(minillm.generate(
+    ctx.model("sp"), [1, 2], generator=type("G", (torch.Generator,), {"device": torch.device("meta")})())),
+    "generator is on meta")
+api("generate(ignore_eos='no')", _gen(ignore_eos="no"), "ignore_eos must be")
+for kw, frag in [(dict(prefix=None), "prefix must be"), (dict(prefix=5), "prefix must be"),
+                 (dict(prefix="ab"), "prefix must be"), (dict(prefix=[1.5]), "prefix must be integer"),
+                 (dict(exact_loop="x"), "exact_loop must be"), (dict(progress=1), "progress must be")]:
+    api(f"perplexity({kw})", _ppl(**kw), frag)
+api("attention_sink_scores(min_query='x')", _sinks("attention_sink_scores", min_query="x"), "min_query must be")
+api("compile_decode(None)", lambda ctx: minillm.compile_decode(None), "must be a minillm Model")
+api("model(ids, attn_probs='x')", lambda ctx: ctx.model("sp")(torch.tensor([[1, 2]]), attn_probs="x"),
+    "attn_probs must be a list")
+api("model(ids, attn_probs=(1,))", lambda ctx: ctx.model("sp")(torch.tensor([[1, 2]]), attn_probs=()),
+    "attn_probs must be a list")
+
+
+_CACHE_KW = dict(num_layers=1, batch_size=1, num_kv_heads=1, head_dim=4, sinks=1, window=4, dtype=torch.float32,
+                 device="cpu", owner_id=0, keep_raw_sinks=True)
+for k, v, frag in [("num_layers", "x", "num_layers must be"), ("head_dim", 0, "head_dim must be"),
+                   ("num_kv_heads", 1.5, "num_kv_heads must be"), ("window", 10**12, "needs"),
+                   ("batch_size", 10**9, "needs"), ("dtype", "x", "unknown dtype"),
+                   ("dtype", torch.float8_e4m3fn, "not supported"), ("device", "tpu", "unknown device")]:
+    api(f"SinkCache({k}={v!r:.20})", lambda ctx, k=k, v=v: minillm.SinkCache(**{**_CACHE_KW, k: v}), frag)
+
+
+def _seen(ctx, value, tokens=3):
+    cache = ctx.model("sp").new_cache(1, 4, 60)
+    cache.tokens_seen = value
+    return ctx.model("sp")(torch.tensor([[1] * tokens]), cache=cache)
+
+
+for v, frag in [(2**64, "tokens_seen must be an integer in [0, 9223372036854775807]"), (2**63, "tokens_seen"),
+                (-1, "tokens_seen"), (torch.tensor([-1]), "tokens_seen must be"),
+                (torch.tensor([2**63], dtype=torch.uint64), "tokens_seen must be"),
+                (2**63 - 2, "would carry a row's tokens_seen (9223372036854775806) past 2^63-1"),
+                (2**63 - 3, "past 2^63-1")]:
+    api(f"cache.tokens_seen = {v!r:.30} then a forward", lambda ctx, v=v: _seen(ctx, v), frag)
+api("cache.tokens_seen = 2^63-4, 3 tokens: the last that fit", lambda ctx: _seen(ctx, 2**63 - 4).shape, "",
+    expect=None, check=lambda ctx, shape: tuple(shape) == (1, 3, 4096))
+api("cache.tokens_seen = 2^62 still runs", lambda ctx: _seen(ctx, 2**62).shape, "", expect=None,
+    check=lambda ctx, shape: tuple(shape) == (1, 3, 4096))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -861,6 +1174,21 @@ def ctx(tmp_path_factory):
     (d / "empty.jsonl").write_bytes(b"")
     _corrupt_checkpoints(d)
     _issue20_checkpoints(d / "i20", tmp_path_factory)
+    import socket
+
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(d / "sock"))
+    sock.close()
+    for name, (template, _) in TEMPLATES.items():
+        t = d / f"tmpl_{name}"
+        t.mkdir()
+        for f in PYTHIA.iterdir():
+            os.symlink(f, t / f.name)
+        (t / "chat_template.jinja").write_text(template, encoding="utf-8")
+    (d / "term.jsonl").write_text('{"prompt": "hi", "max_new_tokens": 2}\n{"prompt": "yo", "max_new_tokens": -1}\n'
+                                  '{"prompt": "later"}\n', encoding="utf-8")
+    os.symlink("/dev/full", d / "to_full")
+    os.symlink("/dev/fd/96", d / "to_fd96")
     yield Context(d)
     for sock, short in _SOCKETS:
         sock.close()
@@ -1050,6 +1378,24 @@ def test_fuzz_generate_arguments(ctx, kwargs, ids):
     assert len(out) <= kwargs["max_new_tokens"]
 
 
+def test_a_forward_is_measured_against_the_memory_available(ctx, monkeypatch):
+    """Issue 20, category 10: `m(ids, attn_probs=[])` and `perplexity(recompute_batch=...)` used to
+    allocate whatever they were asked for (4 GB and more). With 300 MiB available (patched), a
+    request needing a few GiB is refused up front; a small one still runs."""
+    from minillm import limits
+    from minillm.evaluate import perplexity
+
+    monkeypatch.setattr(limits, "available_bytes", lambda device: 300 << 20)
+    model = ctx.model("sp")
+    with pytest.raises(MiniLLMError, match=r"with attn_probs without a cache needs [\d.]+ GiB, more than the 300.0 MiB"):
+        model(_long_ids(4000), attn_probs=[])
+    with pytest.raises(MiniLLMError, match="recompute_batch=500: 500 windows of 1024 tokens"):
+        perplexity(model, _long_ids(1600)[0].tolist(), "recompute", recompute_batch=500)
+    probs = []
+    assert model(_long_ids(200), attn_probs=probs).shape == (1, 200, 4096) and len(probs) == 6
+    assert perplexity(model, _long_ids(1100)[0].tolist(), "recompute", 4, 60, recompute_batch=8).tokens == 1099
+
+
 def summary() -> dict:
     """The table's counts, as the issue asks for them."""
     cli_rows = [r for r in ROWS if isinstance(r.run, list)]
@@ -1062,3 +1408,4 @@ def summary() -> dict:
 
 if __name__ == "__main__":
     print(json.dumps(summary(), indent=1))
+

@@ -74,6 +74,7 @@ def attention_sink_scores(model, ids, min_query: int | None = None, tokens: int 
     """Mean attention on token 0 from queries with index >= `min_query` (default: the second half
     of the first `tokens` tokens), per layer, heads averaged; `uniform` is what even attention
     would give (the mean of 1/(q+1) over those queries), for comparison."""
+    check_int("min_query", min_query, none_ok=True)  # its range, once T is known
     probs = attention_probs(model, ids, tokens) if probs is None else probs
     T = probs[0].shape[-1]
     q0 = T // 2 if min_query is None else min_query

@@ -16,15 +16,18 @@ each session rendering its turns exactly as a lone `ChatSession`.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator, Mapping
 
 import torch
 
-from ..checks import check_int, check_model
+from ..checks import check_bool, check_int, check_model, check_tokenizer
 from ..errors import MiniLLMError, first_line
 from .batching import Row, row_seed, run_rows
 from .generation import generate, new_stream_ids
-from .sampling import Sampler, check_sampling, make_sampler
+from .sampling import Sampler, check_sampling, check_seed, make_sampler
+from .template import message as template_message
+from .template import render_budgeted, sandbox_class
 
 
 # ----------------------------------------------------------------------------------------------
@@ -47,30 +50,34 @@ PLAIN_NEXT = "\nUSER: {text}\nASSISTANT:"
 
 
 def render_chat_template(template: str, messages: list[dict], *, add_generation_prompt: bool,
-                         bos_token: str = "", eos_token: str = "", **special_tokens: str) -> str:
+                         bos_token: str = "", eos_token: str = "", time_limit: float | None = None,
+                         max_chars: int | None = None, **special_tokens: str) -> str:
     """Render a Hugging Face chat template (Jinja) the way transformers does: a sandboxed
     environment with trim_blocks/lstrip_blocks, loop controls ({% break %}, {% continue %}), the
     {% generation %} tag (rendered as its body), transformers' `tojson` (no HTML escaping, no ASCII
-    escaping), and `raise_exception` and `strftime_now`. Any failure is one MiniLLMError."""
+    escaping), and `raise_exception` and `strftime_now`. It runs within a budget
+    (minillm/apps/template.py): `time_limit` seconds (default MINILLM_TEMPLATE_SECONDS, else 5)
+    and `max_chars` characters of output or of any value it makes (default
+    MINILLM_TEMPLATE_MAX_CHARS, else 10,000,000), in any thread. Any failure is one MiniLLMError."""
     try:
         import jinja2
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
     except ImportError:  # pragma: no cover - jinja2 is a declared dependency
         raise MiniLLMError("the chat template needs jinja2 (pip install jinja2)") from None
-    env = _jinja_env(jinja2, ImmutableSandboxedEnvironment)
+    env = _jinja_env(jinja2)
     try:
-        return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                                bos_token=bos_token, eos_token=eos_token, **special_tokens)
+        return render_budgeted(env, template, dict(messages=messages, add_generation_prompt=add_generation_prompt,
+                                              bos_token=bos_token, eos_token=eos_token, **special_tokens),
+                               time_limit, max_chars)
+    except MiniLLMError:
+        raise
     except Exception as e:  # a template is code: TemplateError, but also TypeError, RecursionError, ...
-        raise MiniLLMError(f"the checkpoint's chat template failed: {type(e).__name__}: {first_line(e)}"
-                           if not isinstance(e, jinja2.TemplateError) else
-                           f"the checkpoint's chat template failed: {first_line(e)}") from None
+        raise MiniLLMError(template_message(e, jinja2.TemplateError)) from None
 
 
 _ENV = None
 
 
-def _jinja_env(jinja2, sandbox):
+def _jinja_env(jinja2):
     """One environment, built once, with what transformers' `_compile_jinja_template` adds."""
     global _ENV
     if _ENV is not None:
@@ -99,8 +106,9 @@ def _jinja_env(jinja2, sandbox):
     def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-    env = sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, jinja2.ext.loopcontrols])
+    env = sandbox_class()(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, jinja2.ext.loopcontrols])
     env.filters["tojson"] = tojson
+    env.check_filters()
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
     _ENV = env
@@ -112,6 +120,9 @@ def _jinja_env(jinja2, sandbox):
 
 
 from ..formats.stops import END_OF_TURN  # noqa: E402,F401  (a reply stops on these too, when the template uses them)
+
+# The sessions holding each cache's rows ({cache: {row: weakref to its ChatSession}}).
+_HELD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class ChatSession:
@@ -131,6 +142,10 @@ class ChatSession:
     By default the session has a cache of its own. With `cache=` (a cache of B rows) and `row=`,
     it keeps its conversation in that row of a cache shared with other sessions (`sinks` and
     `window` are then the cache's); `minillm.ChatSessions` runs the turns of several at once.
+    A session holds its row: a second session on the same row of the same cache is refused until
+    the first is closed (`session.close()`, or `with ChatSession(...) as session:`) or garbage
+    collected. A closed session takes no more turns; its row's keys stay as they are (a new
+    session there continues on them unless the row is reset: `cache.reset(row)`).
     """
 
     MARK = "\ue000minillm-reply\ue001"  # private-use characters: no template alters them
@@ -139,7 +154,13 @@ class ChatSession:
                  max_new_tokens: int | None = 256, temperature: float = 0.8, top_k: int | None = None,
                  top_p: float | None = 0.95, seed: int = 0, ignore_eos: bool = False,
                  use_template: bool = True, system: str | None = None, cache=None, row: int = 0):
+        check_model(model)
+        check_tokenizer(tokenizer)
         check_sampling(temperature, top_k, top_p)
+        check_int("max_new_tokens", max_new_tokens, 0, none_ok=True)
+        check_seed(seed)
+        check_bool("ignore_eos", ignore_eos)
+        check_bool("use_template", use_template)
         if system is not None and not isinstance(system, str):
             raise MiniLLMError(f"system must be a string, got {type(system).__name__}")
         self.model, self.tok = model, tokenizer
@@ -166,6 +187,33 @@ class ChatSession:
         self.prompt_text = ""  # the rendered conversation up to this turn's generation prompt
         self.unfed: int | None = None  # the reply's last token: generated but not yet in the cache
         self.turns = 0
+        self.closed = False
+        self._claim()
+
+    def _claim(self) -> None:
+        """Hold this session's row of its cache: two conversations in one row would overwrite
+        each other's keys, silently."""
+        rows = _HELD.setdefault(self.cache, {})
+        held = rows.get(self.row)
+        other = held() if held is not None else None
+        if other is not None and other is not self and not other.closed:
+            raise MiniLLMError(f"row {self.row} of this cache is held by another ChatSession; close that "
+                               f"session first (session.close()) or give this one another row")
+        rows[self.row] = weakref.ref(self)
+
+    def close(self) -> None:
+        """Release the cache row; the session takes no more turns. Closing twice is harmless."""
+        self.closed = True
+        rows = _HELD.get(self.cache, {})
+        held = rows.get(self.row)
+        if held is not None and held() in (self, None):
+            del rows[self.row]
+
+    def __enter__(self) -> ChatSession:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def _end_of_turn_ids(self) -> frozenset[int]:
         if not self.template or not hasattr(self.tok, "token_to_id"):
@@ -310,6 +358,8 @@ class ChatSession:
     def begin_turn(self, text: str) -> Reply:
         """Start a turn: the ids to feed for `text` and the reply's bookkeeping (`Reply`). The
         batched turns (`chat_turns`) use it too, so every session renders its turns alike."""
+        if self.closed:
+            raise MiniLLMError("this ChatSession is closed (its cache row was released)")
         if not isinstance(text, str):
             raise MiniLLMError(f"a chat turn must be a string, got {type(text).__name__}")
         ids = self._new_ids(text)
@@ -453,13 +503,26 @@ class ChatSessions:
 
     def __init__(self, model, tokenizer, n: int, *, sinks: int = 4, window: int = 1020, seed: int = 0, **settings):
         check_model(model)
+        check_tokenizer(tokenizer)
         check_int("n", n, 1)
+        check_seed(seed)
         self.cache = model.new_cache(batch_size=n, sinks=sinks, window=window)
         self.sessions = [ChatSession(model, tokenizer, cache=self.cache, row=i, seed=row_seed(seed, i), **settings)
                          for i in range(n)]
 
     def __len__(self) -> int:
         return len(self.sessions)
+
+    def close(self) -> None:
+        """Close every session (each releases its row)."""
+        for s in self.sessions:
+            s.close()
+
+    def __enter__(self) -> ChatSessions:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def __getitem__(self, i: int) -> ChatSession:
         return self.sessions[i]

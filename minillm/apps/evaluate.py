@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..checks import check_int, check_model
+from ..checks import check_bool, check_int, check_model
 from ..errors import MiniLLMError
 from .generation import stream_tensor
 from .sampling import NonFiniteError, token_ids
@@ -193,10 +193,20 @@ def perplexity(model, ids, mode: str = "streaming", sinks: int = 4, window: int 
     check_int("recompute_batch", recompute_batch, 1, none_ok=True)
     check_int("dense_max_tokens", dense_max_tokens, 1)
     check_int("seed", seed)
+    for name, flag in (("exact_loop", exact_loop), ("progress", progress), ("interruptible", interruptible)):
+        check_bool(name, flag)
     if on_nonfinite not in ("raise", "keep"):
         raise MiniLLMError(f"on_nonfinite must be 'raise' or 'keep', got {on_nonfinite!r}")
     ids = _check_ids(ids)
-    prefix = token_ids(prefix) if len(prefix) else []
+    if mode == "recompute" and recompute_batch is not None:  # its memory, before any work
+        from ..limits import check_forward
+
+        b = min(recompute_batch, len(ids))
+        check_forward(model, b, sinks + window, None, 0, False,
+                      f"recompute_batch={recompute_batch}: {b} windows of {sinks + window} tokens at once")
+    if isinstance(prefix, (str, bytes)) or not hasattr(prefix, "__len__"):
+        raise MiniLLMError(f"prefix must be a sequence of token ids (possibly empty), got {type(prefix).__name__}")
+    prefix = token_ids(prefix, "prefix") if len(prefix) else []
     stream, n_prefix = stream_tensor(model, prefix + ids)
     n_prefix += len(prefix)  # tokens in front of the text: the sink token, then `prefix`
     if mode == "recompute" and n_prefix >= sinks + window:

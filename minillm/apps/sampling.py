@@ -40,6 +40,8 @@ def token_ids(ids, what: str = "ids") -> list[int]:
     if isinstance(ids, torch.Tensor):
         if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
             raise MiniLLMError(f"{what} must be integer token ids, got a {ids.dtype} tensor")
+        if ids.device.type == "meta":
+            raise MiniLLMError(f"{what} is a meta tensor (shapes only, no values); give real token ids")
         return ids.flatten().tolist()
     out = []
     for i in ids:
@@ -119,12 +121,13 @@ def sample(logits: torch.Tensor, *, temperature: float = 0.8, top_k: int | None 
     """One token id from a (V,) row of logits.
 
     temperature 0 is greedy (argmax). Otherwise softmax(logits / temperature), restricted to the
-    `top_k` most likely ids and then to the smallest set whose probability reaches `top_p`; a
-    temperature so small that logits / temperature overflows is the limit, greedy. Ids >=
+    `top_k` most likely ids and then to the smallest set whose probability reaches `top_p` (the most
+    likely id is always kept, however small `top_p`); a temperature so small that logits / temperature overflows is the limit, greedy. Ids >=
     `vocab_size` (padding rows of a model vocabulary larger than its tokenizer's) are never
     produced. Non-finite logits raise NonFiniteError.
     """
-    logits = logits.float()
+    # float64 logits stay float64 (a float64 model's logits can pass float32's range); others float32
+    logits = logits.double() if logits.dtype == torch.float64 else logits.float()
     if vocab_size is not None and vocab_size < logits.shape[-1]:
         logits = logits[:vocab_size]  # ids past the tokenizer's vocabulary cannot be decoded
     if not bool(torch.isfinite(logits).all()):
@@ -132,21 +135,28 @@ def sample(logits: torch.Tensor, *, temperature: float = 0.8, top_k: int | None 
     if temperature == 0:
         return int(torch.argmax(logits))
     temperature = _as_float(temperature)  # torch cannot divide by an int past 64 bits
+    # top_k and top_p rank the tokens by their logits, not by the scaled ones: a huge temperature
+    # (1e38, inf) makes every scaled logit equal, and "the k most likely" must still mean those.
+    keep = None
+    if top_k and top_k < logits.shape[-1]:
+        keep = logits >= torch.topk(logits, top_k).values[-1]
     scaled = logits / temperature
     if not bool(torch.isfinite(scaled).all()):
         # A tiny temperature (1e-300 rounds to 0 in float32) overflows. In float64 with the max
         # subtracted first, the top logit becomes 0 and the rest at most 0 (-inf once they
         # underflow), finite for any temperature > 0: sampling tends to greedy, its exact limit.
         scaled = (logits.double() - logits.max().double()) / temperature
-    logits = scaled
-    if top_k and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
+    if keep is not None:
+        scaled = scaled.masked_fill(~keep, float("-inf"))
+    probs = torch.softmax(scaled, dim=-1)
     if top_p is not None and top_p < 1:
-        sorted_p, order = torch.sort(probs, descending=True)
-        # Drop a token when the more likely ones already reach top_p (the first is always kept).
+        order = torch.argsort(logits, descending=True, stable=True)
+        sorted_p = probs[order]
+        # Drop a token when the more likely ones already reach top_p. The most likely token is
+        # always kept: a top_p below float32's smallest number (1e-300) would otherwise round to 0
+        # and drop every token.
         drop = (torch.cumsum(sorted_p, dim=-1) - sorted_p) >= top_p
+        drop[0] = False
         probs = probs.scatter(0, order, sorted_p.masked_fill(drop, 0.0))
     return int(torch.multinomial(probs, 1, generator=generator))
 
@@ -189,11 +199,16 @@ def make_sampler(model, *, max_new_tokens: int | None = 256, temperature: float 
     a new one on the model's device seeded with `seed`. `eos_ids=None`: the model's `eos_ids`."""
     check_sampling(temperature, top_k, top_p)
     check_int("max_new_tokens", max_new_tokens, 0, none_ok=True)
+    if not isinstance(ignore_eos, bool):
+        raise MiniLLMError(f"ignore_eos must be True or False, got {ignore_eos!r:.40}")
     check_int("vocab_size", vocab_size, 1, none_ok=True)
     if generator is None:
         check_seed(seed)
     elif not isinstance(generator, torch.Generator):
         raise MiniLLMError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    elif torch.device(generator.device).type != torch.device(model.device).type:
+        raise MiniLLMError(f"generator is on {generator.device}, the model on {model.device}: sampling draws on "
+                           f"the model's device (torch.Generator(device=model.device))")
     if eos_ids is None:  # the model's own (minillm.load reads them); () stops on none
         eos_ids = getattr(model, "eos_ids", ())
     if isinstance(eos_ids, (str, bytes)):

@@ -18,12 +18,13 @@ Progress (status.py): on a terminal, one status line on stderr redrawn in place 
 phases and erased after them; nothing when stderr is not a terminal. A closing summary either way.
 
 Bad input is one line on stderr (`minillm: error: ...`) and exit code 2; Ctrl-C exits with 130
-and no traceback (`ppl` first prints what it scored so far).
+(SIGTERM: 143) and no traceback (`ppl` first prints what it scored so far).
 
 Text rule: every text (`--prompt`, `--prompt-file`, `--text`, chat turns from a file or stdin)
 must be valid UTF-8. Invalid bytes or lone surrogates are refused, naming where and the offset;
 nothing is silently replaced. Outputs (`--json`, `--plot`, `--png`, `--output`) are checked before the work,
-never overwrite an input, and are written atomically (a temporary file renamed into place).
+never overwrite an input, and a file is written atomically (a temporary file renamed into place);
+a stream (/dev/stdout, /dev/fd/N, a FIFO, a terminal) is written in place, never renamed over.
 
     parser.py    the arguments          commands.py  the commands and `main`
     status.py    the status line

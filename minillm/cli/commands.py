@@ -519,7 +519,10 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # --help, --version, or a one-line usage error
         return e.code if isinstance(e.code, int) else 2
     if args.command is None:
-        parser.print_help()
+        try:
+            parser.print_help()
+        except SystemExit as e:  # stdout failed (/dev/full): one line on stderr
+            return e.code if isinstance(e.code, int) else 2
         return 0
     for stream in (sys.stdout, sys.stderr):  # a model can sample bytes a console cannot show
         if stream is not None and hasattr(stream, "reconfigure"):

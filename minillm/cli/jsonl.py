@@ -14,9 +14,10 @@ import json
 import math
 import sys
 
+from .._entry import _reached
 from ..errors import MiniLLMError
 from ..formats.reading import parse_json
-from .files import check_text, flush_print, write_atomic
+from .files import check_text, flush_print, write_output
 from .parser import MAX_SEED
 
 
@@ -150,10 +151,14 @@ class Records:
 
     def add(self, lineno: int, record: dict) -> None:
         self.done[lineno] = json.dumps(record, ensure_ascii=False, allow_nan=False)
+        _reached(f"record {lineno}")  # tests send their signal once a record is done
         if self.path == "-":
             while self.printed < len(self.order) and self.order[self.printed] in self.done:
-                flush_print(self.done[self.order[self.printed]] + "\n")
+                # Counted before it is printed: an interrupt (SIGINT, SIGTERM) that lands while the
+                # line is being flushed leaves it in stdout's buffer, and `finish` must not print it
+                # a second time.
                 self.printed += 1
+                flush_print(self.done[self.order[self.printed - 1]] + "\n")
 
     def finish(self) -> None:
         """Write what is done (after Ctrl-C, the lines not finished have no record)."""
@@ -163,7 +168,4 @@ class Records:
                 flush_print(text + "\n")
             return
 
-        def write(tmp: str) -> None:
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.writelines(t + "\n" for t in lines)
-        write_atomic(self.path, "--output", write)
+        write_output(self.path, "--output", lambda f: f.writelines((t + "\n").encode("utf-8") for t in lines))

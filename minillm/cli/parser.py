@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
+import sys
 
 from .. import __version__
 from ..limits import MAX_THREADS
@@ -26,6 +28,29 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"minillm: error: {' '.join(message.split())}\n")
+
+    def _print_message(self, message, file=None):
+        """argparse ignores a failed write, so `minillm --help > /dev/full` exited 0: a failed
+        stdout is one line on stderr and exit code 2 (a closed pipe, `| head`, stays quiet)."""
+        if not message:
+            return
+        file = file or sys.stderr
+        try:
+            file.write(message)
+            file.flush()
+        except BrokenPipeError:
+            raise
+        except (OSError, ValueError, AttributeError) as e:
+            if file is sys.stderr:
+                return
+            try:
+                print(f"minillm: error: cannot write to stdout: {getattr(e, 'strerror', None) or e}", file=sys.stderr)
+                fd = os.open(os.devnull, os.O_WRONLY)  # what stays buffered cannot fail a second time
+                os.dup2(fd, file.fileno())
+                os.close(fd)
+            except (OSError, ValueError, AttributeError):
+                pass
+            raise SystemExit(2) from None
 
 
 def _int_at_least(low: int, high: int | None = None, high_why: str = ""):

@@ -22,8 +22,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ..checks import check_int
+from ..checks import check_int, parse_device, parse_dtype
 from ..errors import MiniLLMError
+from ..limits import check_fits
+
+
+MAX_SEEN = 2**63 - 1  # a row's count is an int64: a stream ends there (a forward that would pass it is refused)
 
 
 @dataclass
@@ -58,8 +62,13 @@ class SinkCache:
         self.sinks = check_int("sinks", sinks, 0)
         self.window = check_int("window", window, 1)
         self.batch_size = check_int("batch_size", batch_size, 1)
+        for name, value in (("num_layers", num_layers), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
+            check_int(name, value, 1)
+        dtype, device = parse_dtype(dtype), parse_device(device)
         self.owner_id = owner_id  # the model that made this cache
         shape = (num_layers, batch_size, num_kv_heads, self.capacity, head_dim)
+        check_fits(dtype.itemsize * num_layers * batch_size * num_kv_heads * head_dim * (2 * self.capacity + self.sinks),
+                   device, f"a SinkCache of {batch_size} x {self.capacity} keys")
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.raw_sink_k = (torch.zeros(shape[:3] + (self.sinks, head_dim), dtype=dtype, device=device)
@@ -80,11 +89,11 @@ class SinkCache:
                     or value.dtype == torch.bool):
                 raise MiniLLMError(f"tokens_seen must be an int or a ({self.batch_size},) integer tensor, got a "
                                    f"{tuple(value.shape)} {value.dtype} tensor")
-            if bool((value < 0).any()):
-                raise MiniLLMError("tokens_seen must be >= 0 in every row")
+            if any(not 0 <= n <= MAX_SEEN for n in value.tolist()):
+                raise MiniLLMError(f"tokens_seen must be in [0, 2^63-1] in every row, got {value.tolist()}")
             self._seen.copy_(value)
         else:
-            self._seen.fill_(check_int("tokens_seen", value, 0))
+            self._seen.fill_(check_int("tokens_seen", value, 0, MAX_SEEN))
 
     @property
     def capacity(self) -> int:
@@ -166,7 +175,7 @@ class SinkCache:
         if state.owner_id != self.owner_id and not self._same_owner(state):
             raise MiniLLMError("import_row: the state comes from a cache of a different model (other weights "
                                "or config)")
-        check_int("import_row: the state's tokens_seen", state.tokens_seen, 0, 2**63 - 1)  # not 2.7, -1 or 2^64
+        check_int("import_row: the state's tokens_seen", state.tokens_seen, 0, MAX_SEEN)  # not 2.7, -1 or 2^64
         if (state.sinks, state.window) != (self.sinks, self.window):
             raise MiniLLMError(f"import_row: the state is from a cache of sinks {state.sinks} + window "
                                f"{state.window}, this one is {self.sinks} + {self.window}")

@@ -27,8 +27,9 @@ from .config import ModelConfig
 from ..checks import check_int, parse_device, parse_dtype, tracing
 from ..errors import MiniLLMError
 from ..identity import register, same_model
+from ..limits import check_forward
 from .attention import Spec, plan
-from .cache import SinkCache
+from .cache import MAX_SEEN, SinkCache
 from .positions import alibi_slopes, rope_inv_freq
 
 _model_ids = itertools.count(1)
@@ -216,6 +217,9 @@ class Model(nn.Module):
         if self.wpe is not None:
             raise MiniLLMError("this checkpoint has learned absolute position embeddings (transformer.wpe), "
                                "which cannot stream past max_seq_len; use the dense forward")
+        if int(cache._seen.max()) > MAX_SEEN - input_ids.shape[1]:  # the int64 count would wrap around
+            raise MiniLLMError(f"cache: {input_ids.shape[1]} more tokens would carry a row's tokens_seen "
+                               f"({int(cache._seen.max())}) past 2^63-1; reset the row")
 
     def forward(self, input_ids: torch.Tensor, cache: SinkCache | None = None,
                 attn_probs: list | None = None, logits_to_keep: int = 0, lengths=None) -> torch.Tensor:
@@ -235,7 +239,11 @@ class Model(nn.Module):
         self._check(input_ids, cache)
         if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) or logits_to_keep < 0:
             raise MiniLLMError(f"logits_to_keep must be an integer >= 0, got {logits_to_keep!r}")
+        if attn_probs is not None and not isinstance(attn_probs, list):
+            raise MiniLLMError(f"attn_probs must be a list (it receives each layer's probabilities) or None, "
+                               f"got {type(attn_probs).__name__}")
         B, T = input_ids.shape
+        check_forward(self, B, T, cache, min(logits_to_keep, T), attn_probs is not None)  # memory, up front
         lengths = self._lengths(lengths, B, T, cache)
         keep = min(logits_to_keep, T)
         if lengths is not None and T > 1 and int(lengths.max()) <= 1:  # one token per row at most: decode

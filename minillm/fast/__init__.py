@@ -71,6 +71,9 @@ def compile_decode(model, **options):
     mode="reduce-overhead" (CUDA graphs) on CUDA. Enables the fast layer if it is off."""
     import torch
 
+    from ..checks import check_model
+
+    check_model(model)
     if model.fast is None:
         enable(model)
     model.fast.compiled_step = torch.compile(model._step, **options)

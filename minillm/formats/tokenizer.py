@@ -343,19 +343,23 @@ class Tokenizer:
 
     def token_to_id(self, token: str) -> int | None:
         """The id of a token string (`<|im_end|>`), or None if the vocabulary lacks it."""
+        if not isinstance(token, str):
+            raise MiniLLMError(f"token_to_id takes a token's string, got {type(token).__name__}")
         return self._backend.token_to_id(token)
 
     def token_text(self, token_id: int | None) -> str:
         """The token's own string (`<s>`, `<|im_end|>`): what chat templates call bos_token/eos_token."""
         if token_id is None:
             return ""
-        text = self._backend.id_to_token(int(token_id))
+        text = self._backend.id_to_token(_token_id(token_id, "token_text", self.vocab_size))
         if text is None:
             raise MiniLLMError(f"token id {token_id} is out of range for a vocabulary of {self.vocab_size}")
         return text
 
     def decoder(self, *, start_of_text: bool = True) -> StreamDecoder:
         """A fresh StreamDecoder over this tokenizer (see there)."""
+        if not isinstance(start_of_text, bool):
+            raise MiniLLMError(f"decoder: start_of_text must be True or False, got {start_of_text!r:.40}")
         return StreamDecoder(self, start_of_text=start_of_text)
 
     def _decode_mid_text(self, ids: list[int]) -> str:
@@ -364,6 +368,20 @@ class Tokenizer:
         if self._anchor and text.startswith(self._anchor_text):
             return text[len(self._anchor_text) :]
         return self.decode(ids)  # a decoder where the anchor trick does not apply
+
+
+def _token_id(value, what: str, vocab_size: int) -> int:
+    """One token id: an int (a numpy or 0-d tensor integer too: anything with __index__) in [0, vocab_size); "a", 1.5,
+    True or None is refused by name, never converted."""
+    try:
+        if isinstance(value, bool) or "bool" in str(getattr(value, "dtype", "")):
+            raise TypeError
+        i = operator.index(value)
+    except TypeError:
+        raise MiniLLMError(f"{what}: a token id must be an integer, got {value!r:.40} ({type(value).__name__})") from None
+    if not 0 <= i < vocab_size:
+        raise MiniLLMError(f"{what}: token id {i} is out of range for a vocabulary of {vocab_size}")
+    return i
 
 
 class StreamDecoder:
@@ -394,7 +412,7 @@ class StreamDecoder:
 
     def push(self, token_id: int) -> str:
         """Add one id; return the newly completed text (possibly "")."""
-        self.pending.append(int(token_id))
+        self.pending.append(_token_id(token_id, "push", self.tokenizer.vocab_size))
         tok = self.tokenizer
         text = tok._decode_mid_text(self.pending) if self._started else tok.decode(self.pending)
         if len(self.pending) < self.MAX_PENDING:

@@ -66,9 +66,10 @@ def to_hf_config(config: ModelConfig) -> dict:
 
 
 def load_config(directory: str | Path, *, strict: bool = False) -> ModelConfig:
+    from ...checks import check_path
     from ..reading import is_present, read_json
 
-    path = Path(directory) / "config.json"
+    path = Path(check_path("load_config: directory", directory)) / "config.json"
     if not is_present(path):
         raise MiniLLMError(f"config.json not found in {directory}")
     data = read_json(path, what="config.json", expect_object=False)
