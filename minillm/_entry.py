@@ -38,16 +38,7 @@ def _on_sigint(signum, frame):
         raise KeyboardInterrupt
 
 
-def _reached(point: str) -> None:
-    """Tell a test which point of start-up the process has reached (MINILLM_STARTUP_PROBE names a
-    file to append to), so its signal lands after that point, whatever the machine's speed."""
-    probe = os.environ.get("MINILLM_STARTUP_PROBE")
-    if probe:
-        try:
-            with open(probe, "a", encoding="utf-8") as f:
-                f.write(point + "\n")
-        except OSError:
-            pass
+from ._probe import reached as _reached  # noqa: E402  (standard library only)
 
 
 def install_signal_handling(*, at_start_up: bool = True) -> None:

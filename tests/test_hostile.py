@@ -545,7 +545,7 @@ api("load_tokenizer(): chat_template.jinja is a directory",
     lambda ctx: _real_load_tokenizer(ctx.d / "i20" / "jinja_dir"), "is a directory, not a regular file")
 
 
-api("quantize_int8 applied twice", lambda ctx: [minillm.quantize_int8(m) for m in [minillm.load(LLAMA)] * 2],
+api("quantize_int8 applied twice", lambda ctx: [minillm.quantize_int8(m) for m in [_real_load(LLAMA)] * 2],
     "already quantized")
 api("load(quantize='int4')", lambda ctx: minillm.load(LLAMA, quantize="int4"), "quantize must be")
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -29,16 +30,27 @@ CACHE_FORMAT, CHAT_FORMAT, VERSION = "minillm.SinkCache", "minillm.ChatSession",
 
 
 def _write(path, tensors: dict[str, torch.Tensor], info: dict) -> None:
-    from safetensors.torch import save_file
-
-    from ..cli.files import write_atomic
+    from safetensors.torch import save
 
     path = Path(path)
     if path.is_dir():
         raise MiniLLMError(f"save: {path} is a directory")
     meta = {"minillm": json.dumps(info, allow_nan=False)}
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    write_atomic(str(path), "save", lambda tmp: save_file(tensors, tmp, metadata=meta))
+    data = save(tensors, metadata=meta)
+    # Atomically: a failure (a full disk, Ctrl-C) leaves the old file, never a half-written one.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        raise MiniLLMError(f"save: cannot write {path}: {e.strerror or e}") from None
+    finally:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
 
 
 def _read(path, kind: str) -> tuple[dict, dict[str, torch.Tensor]]:

@@ -14,7 +14,7 @@ import json
 import math
 import sys
 
-from .._entry import _reached
+from .._probe import reached as _reached
 from ..errors import MiniLLMError
 from ..formats.reading import parse_json
 from .files import check_text, flush_print, write_output
