@@ -547,6 +547,16 @@ api("load_tokenizer(): chat_template.jinja is a directory",
 
 api("quantize_int8 applied twice", lambda ctx: [minillm.quantize_int8(m) for m in [_real_load(LLAMA)] * 2],
     "already quantized")
+# The coordinator's sweep (tools/hostile_sweep.py) after the merges: these were accepted silently.
+for name, prompt in [("bytearray", bytearray(b"\x01\x05")), ("bytes", b"\x01\x05"), ("a dict", {5: "a", 9: "b"}),
+                     ("a set", {3, 1, 2}), ("a frozenset", frozenset({3, 1}))]:
+    api(f"generate(prompt_ids={name})", lambda ctx, p=prompt: list(minillm.generate(ctx.model("sp"), p,
+                                                                                      max_new_tokens=1)),
+        "token ids")
+api("generate(eos_ids={1: 'x'})", lambda ctx: list(minillm.generate(ctx.model("sp"), [1, 5], max_new_tokens=1,
+                                                                       eos_ids={1: "x"})), "its keys")
+api("quantize_int8(head='yes')", lambda ctx: minillm.quantize_int8(_real_load(LLAMA), head="yes"),
+    "head must be True or False")
 api("load(quantize='int4')", lambda ctx: minillm.load(LLAMA, quantize="int4"), "quantize must be")
 
 

@@ -42,7 +42,7 @@ def stream_tensor(model, ids: Sequence[int] | torch.Tensor) -> tuple[torch.Tenso
         if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
             raise MiniLLMError(f"ids must be integer token ids, got a {ids.dtype} tensor")
         ids = token_ids(ids)  # (a meta tensor, shapes only, is refused there)
-    elif isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
+    elif isinstance(ids, str) or not isinstance(ids, Iterable):
         raise MiniLLMError(f"ids must be a sequence of token ids (encode text with the tokenizer first), "
                            f"got {type(ids).__name__}")
     prefix = sink_prefix(model.config)

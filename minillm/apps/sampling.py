@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -34,15 +34,22 @@ def _as_float(value) -> float:
         return math.inf if value > 0 else -math.inf
 
 
-def token_ids(ids, what: str = "ids") -> list[int]:
+def token_ids(ids, what: str = "ids", *, ordered: bool = True) -> list[int]:
     """`ids` as a list of Python ints; 1.5, "3", True or a float tensor element is refused by
-    name, never silently truncated or parsed."""
+    name, never silently truncated or parsed; so are bytes, a dict and (for a sequence, `ordered`)
+    a set, whose iteration is not a token sequence."""
     if isinstance(ids, torch.Tensor):
         if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
             raise MiniLLMError(f"{what} must be integer token ids, got a {ids.dtype} tensor")
         if ids.device.type == "meta":
             raise MiniLLMError(f"{what} is a meta tensor (shapes only, no values); give real token ids")
         return ids.flatten().tolist()
+    if isinstance(ids, (bytes, bytearray, memoryview)):  # iterates as byte values, not token ids
+        raise MiniLLMError(f"{what} must be integer token ids, got {type(ids).__name__} (encode text with the "
+                           f"tokenizer first)")
+    if isinstance(ids, Mapping) or (ordered and isinstance(ids, (set, frozenset))):
+        raise MiniLLMError(f"{what} must be a sequence of token ids, got a {type(ids).__name__} "
+                           f"({'its keys' if isinstance(ids, Mapping) else 'an unordered set'} would be read)")
     out = []
     for i in ids:
         try:
@@ -214,7 +221,7 @@ def make_sampler(model, *, max_new_tokens: int | None = 256, temperature: float 
     if isinstance(eos_ids, (str, bytes)):
         raise MiniLLMError(f"eos_ids must be a collection of token ids, got {type(eos_ids).__name__}")
     try:
-        eos = frozenset(token_ids(eos_ids, "eos_ids"))
+        eos = frozenset(token_ids(eos_ids, "eos_ids", ordered=False))
     except TypeError:  # not iterable
         raise MiniLLMError(f"eos_ids must be a collection of integer token ids, got {eos_ids!r}") from None
     if generator is None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..checks import check_bool
 from ..errors import MiniLLMError
 
 
@@ -51,6 +52,7 @@ def quantize_int8(model, *, head: bool = True):
 
     if not isinstance(model, Model):
         raise MiniLLMError(f"quantize_int8: model must be a minillm Model, got {type(model).__name__}")
+    check_bool("quantize_int8: head", head)
     if model.is_quantized or any(isinstance(m, Int8Linear) for m in model.modules()):
         raise MiniLLMError(f"quantize_int8: the model is already quantized ({model.quantized or 'int8'}); "
                            f"quantize the float model once")
