@@ -32,9 +32,12 @@ _early = False  # installed by the package's first statement: keep what it recor
 
 def _on_sigint(signum, frame):
     global _interrupted, _terminated
+    first = not _interrupted
     _interrupted = True
     _terminated = _terminated or signum == signal.SIGTERM
-    if _raising:
+    # Raised once: a second signal (Ctrl-C twice, `timeout` then systemd) lands while the first is
+    # being handled, writing what is finished; raised there, it would lose that output.
+    if _raising and first:
         raise KeyboardInterrupt
 
 
@@ -150,7 +153,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def run() -> None:
     """`python -m minillm` and the console script."""
-    sys.exit(main())
+    code = main()
+    if _interrupted:  # the interpreter's shutdown restores the default handlers: a late signal
+        for sig in (signal.SIGINT, signal.SIGTERM):  # would kill the process (-15) after its output
+            signal.signal(sig, signal.SIG_IGN)
+    _reached("exit")
+    sys.exit(code)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -4,7 +4,8 @@
 over 40,000 tokens, is refused up front with the size it would need, instead of an out-of-memory
 traceback after minutes (or the machine swapping itself to a halt). Every forward asks
 `check_forward` (a dense forward over 20,000 tokens with `attn_probs`, a perplexity
-`recompute_batch` of a million windows): the limit is the memory available on the device, so a
+`recompute_batch` of a million windows): the limit is the memory available on the device (on the
+CPU, also within the process's own limits: `ulimit -v`, a container's cgroup `memory.max`), so a
 caller raises it by freeing memory or by asking for less at a time (a cache, `logits_to_keep`,
 smaller batches).
 """
@@ -35,9 +36,49 @@ def cache_bytes(config, batch_size: int, sinks: int, window: int, elem_bytes: in
     return per_key * (2 * (sinks + window) + raw_sinks)
 
 
+def _status_bytes(key: str) -> int | None:
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def process_limit_bytes() -> int | None:
+    """What this process may still allocate under its own limits (None: none set): an address-space
+    limit (`ulimit -v`, RLIMIT_AS) less what it already maps, and a cgroup v2 `memory.max` (a
+    container's limit) less its `memory.current`. A machine's free memory says nothing of these."""
+    found = []
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+        mapped = _status_bytes("VmSize")
+        if soft != resource.RLIM_INFINITY and mapped is not None:
+            found.append(max(0, soft - mapped))
+    except (ImportError, OSError, ValueError):  # pragma: no cover - not POSIX
+        pass
+    try:
+        with open("/sys/fs/cgroup/memory.max", encoding="ascii") as f:
+            limit = f.read().strip()
+        if limit != "max":
+            with open("/sys/fs/cgroup/memory.current", encoding="ascii") as f:
+                found.append(max(0, int(limit) - int(f.read())))
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None
+
+
 def available_bytes(device) -> int | None:
-    """Memory that can still be allocated on `device` (None: unknown, then nothing is refused)."""
+    """Memory that can still be allocated on `device` (None: unknown, then nothing is refused);
+    on the CPU, also within the process's own limits (`process_limit_bytes`)."""
     kind = getattr(device, "type", str(device).split(":")[0])
+    if kind == "cpu":
+        free, limit = _cpu_available_bytes(), process_limit_bytes()
+        return limit if free is None else free if limit is None else min(free, limit)
     if kind == "cuda":
         import torch
 
@@ -45,8 +86,10 @@ def available_bytes(device) -> int | None:
             return int(torch.cuda.mem_get_info(device)[0])
         except (RuntimeError, AssertionError):  # pragma: no cover - no usable CUDA
             return None
-    if kind != "cpu":
-        return None
+    return None
+
+
+def _cpu_available_bytes() -> int | None:
     try:
         with open("/proc/meminfo", encoding="ascii") as f:
             for line in f:

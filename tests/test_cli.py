@@ -570,6 +570,33 @@ def test_sigterm_writes_what_is_finished_and_exits_143(tiny_checkpoint, files, t
     assert json.loads(out_json.read_text())["interrupted"]
 
 
+def test_a_second_signal_while_the_first_is_handled_loses_nothing(tiny_checkpoint, tmp_path):
+    """Ctrl-C then `kill -TERM` (or two SIGTERMs, as `timeout` then systemd send them) while the
+    first is being handled: the second is recorded, not raised inside the writing of what is
+    finished, and the interpreter's shutdown does not let it kill the process (it used to: -15)."""
+    (tmp_path / "p.jsonl").write_text('{"prompt": "hi", "max_new_tokens": 2}\n{"prompt": "yo", "max_new_tokens": -1}\n'
+                                      '{"prompt": "later"}\n')
+    for signals in ((signal.SIGINT, signal.SIGTERM), (signal.SIGTERM, signal.SIGTERM)):
+        probe, output = tmp_path / f"probe{signals[0]}.txt", tmp_path / f"out{signals[0]}.jsonl"
+        proc = subprocess.Popen([*CMD, "batch", str(tiny_checkpoint), "--input", str(tmp_path / "p.jsonl"),
+                                 "--batch-size", "2", "--ignore-eos", "--threads", "1", "--cache-size", "16",
+                                 "--output", str(output)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                env={**ENV, "MINILLM_STARTUP_PROBE": str(probe)})
+        deadline = time.monotonic() + 120
+        while not (probe.exists() and "record 1" in probe.read_text()):
+            assert time.monotonic() < deadline and proc.poll() is None, "the batch never reported a record"
+            time.sleep(0.01)
+        proc.send_signal(signals[0])  # the first at once, the second both at once and once it is exiting
+        proc.send_signal(signals[1])
+        while "exit" not in probe.read_text().split():
+            assert time.monotonic() < deadline and proc.poll() is None, ("never reported its exit", proc.poll())
+            time.sleep(0.002)
+        proc.send_signal(signals[1])
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode in (130, 143) and b"Traceback" not in err, (signals, proc.returncode, err)
+        assert [json.loads(x)["line"] for x in output.read_text().splitlines()] == [1], signals
+
+
 def test_sigterm_during_start_up_exits_143(tiny_checkpoint):
     """A SIGTERM once the handler is in place (the package's first statement), during the imports."""
     probe = tiny_checkpoint.parent / f"probe-term-{os.getpid()}.txt"

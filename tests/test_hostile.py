@@ -1419,3 +1419,25 @@ def summary() -> dict:
 if __name__ == "__main__":
     print(json.dumps(summary(), indent=1))
 
+
+
+def test_a_process_memory_limit_is_what_a_forward_is_measured_against():
+    """Under `ulimit -v` (RLIMIT_AS; a container's cgroup memory.max is read the same way) the
+    machine's free memory is not what the process may allocate: a dense forward whose logits pass
+    the process's limit is refused up front, not left to fail (or run for minutes) inside torch."""
+    import resource
+    import subprocess
+    import sys
+
+    code = ("import torch, minillm\n"
+            f"m = minillm.load({str(LLAMA)!r})\n"
+            "try:\n    m(torch.ones(1, 300000, dtype=torch.long))\n"
+            "except minillm.MiniLLMError as e:\n    print('refused:', e)\n")
+    cap = 4 << 30
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, preexec_fn=limit)
+    assert r.returncode == 0 and r.stdout.startswith("refused: a forward over 1 x 300000 tokens"), r.stdout + r.stderr
+    assert "available on cpu" in r.stdout
