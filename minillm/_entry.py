@@ -138,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `| head` closed the pipe: stop quietly, as head expects
         _silence_stdout()
         return 0
+    _raising = False  # past the try: a late interrupt is only recorded (raised here, it would escape)
     try:
         sys.stdout.flush()  # surface a full or closed pipe here, not in the interpreter's exit
     except BrokenPipeError:
@@ -153,7 +154,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def run() -> None:
     """`python -m minillm` and the console script."""
-    code = main()
+    try:
+        code = main()
+    except KeyboardInterrupt:  # one that landed outside main's own handling: the same exit, no traceback
+        code = _exit_code(EXIT_INTERRUPTED)
     if _interrupted:  # the interpreter's shutdown restores the default handlers: a late signal
         for sig in (signal.SIGINT, signal.SIGTERM):  # would kill the process (-15) after its output
             signal.signal(sig, signal.SIG_IGN)
