@@ -25,6 +25,7 @@ from minillm.evaluate import perplexity
 from minillm.apps.generation import generate
 from minillm.formats.text import read_text, read_texts
 from tiny_ckpt import tiny_checkpoint, training_text  # noqa: F401  (fixture)
+from util import wait_for_probe
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
@@ -163,10 +164,7 @@ def test_ctrl_c_at_any_moment_of_start_up(tiny_checkpoint, delay):
                              "--ignore-eos", "--cache-size", "16", "--threads", "1"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             env={**ENV, "MINILLM_STARTUP_PROBE": str(probe)})
-    deadline = time.monotonic() + 120
-    while not (probe.exists() and "handler" in probe.read_text()):
-        assert time.monotonic() < deadline and proc.poll() is None, "the CLI never reported its handler"
-        time.sleep(0.005)
+    wait_for_probe(proc, probe, "handler")
     time.sleep(delay)
     proc.send_signal(signal.SIGINT)
     try:
@@ -547,10 +545,7 @@ def test_sigterm_writes_what_is_finished_and_exits_143(tiny_checkpoint, files, t
     # To a file, records are written at the end: the probe (MINILLM_STARTUP_PROBE) reports each one.
     proc = subprocess.Popen([*CMD, *map(str, batch + ["--output", output])], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env={**ENV, "MINILLM_STARTUP_PROBE": str(probe)})
-    deadline = time.monotonic() + 120
-    while not (probe.exists() and "record 1" in probe.read_text()):
-        assert time.monotonic() < deadline and proc.poll() is None, "the batch never reported a record"
-        time.sleep(0.01)
+    wait_for_probe(proc, probe, "record 1")
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143 and b"Traceback" not in err, err
@@ -582,15 +577,10 @@ def test_a_second_signal_while_the_first_is_handled_loses_nothing(tiny_checkpoin
                                  "--batch-size", "2", "--ignore-eos", "--threads", "1", "--cache-size", "16",
                                  "--output", str(output)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 env={**ENV, "MINILLM_STARTUP_PROBE": str(probe)})
-        deadline = time.monotonic() + 120
-        while not (probe.exists() and "record 1" in probe.read_text()):
-            assert time.monotonic() < deadline and proc.poll() is None, "the batch never reported a record"
-            time.sleep(0.01)
+        wait_for_probe(proc, probe, "record 1")
         proc.send_signal(signals[0])  # the first at once, the second both at once and once it is exiting
         proc.send_signal(signals[1])
-        while "exit" not in probe.read_text().split():
-            assert time.monotonic() < deadline and proc.poll() is None, ("never reported its exit", proc.poll())
-            time.sleep(0.002)
+        wait_for_probe(proc, probe, "exit", poll=0.002)
         proc.send_signal(signals[1])
         _, err = proc.communicate(timeout=60)
         assert proc.returncode in (130, 143) and b"Traceback" not in err, (signals, proc.returncode, err)
@@ -605,10 +595,7 @@ def test_sigterm_during_start_up_exits_143(tiny_checkpoint):
                              "--ignore-eos", "--cache-size", "16", "--threads", "1"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             env={**ENV, "MINILLM_STARTUP_PROBE": str(probe)})
-    deadline = time.monotonic() + 120
-    while not (probe.exists() and "handler" in probe.read_text()):
-        assert time.monotonic() < deadline and proc.poll() is None, "the CLI never reported its handler"
-        time.sleep(0.005)
+    wait_for_probe(proc, probe, "handler")
     proc.send_signal(signal.SIGTERM)
     err = proc.communicate(timeout=60)[1].decode(errors="replace")
     assert proc.returncode == 143 and "Traceback" not in err, err

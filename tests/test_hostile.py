@@ -43,6 +43,7 @@ from hypothesis import strategies as st
 import minillm
 from minillm import cli
 from minillm.errors import MiniLLMError
+from util import wait_for_probe
 
 REPO = Path(__file__).resolve().parents[1]
 LLAMA = REPO / "weights" / "llama-tiny"  # sentencepiece
@@ -714,7 +715,6 @@ def _tok_with_template(ctx, template):
 
 def _sigterm(ctx, argv, point: str):
     import subprocess
-    import time
 
     probe = ctx.d / f"probe-{point.replace(' ', '-')}-{len(argv)}.txt"
     probe.unlink(missing_ok=True)
@@ -723,10 +723,7 @@ def _sigterm(ctx, argv, point: str):
     proc = subprocess.Popen([sys.executable, "-m", "minillm", *ctx.argv(argv)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env=env)
     try:
-        deadline = time.monotonic() + ROW_SECONDS - 10
-        while not (probe.exists() and point in probe.read_text()):
-            assert time.monotonic() < deadline and proc.poll() is None, "never reached " + point
-            time.sleep(0.01)
+        wait_for_probe(proc, probe, point, seconds=ROW_SECONDS - 10)
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=30)
     finally:

@@ -83,3 +83,15 @@ class Scripted:
         logits = torch.zeros(1, ids.shape[1], self.config.vocab_size)
         logits[0, -1, next(self.script)] = 1.0  # scripts end with EOS
         return logits[:, -logits_to_keep:] if logits_to_keep else logits
+
+
+def wait_for_probe(proc, probe, point: str, seconds: float = 120, poll: float = 0.005) -> None:
+    """Wait until the process `proc` reports `point` in its MINILLM_STARTUP_PROBE file `probe`
+    (minillm/_probe.py), so a test's signal lands after that point whatever the machine's speed;
+    fail if it ends or `seconds` pass first."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not (probe.exists() and point in probe.read_text()):
+        assert time.monotonic() < deadline and proc.poll() is None, (f"never reported {point!r}", proc.poll())
+        time.sleep(poll)
