@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
 
+from ..atomic import write_atomic
 from ..errors import MiniLLMError, first_line
 from ..formats.reading import parse_json
 
@@ -38,19 +38,10 @@ def _write(path, tensors: dict[str, torch.Tensor], info: dict) -> None:
     meta = {"minillm": json.dumps(info, allow_nan=False)}
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     data = save(tensors, metadata=meta)
-    # Atomically: a failure (a full disk, Ctrl-C) leaves the old file, never a half-written one.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_atomic(path, lambda f: f.write(data))
     except OSError as e:
         raise MiniLLMError(f"save: cannot write {path}: {e.strerror or e}") from None
-    finally:
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
 
 
 def _read(path, kind: str) -> tuple[dict, dict[str, torch.Tensor]]:

@@ -22,6 +22,7 @@ import stat
 import sys
 import tempfile
 
+from ..atomic import write_atomic
 from ..errors import MiniLLMError
 
 FIGURE_FORMATS = (".png", ".pdf", ".svg")
@@ -162,28 +163,9 @@ def write_output(path: str, flag: str, write) -> None:
             with open(path, "wb") as f:
                 write(f)
         else:
-            _write_atomic(path, write)
+            write_atomic(path, write)
     except OSError as e:
         raise MiniLLMError(f"cannot write {flag} {path}: {e.strerror or e}") from None
-
-
-def _write_atomic(path: str, write) -> None:
-    real = os.path.realpath(path)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(real), prefix=f".{os.path.basename(real)}.",
-                               suffix=".tmp")
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; an output gets the usual permissions
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, real)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def write_json(path: str, flag: str, data: dict) -> None:
