@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+from array import array
 import json
 import os
 import threading
@@ -115,6 +116,7 @@ class EngineStats:
     parked_sessions: int  # streams parked out of the cache
     kept_sessions: int  # every kept stream: idle in a row, parked, or serving a request
     parked_bytes: int
+    logged_sessions: int  # conversations out of the LRU, kept as their token log (replayed when they return)
     tokens_per_second: float
     time_to_first_token_seconds: float
     requests_finished: int
@@ -186,7 +188,9 @@ def _state_bytes(state) -> int:
 
 class _Stream:
     """A kept stream: a conversation (a ChatSession over the engine's cache) or a token stream.
-    It is in a row (`row`), or parked out of the cache (`parked`, a RowState)."""
+    It is in a row (`row`), parked out of the cache (`parked`, a RowState), or, for a
+    conversation evicted from the parking LRU, only logged: `log` holds every id its row consumed,
+    and replaying them into a fresh row restores it exactly."""
 
     def __init__(self, key, chat: ChatSession | None):
         self.key = key  # the session name, or None
@@ -195,6 +199,7 @@ class _Stream:
         self.tokens: list[int] = []  # token stream: the ids in the cache (after any sink prefix)
         self.row: int | None = None
         self.parked = None
+        self.log: array | None = array("q") if chat is not None else None  # None: not replayable
         self.busy = None  # the request it serves, or None
         self.used = 0  # when it last served (the LRU's clock)
         self.file: str | None = None  # its file name in session_dir
@@ -215,6 +220,7 @@ class _Request:
         self.decoder = None  # token stream
         self.stops = StopText(settings["stop"])
         self.saved = None  # a chat's state before its turn began (restored if the turn cannot start)
+        self.log_backup = None  # its log before the turn
         self.start = 0  # the row's count before the prefill
         self.prompt_tokens = self.cached_tokens = self.completion_tokens = 0
         self.added = time.monotonic()
@@ -233,7 +239,7 @@ class Engine:
                  max_prefill_tokens: int = 256, max_queue: int | None = None, max_sessions: int = 64,
                  max_parked_bytes: int | None = 2**31, session_dir=None, max_tokens: int | None = 256,
                  temperature: float = 0.8, top_p: float | None = 0.95, top_k: int | None = None,
-                 use_template: bool = True):
+                 use_template: bool = True, max_logged_sessions: int = 1024, max_log_tokens: int = 1 << 20):
         check_model(model)
         check_tokenizer(tokenizer)
         check_int("batch_size", batch_size, 1)
@@ -242,6 +248,9 @@ class Engine:
         check_int("max_sessions", max_sessions, 0)
         check_int("max_parked_bytes", max_parked_bytes, 0, none_ok=True)
         check_bool("use_template", use_template)
+        check_int("max_logged_sessions", max_logged_sessions, 0)
+        check_int("max_log_tokens", max_log_tokens, 0)
+        self.max_logged_sessions, self.max_log_tokens = max_logged_sessions, max_log_tokens
         self.model, self.tok = model, tokenizer
         self.batch_size, self.max_prefill_tokens = batch_size, max_prefill_tokens
         self.max_queue = 4 * batch_size if max_queue is None else max_queue
@@ -511,16 +520,27 @@ class Engine:
     def parked(self) -> list[_Stream]:
         return [s for s in self.streams if s.parked is not None]
 
+    def logged(self) -> list[_Stream]:
+        return [s for s in self.streams if s.row is None and s.parked is None]
+
     def _evict(self, keep: _Stream | None = None) -> None:
-        """Drop the oldest parked streams past `max_sessions` or `max_parked_bytes` (not `keep`,
-        which a request is about to restore)."""
+        """Past `max_sessions` or `max_parked_bytes`, the oldest parked streams leave the LRU (not
+        `keep`, which a request is about to restore): a conversation keeps its log (it is replayed
+        on its next request), a token stream is forgotten (its next prompt feeds it whole, which
+        is the same). Past `max_logged_sessions`, the oldest logged conversations are forgotten."""
         parked = sorted((s for s in self.parked() if s is not keep), key=lambda s: s.used)
         total = sum(_state_bytes(s.parked) for s in parked)
         while parked and (len(parked) > self.max_sessions
                           or (self.max_parked_bytes is not None and total > self.max_parked_bytes)):
             s = parked.pop(0)
             total -= _state_bytes(s.parked)
-            self._drop(s)
+            if s.log is not None:
+                s.parked = None
+            else:
+                self._drop(s)
+        logged = sorted((s for s in self.logged() if s is not keep), key=lambda s: s.used)
+        while len(logged) > self.max_logged_sessions:
+            self._drop(logged.pop(0))
 
     def _drop(self, s: _Stream) -> None:
         """Forget a kept stream."""
@@ -534,7 +554,7 @@ class Engine:
     def _begin(self, req: _Request, stream: _Stream | None, row: int) -> None:
         """Put the request's stream in `row` and work out the ids to feed."""
         cache, model = self.cache, self.model
-        fresh = stream is None
+        fresh, replay = stream is None, None
         if fresh:
             if int(cache.tokens_seen[row]):
                 cache.reset([row])
@@ -542,23 +562,38 @@ class Engine:
             self._claim(stream, row)
             self.streams.append(stream)
         elif stream.row is None:
-            cache.import_row(row, stream.parked)
-            stream.parked = None
+            if stream.parked is not None:
+                cache.import_row(row, stream.parked)
+                stream.parked = None
+            else:  # a logged conversation: its log is fed again first, into a fresh row
+                replay = list(stream.log)
+                if int(cache.tokens_seen[row]):
+                    cache.reset([row])
             self._claim(stream, row)
         stream.busy, req.stream, req.row = req, stream, row
         req.start = int(cache.tokens_seen[row])
+        if stream.log is not None:  # what to go back to if the turn is cancelled mid-prefill
+            req.log_backup = stream.log
+            stream.log = array("q") if replay is not None else array("q", stream.log)
         try:
             if req.messages is not None:
                 ids = self._chat_ids(req, stream, fresh)
             else:
                 ids = req.ids[len(stream.tokens):]
-            req.feed = new_stream_ids(model, ids, req.start)
+            if replay:
+                req.feed = torch.tensor([replay + list(ids)], dtype=torch.long, device=model.device)
+            else:
+                req.feed = new_stream_ids(model, ids, req.start)
         except BaseException:
             if fresh:
                 self._drop(stream)
             else:
                 self._restore_chat(req)
                 stream.busy = None
+                if req.log_backup is not None:
+                    stream.log = req.log_backup
+                if replay is not None:  # the row holds nothing of it yet: it stays logged
+                    self._release(stream)
             raise
         s = req.settings
         eos = stream.chat.stop_ids if stream.chat is not None else self.text_eos
@@ -620,6 +655,10 @@ class Engine:
                     logits = self.model(chunk, cache=row_view(self.cache, req.row), logits_to_keep=1)[0, -1]
                 req.pos += n
                 budget -= n
+                if req.stream.log is not None:
+                    req.stream.log.extend(chunk[0].tolist())
+                    if len(req.stream.log) > self.max_log_tokens:
+                        req.stream.log = req.log_backup = None
                 if req.pos == req.feed.shape[1]:
                     check_finite(logits[: self.tok.vocab_size], self.model, req.feed,
                                  f"request {req.rid}: {step_name(0, req.start + req.pos - 1, req.start)}")
@@ -669,8 +708,13 @@ class Engine:
                 return drawn
             for req in going:
                 req.logits = logits[req.row, -1]
-                if req.stream.chat is None:
-                    req.stream.tokens.append(int(step[req.row, 0]))
+                s = req.stream
+                if s.chat is None:
+                    s.tokens.append(int(step[req.row, 0]))
+                elif s.log is not None:
+                    s.log.append(int(step[req.row, 0]))
+                    if len(s.log) > self.max_log_tokens:  # too long to replay: kept only while parked
+                        s.log = None
                 try:
                     check_finite(req.logits[: self.tok.vocab_size], self.model, step[req.row : req.row + 1],
                                  f"request {req.rid}: {step_name(req.sampler.n, req.start, req.start)}")
@@ -731,9 +775,16 @@ class Engine:
                 self.queue.remove(req)
             self._emit(req, events, None, "", "cancelled")
             return
-        if req.logits is None:  # mid-prefill: the stream holds part of a turn; it is dropped
+        if req.logits is None:  # mid-prefill: the row holds part of a turn
             self.active.remove(req)
-            self._drop(req.stream)
+            s = req.stream
+            if s.chat is not None and s.digest is not None and req.log_backup is not None:
+                # A conversation goes back to where it was, logged: its next request replays it.
+                self._restore_chat(req)
+                s.log, s.busy = req.log_backup, None
+                self._release(s)
+            else:
+                self._drop(s)
             self._emit(req, events, None, "", "cancelled")
             return
         st = req.stops
@@ -780,7 +831,8 @@ class Engine:
             parked = self.parked()
             return EngineStats(active_rows=len(self.active), queued_requests=len(self.queue),
                                parked_sessions=len(parked), kept_sessions=len(self.streams),
-                               parked_bytes=sum(_state_bytes(s.parked) for s in parked), tokens_per_second=rate,
+                               parked_bytes=sum(_state_bytes(s.parked) for s in parked), logged_sessions=len(self.logged()),
+                               tokens_per_second=rate,
                                time_to_first_token_seconds=ttft, **self.totals)
 
     def shutdown(self, *, finish: bool = False, timeout: float | None = None) -> None:
