@@ -379,3 +379,30 @@ def test_stats(model, tok):
     s = eng.stats()
     assert s.active_rows == 0 and s.requests_finished == 2 and s.tokens_generated == 6
     assert s.time_to_first_token_seconds > 0 and s.tokens_per_second > 0
+
+
+def test_a_failed_turn_keeps_the_conversation_and_rows_are_held(model, tok):
+    """A turn that cannot render fails alone and leaves its conversation as it was; a row holding
+    a conversation is refused to another ChatSession; max_prompt_tokens refuses a long prompt."""
+    eng = Engine(model, tok, batch_size=1, sinks=2, window=16, temperature=0, max_tokens=4)
+    chat = ChatSession(model, tok, sinks=2, window=16, max_new_tokens=4, temperature=0)
+    msgs = [{"role": "user", "content": USERS[0]}]
+    got, _ = run(eng, eng.add_request(msgs, session="k"))
+    assert got == "".join(chat.turn(USERS[0]))
+    with pytest.raises(MiniLLMError, match="held by another"):
+        ChatSession(model, tok, cache=eng.cache, row=0)
+    msgs += [{"role": "assistant", "content": got}, {"role": "user", "content": USERS[1]}]
+    saved = tok.chat_template
+    tok.chat_template = saved + "{% if messages | length > 2 %}{{ raise_exception('too long') }}{% endif %}"
+    try:
+        _, evs = run(eng, eng.add_request(msgs, session="k", max_tokens=4))
+    finally:
+        tok.chat_template = saved
+    assert evs[-1].finish_reason == "error" and "too long" in evs[-1].error
+    got, evs = run(eng, eng.add_request(msgs, session="k"))
+    assert got == "".join(chat.turn(USERS[1])) and evs[-1].cached_tokens > 0
+    eng = Engine(model, tok, batch_size=1, sinks=2, window=16, max_prompt_tokens=60)
+    with pytest.raises(MiniLLMError, match="max_prompt_tokens"):
+        eng.add_request([{"role": "user", "content": "word " * 80}])
+    with pytest.raises(MiniLLMError, match="max_prompt_tokens"):
+        eng.add_request(list(range(3, 70)))

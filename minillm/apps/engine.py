@@ -239,7 +239,8 @@ class Engine:
                  max_prefill_tokens: int = 256, max_queue: int | None = None, max_sessions: int = 64,
                  max_parked_bytes: int | None = 2**31, session_dir=None, max_tokens: int | None = 256,
                  temperature: float = 0.8, top_p: float | None = 0.95, top_k: int | None = None,
-                 use_template: bool = True, max_logged_sessions: int = 1024, max_log_tokens: int = 1 << 20):
+                 use_template: bool = True, max_logged_sessions: int = 1024, max_log_tokens: int = 1 << 20,
+                 max_prompt_tokens: int | None = None):
         check_model(model)
         check_tokenizer(tokenizer)
         check_int("batch_size", batch_size, 1)
@@ -250,6 +251,7 @@ class Engine:
         check_bool("use_template", use_template)
         check_int("max_logged_sessions", max_logged_sessions, 0)
         check_int("max_log_tokens", max_log_tokens, 0)
+        self.max_prompt_tokens = check_int("max_prompt_tokens", max_prompt_tokens, 1, none_ok=True)
         self.max_logged_sessions, self.max_log_tokens = max_logged_sessions, max_log_tokens
         self.model, self.tok = model, tokenizer
         self.batch_size, self.max_prefill_tokens = batch_size, max_prefill_tokens
@@ -327,6 +329,11 @@ class Engine:
             ids = token_ids(prompt, "prompt")
         else:
             raise MiniLLMError(f"prompt must be chat messages, a string or token ids, got {type(prompt).__name__}")
+        if self.max_prompt_tokens is not None:
+            n = len(ids) if ids is not None else self.prompt_size(messages)
+            if n > self.max_prompt_tokens:
+                raise MiniLLMError(f"prompt: {n} tokens, more than the engine's max_prompt_tokens "
+                                   f"({self.max_prompt_tokens})")
         if ids is not None:
             if not ids:
                 raise MiniLLMError("prompt is empty (no token ids to start from)")
@@ -347,6 +354,17 @@ class Engine:
             self.queue.append(req)
             self._cond.notify_all()
         return rid
+
+    def prompt_size(self, messages) -> int:
+        """The tokens of a conversation rendered whole (its size, whatever a kept stream holds)."""
+        messages = check_messages(messages)
+        template = self.tok.chat_template if self.use_template else None
+        if template is not None:
+            return len(self.tok.apply_chat_template(messages, add_generation_prompt=True))
+        text = "".join(PLAIN_FIRST.format(text=m["content"]) if i == 0 else
+                       PLAIN_NEXT.format(text=m["content"]) if m["role"] == "user" else m["content"]
+                       for i, m in enumerate(messages))
+        return len(self.tok.encode(text))
 
     def cancel(self, rid: int) -> bool:
         """Cancel request `rid` at the next step (queued, prefilling or decoding): its last event
@@ -374,7 +392,7 @@ class Engine:
         while True:
             with self._cond:
                 ev = req.buffer.popleft() if req.buffer else None
-                if ev is None and self._runner is not None:
+                if ev is None and self._runner is not None and self._runner.is_alive():
                     self._cond.wait(0.5)
                     continue
             if ev is not None:
@@ -463,7 +481,7 @@ class Engine:
                 self.queue.popleft()
             try:
                 self._begin(req, stream, row)
-            except MiniLLMError as e:
+            except Exception as e:  # one request's failure fails it alone
                 self._fail(req, e, events)
 
     def _match(self, req: _Request) -> _Stream | None:
@@ -587,13 +605,14 @@ class Engine:
         except BaseException:
             if fresh:
                 self._drop(stream)
-            else:
+            else:  # the kept stream stays as it was
                 self._restore_chat(req)
                 stream.busy = None
                 if req.log_backup is not None:
                     stream.log = req.log_backup
                 if replay is not None:  # the row holds nothing of it yet: it stays logged
                     self._release(stream)
+            req.stream = None
             raise
         s = req.settings
         eos = stream.chat.stop_ids if stream.chat is not None else self.text_eos
@@ -665,7 +684,7 @@ class Engine:
                     req.logits = logits
                     if req.stream.chat is None:  # the stream now holds the whole prompt
                         req.stream.tokens = list(req.ids)
-            except MiniLLMError as e:
+            except Exception as e:  # one request's failure fails it alone
                 self._fail(req, e, events)
 
     # sampling and decoding -----------------------------------------------------------------------
@@ -682,7 +701,7 @@ class Engine:
                 continue
             try:
                 token, stop = req.sampler.next(req.logits)
-            except MiniLLMError as e:
+            except Exception as e:  # one request's failure fails it alone
                 self._fail(req, e, events)
                 continue
             drawn += 1
@@ -702,7 +721,7 @@ class Engine:
             try:
                 with torch.no_grad():
                     logits = self.model(step, cache=self.cache, lengths=lengths, logits_to_keep=1)
-            except MiniLLMError as e:
+            except Exception as e:  # one request's failure fails it alone
                 for req in going:
                     self._fail(req, e, events)
                 return drawn
@@ -718,7 +737,7 @@ class Engine:
                 try:
                     check_finite(req.logits[: self.tok.vocab_size], self.model, step[req.row : req.row + 1],
                                  f"request {req.rid}: {step_name(req.sampler.n, req.start, req.start)}")
-                except MiniLLMError as e:
+                except Exception as e:  # one request's failure fails it alone
                     self._fail(req, e, events)
         return drawn
 
@@ -819,21 +838,38 @@ class Engine:
                     self._cond.wait(1.0)
                 if self._stop_runner:
                     return
-            self.step()
+            try:
+                self.step()
+            except Exception as e:  # a failure outside any one request: fail them all, keep serving
+                self._fail_all(e)
+
+    def _fail_all(self, e: BaseException) -> None:
+        """Fail every request in flight or queued (their streams are dropped)."""
+        with self._step_lock:
+            events: list[Event] = []
+            for req in list(self.active):
+                self._fail(req, e, events)
+            with self._lock:
+                queued, self.queue = list(self.queue), collections.deque()
+            for req in queued:
+                self._fail(req, e, events)
 
     def stats(self) -> EngineStats:
+        """The counts and rates of `EngineStats`; any thread may call it (a snapshot: the lists
+        the stepping thread changes are copied, not locked)."""
         with self._lock:
             now = time.monotonic()
             recent = [(t, n) for t, n in self._rate if t >= now - self.RATE_SECONDS]
             span = now - recent[0][0] if len(recent) > 1 else 0.0
             rate = sum(n for _, n in recent[1:]) / span if span > 0 else 0.0
             ttft = sum(self._ttft) / len(self._ttft) if self._ttft else 0.0
-            parked = self.parked()
-            return EngineStats(active_rows=len(self.active), queued_requests=len(self.queue),
-                               parked_sessions=len(parked), kept_sessions=len(self.streams),
-                               parked_bytes=sum(_state_bytes(s.parked) for s in parked), logged_sessions=len(self.logged()),
-                               tokens_per_second=rate,
-                               time_to_first_token_seconds=ttft, **self.totals)
+            totals, queued = dict(self.totals), len(self.queue)
+        states = [(s.row, s.parked) for s in list(self.streams)]
+        parked = [p for _, p in states if p is not None]
+        return EngineStats(active_rows=len(list(self.active)), queued_requests=queued, parked_sessions=len(parked),
+                           kept_sessions=len(states), parked_bytes=sum(_state_bytes(p) for p in parked),
+                           logged_sessions=sum(r is None and p is None for r, p in states), tokens_per_second=rate,
+                           time_to_first_token_seconds=ttft, **totals)
 
     def shutdown(self, *, finish: bool = False, timeout: float | None = None) -> None:
         """Stop: take no new requests; let the requests in flight finish (`finish=True`, for at
