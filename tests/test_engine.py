@@ -381,9 +381,12 @@ def test_stats(model, tok):
     assert s.time_to_first_token_seconds > 0 and s.tokens_per_second > 0
 
 
-def test_a_failed_turn_keeps_the_conversation_and_rows_are_held(model, tok):
+def test_a_failed_turn_keeps_the_conversation_and_rows_are_held(model):
     """A turn that cannot render fails alone and leaves its conversation as it was; a row holding
     a conversation is refused to another ChatSession; max_prompt_tokens refuses a long prompt."""
+    tok = minillm.load_tokenizer(WEIGHTS / "llama-tiny")
+    tok.chat_template = ("{% for m in messages %}{% if 'BOOM' in m['content'] %}{{ raise_exception('no BOOM') }}"
+                         "{% endif %}{% endfor %}" + TEMPLATE)
     eng = Engine(model, tok, batch_size=1, sinks=2, window=16, temperature=0, max_tokens=4)
     chat = ChatSession(model, tok, sinks=2, window=16, max_new_tokens=4, temperature=0)
     msgs = [{"role": "user", "content": USERS[0]}]
@@ -391,14 +394,10 @@ def test_a_failed_turn_keeps_the_conversation_and_rows_are_held(model, tok):
     assert got == "".join(chat.turn(USERS[0]))
     with pytest.raises(MiniLLMError, match="held by another"):
         ChatSession(model, tok, cache=eng.cache, row=0)
-    msgs += [{"role": "assistant", "content": got}, {"role": "user", "content": USERS[1]}]
-    saved = tok.chat_template
-    tok.chat_template = saved + "{% if messages | length > 2 %}{{ raise_exception('too long') }}{% endif %}"
-    try:
-        _, evs = run(eng, eng.add_request(msgs, session="k", max_tokens=4))
-    finally:
-        tok.chat_template = saved
-    assert evs[-1].finish_reason == "error" and "too long" in evs[-1].error
+    msgs += [{"role": "assistant", "content": got}]
+    _, evs = run(eng, eng.add_request(msgs + [{"role": "user", "content": "BOOM"}], session="k"))
+    assert evs[-1].finish_reason == "error" and "no BOOM" in evs[-1].error
+    msgs += [{"role": "user", "content": USERS[1]}]
     got, evs = run(eng, eng.add_request(msgs, session="k"))
     assert got == "".join(chat.turn(USERS[1])) and evs[-1].cached_tokens > 0
     eng = Engine(model, tok, batch_size=1, sinks=2, window=16, max_prompt_tokens=60)
@@ -406,3 +405,5 @@ def test_a_failed_turn_keeps_the_conversation_and_rows_are_held(model, tok):
         eng.add_request([{"role": "user", "content": "word " * 80}])
     with pytest.raises(MiniLLMError, match="max_prompt_tokens"):
         eng.add_request(list(range(3, 70)))
+    with pytest.raises(MiniLLMError, match="no BOOM"):  # with a limit, the template is rendered at once
+        eng.add_request([{"role": "user", "content": "BOOM"}])
