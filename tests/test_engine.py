@@ -407,3 +407,27 @@ def test_a_failed_turn_keeps_the_conversation_and_rows_are_held(model):
         eng.add_request(list(range(3, 70)))
     with pytest.raises(MiniLLMError, match="no BOOM"):  # with a limit, the template is rendered at once
         eng.add_request([{"role": "user", "content": "BOOM"}])
+
+
+def test_drain_finishes_shutdown_cancels_and_both_keep_the_streams(model, tok, tmp_path):
+    eng = Engine(model, tok, batch_size=2, sinks=2, window=16, temperature=0, session_dir=tmp_path)
+    seen = []
+    eng.start()
+    a = eng.add_request([{"role": "user", "content": "Hi"}], max_tokens=6, session="a")
+    b = eng.add_request([1, 2, 3], max_tokens=6, on_event=seen.append)
+    eng.drain()
+    assert list(eng.stream(a))[-1].finish_reason == "length"
+    assert seen[-1].finish_reason == "length" and len(seen) == 6 and {e.rid for e in seen} == {b}
+    assert len(list(tmp_path.iterdir())) == 2
+    eng = Engine(model, tok, batch_size=2, sinks=2, window=16, temperature=0, session_dir=tmp_path)
+    assert eng.stats().parked_sessions == 2
+    c = eng.add_request([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "x"},
+                         {"role": "user", "content": "Go on"}], max_tokens=None, ignore_eos=True, session="a")
+    for _ in range(3):
+        eng.step()
+    eng.shutdown()
+    evs = list(eng.stream(c))
+    assert evs[-1].finish_reason == "cancelled" and evs[-1].cached_tokens == 0  # "x" was not the reply: fresh
+    assert len(list(tmp_path.iterdir())) == 2  # the session's new stream replaced its old one
+    with pytest.raises(EngineClosed):
+        eng.add_request("more")
