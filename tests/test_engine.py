@@ -200,6 +200,27 @@ def test_five_conversations_through_two_rows_and_two_parked_stay_exact(model, to
     assert all(s.kept_sessions == 5 for s in seen[5:])
 
 
+def test_the_parking_bounds(model, tok):
+    """max_parked_bytes=0 sends every parked conversation to its log, and it stays exact;
+    max_logged_sessions=0 forgets it (its next turn starts fresh); a log longer than
+    max_log_tokens is not kept, so the conversation is forgotten when it leaves the LRU."""
+    kw = dict(batch_size=1, sinks=2, window=24, max_prefill_tokens=16, max_tokens=4, temperature=0)
+    eng = Engine(model, tok, max_parked_bytes=0, **kw)
+    convs = {f"s{i}": ChatSession(model, tok, sinks=2, window=24, max_new_tokens=4, temperature=0) for i in range(2)}
+    chat_turns(eng, convs, 2, check=lambda t, ev: None)
+    s = eng.stats()
+    assert (s.parked_sessions, s.logged_sessions, s.parked_bytes) == (0, 1, 0)
+    for bounds in (dict(max_sessions=0, max_logged_sessions=0), dict(max_sessions=0, max_log_tokens=10)):
+        eng = Engine(model, tok, **kw, **bounds)
+        a = [{"role": "user", "content": USERS[0]}]
+        got, _ = run(eng, eng.add_request(a))
+        run(eng, eng.add_request([{"role": "user", "content": USERS[1]}]))  # takes the only row
+        assert eng.stats().kept_sessions == 1
+        _, evs = run(eng, eng.add_request(a + [{"role": "assistant", "content": got},
+                                               {"role": "user", "content": USERS[2]}]))
+        assert evs[-1].cached_tokens == 0 and evs[-1].finish_reason == "length"
+
+
 def test_a_restart_with_session_dir_continues_exactly_and_other_weights_are_refused(tok, tmp_path):
     m1 = make_model()
     kw = dict(batch_size=2, sinks=2, window=24, max_prefill_tokens=16, max_tokens=5, temperature=0,

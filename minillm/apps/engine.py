@@ -30,8 +30,12 @@ name, else `SessionBusy`); without it, any unnamed kept stream may match.
 
 An idle stream stays in its row until the row is needed; then it is parked out of the cache
 (`export_row`) in an LRU bounded by `max_sessions` streams and `max_parked_bytes`, and restored
-(`import_row`) into a free row by its next request. With `session_dir`, `shutdown()` writes every
-kept stream there (one safetensors file each, with the model's fingerprint, as `SinkCache.save`
+(`import_row`) into a free row by its next request. A conversation pushed out of the LRU keeps
+only its log, the ids its row consumed (8 bytes a token, at most `max_log_tokens`; at most
+`max_logged_sessions` of them): its next request feeds the log into a fresh row before the new
+turn, which rebuilds the stream exactly (a re-rendered history would not be what the stream
+generated). A reply cut by a `stop` string is kept as generated, so a client that sends back the
+cut text starts a new stream. With `session_dir`, `shutdown()` writes every kept stream there (one safetensors file each, with the model's fingerprint, as `SinkCache.save`
 writes), and a new Engine over the same directory loads them and continues them exactly; files
 saved from another model are left alone and their conversations start fresh (`refused_files`
 lists them, one line each).
@@ -46,7 +50,8 @@ any thread may `add_request`, `cancel`, read `stats()` or iterate `stream(rid)`.
 waits for a thread that is stepping (`start()` runs one in the background) and, when none is,
 steps the engine itself. Events reach a request three ways: `step()`'s return value, the
 request's buffer read by `stream(rid)` (pass `buffer=False` when only `step()` is read, or the
-events would be kept until read), and `on_event(ev)`, called in the stepping thread.
+events would be kept until read), and `on_event(ev)`, called in the stepping thread (it may
+add or cancel requests, but must not step; an exception in it cancels its request).
 """
 
 from __future__ import annotations
