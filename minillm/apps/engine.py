@@ -213,6 +213,8 @@ class _Stream:
 class _Request:
     def __init__(self, rid: int, messages, ids, key, settings: dict, on_event, buffer: bool):
         self.rid, self.messages, self.ids, self.key = rid, messages, ids, key
+        # the conversation a kept stream must hold for this request to continue it
+        self.digest = conversation_digest(messages[:-1]) if messages is not None and len(messages) > 1 else None
         self.settings, self.on_event = settings, on_event
         self.buffer = collections.deque() if buffer else None
         self.stream: _Stream | None = None
@@ -493,10 +495,9 @@ class Engine:
         """The kept stream this request continues, or None."""
         candidates = [s for s in self.streams if s.key == req.key and s.busy is None]
         if req.messages is not None:
-            if len(req.messages) < 2:
+            if req.digest is None:
                 return None
-            want = conversation_digest(req.messages[:-1])
-            return next((s for s in candidates if s.chat is not None and s.digest == want), None)
+            return next((s for s in candidates if s.chat is not None and s.digest == req.digest), None)
         for s in candidates:
             if s.chat is None and len(s.tokens) < len(req.ids) and req.ids[: len(s.tokens)] == s.tokens:
                 return s
