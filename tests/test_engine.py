@@ -263,6 +263,12 @@ def test_restart_continues_a_conversation_exactly(tok, tmp_path):
     assert evs[-1].cached_tokens == 0  # it starts fresh
     other.shutdown()
     assert files[0].read_bytes() == before
+    # a damaged file, another cache shape and a file that is not ours are refused in one line each
+    (tmp_path / "junk.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")
+    (tmp_path / "notes.txt").write_text("not a stream")
+    eng = Engine(make_model(), tok, **{**kw, "window": 20})
+    assert len(eng.refused_files) == 3 and all("\n" not in r for r in eng.refused_files)
+    assert any("window" in r for r in eng.refused_files) and eng.stats().kept_sessions == 0
 
 
 # ----------------------------------------------------------------------------------------------
