@@ -458,3 +458,15 @@ def test_drain_finishes_shutdown_cancels_and_both_keep_the_streams(model, tok, t
     assert len(list(tmp_path.iterdir())) == 2  # the session's new stream replaced its old one
     with pytest.raises(EngineClosed):
         eng.add_request("more")
+
+
+def test_hostile_messages_are_refused_or_served(model, tok):
+    eng = Engine(model, tok, batch_size=1, sinks=2, window=16, temperature=0, max_tokens=2)
+    rid = eng.add_request([{"role": "user", "content": "a lone surrogate \ud800 here"}])
+    assert list(eng.stream(rid))[-1].finish_reason in ("error", "length", "stop")
+    plain = minillm.load_tokenizer(WEIGHTS / "llama-tiny")  # no chat template
+    eng = Engine(model, plain, batch_size=1, sinks=2, window=16)
+    with pytest.raises(MiniLLMError, match="system message"):
+        eng.add_request([{"role": "system", "content": "x"}, {"role": "user", "content": "y"}])
+    with pytest.raises(MiniLLMError, match="unsupported field 'name'"):
+        eng.add_request([{"role": "user", "content": "y", "name": "bob"}])

@@ -134,7 +134,7 @@ def conversation_digest(messages) -> str:
     """A name for a conversation: SHA-256 over its messages' roles and contents, in order."""
     h = hashlib.sha256()
     for m in messages:
-        h.update(json.dumps([m["role"], m["content"]], ensure_ascii=False).encode("utf-8") + b"\n")
+        h.update(json.dumps([m["role"], m["content"]]).encode("ascii") + b"\n")  # \u-escaped: any str encodes
     return h.hexdigest()
 
 
@@ -330,6 +330,10 @@ class Engine:
         messages = ids = None
         if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
             messages = check_messages(prompt)
+            if (self.tok.chat_template is None or not self.use_template) and any(
+                    m["role"] == "system" for m in messages):
+                raise MiniLLMError("messages: a system message needs a chat template to render it, and this "
+                                   "model has none")
         elif isinstance(prompt, str):
             ids = self.tok.encode(prompt)
         elif isinstance(prompt, (list, tuple, torch.Tensor)):
