@@ -470,3 +470,16 @@ def test_hostile_messages_are_refused_or_served(model, tok):
         eng.add_request([{"role": "system", "content": "x"}, {"role": "user", "content": "y"}])
     with pytest.raises(MiniLLMError, match="unsupported field 'name'"):
         eng.add_request([{"role": "user", "content": "y", "name": "bob"}])
+
+
+def test_a_cache_that_cannot_be_viewed_by_row_is_fed_by_ragged_calls(model, tok):
+    from minillm.apps import engine as engine_module
+
+    eng = Engine(model, tok, batch_size=2, sinks=2, window=16, max_prefill_tokens=7, temperature=0)
+    assert engine_module.row_view(eng.cache, 1) is not None
+    eng.cache.per_row_extra = torch.zeros(2)  # something row_view does not know how to slice
+    assert engine_module.row_view(eng.cache, 1) is None
+    prompts = [list(range(10, 40)), list(range(900, 925))]
+    rids = [eng.add_request(p, max_tokens=5) for p in prompts]
+    for rid, p in zip(rids, prompts):
+        assert [e.token for e in run(eng, rid)[1]] == alone(model, tok, p, max_tokens=5)

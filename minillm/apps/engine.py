@@ -160,10 +160,18 @@ def check_messages(messages) -> list[dict]:
     return out
 
 
+# What a SinkCache holds: per-row buffers (sliced by `row_view`) and settings of the whole cache.
+ROW_BUFFERS = ("k", "v", "raw_sink_k", "_seen")
+CACHE_SETTINGS = ("sinks", "window", "batch_size", "owner_id", "positions")
+
+
 def row_view(cache, b: int):
     """A one-row cache over row b of `cache`, sharing its buffers and count: a forward through it
     writes row b in place and advances row b's count, and touches no other row (a prefill of one
-    row then costs one row's compute, not the padded batch's)."""
+    row then costs one row's compute, not the padded batch's). None when the cache holds anything
+    this function does not know how to slice (the caller then feeds the row in a ragged call)."""
+    if set(vars(cache)) - set(ROW_BUFFERS) - set(CACHE_SETTINGS):
+        return None
     view = object.__new__(type(cache))
     view.__dict__.update(cache.__dict__)
     view.k, view.v = cache.k[:, b : b + 1], cache.v[:, b : b + 1]
@@ -238,7 +246,8 @@ class _Request:
 class Engine:
     """Continuous batching over one cache of `batch_size` rows, with chunked prefill and kept
     conversations (the module docstring). Sampling defaults for every request: `max_tokens`,
-    `temperature`, `top_p`, `top_k`; a request's own keywords replace them."""
+    `temperature`, `top_p`, `top_k`; a request's own keywords replace them. Other keywords go to
+    `model.new_cache` (`dtype`, and `positions` where the core has it)."""
 
     RATE_SECONDS = 10.0
 
@@ -247,7 +256,7 @@ class Engine:
                  max_parked_bytes: int | None = 2**31, session_dir=None, max_tokens: int | None = 256,
                  temperature: float = 0.8, top_p: float | None = 0.95, top_k: int | None = None,
                  use_template: bool = True, max_logged_sessions: int = 1024, max_log_tokens: int = 1 << 20,
-                 max_prompt_tokens: int | None = None):
+                 max_prompt_tokens: int | None = None, **cache_options):
         check_model(model)
         check_tokenizer(tokenizer)
         check_int("batch_size", batch_size, 1)
@@ -267,7 +276,7 @@ class Engine:
         self.use_template = use_template
         self.defaults = self._settings(dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                                             top_k=top_k, seed=None, stop=None, ignore_eos=False), "Engine")
-        self.cache = model.new_cache(batch_size=batch_size, sinks=sinks, window=window)
+        self.cache = model.new_cache(batch_size=batch_size, sinks=sinks, window=window, **cache_options)
         self.text_eos = frozenset(getattr(model, "eos_ids", ())) | tokenizer.stop_ids
         self.rows: list[_Stream | None] = [None] * batch_size
         self.streams: list[_Stream] = []  # every kept stream
@@ -680,8 +689,7 @@ class Engine:
             n = min(budget, req.feed.shape[1] - req.pos)
             chunk = req.feed[:, req.pos : req.pos + n]
             try:
-                with torch.no_grad():
-                    logits = self.model(chunk, cache=row_view(self.cache, req.row), logits_to_keep=1)[0, -1]
+                logits = self._feed_row(req.row, chunk)
                 req.pos += n
                 budget -= n
                 if req.stream.log is not None:
@@ -696,6 +704,17 @@ class Engine:
                         req.stream.tokens = list(req.ids)
             except Exception as e:  # one request's failure fails it alone
                 self._fail(req, e, events)
+
+    def _feed_row(self, b: int, chunk: torch.Tensor) -> torch.Tensor:
+        """Feed (1, n) ids to row b alone; its logits (V,) at the last one."""
+        view = row_view(self.cache, b)
+        with torch.no_grad():
+            if view is not None:
+                return self.model(chunk, cache=view, logits_to_keep=1)[0, -1]
+            ids = torch.zeros((self.batch_size, chunk.shape[1]), dtype=torch.long, device=chunk.device)
+            ids[b] = chunk[0]
+            lengths = [chunk.shape[1] if r == b else 0 for r in range(self.batch_size)]
+            return self.model(ids, cache=self.cache, lengths=lengths, logits_to_keep=1)[b, -1]
 
     # sampling and decoding -----------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ and removes the files this engine loaded that it no longer keeps (continued or e
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 from array import array
 
@@ -36,6 +37,10 @@ def _check(info: dict, tensors: dict, engine, fp: str) -> RowState:
     if (sinks, window) != (cache.sinks, cache.window):
         raise MiniLLMError(f"it holds a stream of sinks {sinks} + window {window}, the engine's cache is "
                            f"{cache.sinks} + {cache.window}")
+    positions = getattr(cache, "positions", "cache")
+    if info.get("positions", "cache") != positions:
+        raise MiniLLMError(f"its stream is in {info.get('positions')!r:.20} positions, the engine's cache in "
+                           f"{positions!r}")
     want = {"k": cache.k, "v": cache.v, "raw_sink_k": cache.raw_sink_k}
     extra = set(tensors) - set(want) - {"tokens", "log"}
     if info.get("logged") is True:  # a conversation kept as its log alone
@@ -49,10 +54,12 @@ def _check(info: dict, tensors: dict, engine, fp: str) -> RowState:
         if (got is None) != (buf is None) or (buf is not None and (
                 tuple(got.shape) != tuple(buf.shape[:1] + buf.shape[2:]) or got.dtype != buf.dtype)):
             raise MiniLLMError(f"its {name} does not fit the engine's cache (another dtype or shape)")
-    return RowState(k=tensors["k"].to(cache.device), v=tensors["v"].to(cache.device),
-                    raw_sink_k=None if cache.raw_sink_k is None else tensors["raw_sink_k"].to(cache.device),
-                    tokens_seen=_int(info, "tokens_seen", 0), sinks=sinks, window=window, owner_id=-1,
-                    fingerprint=fp)
+    blank = RowState(k=cache.k[:, 0], v=cache.v[:, 0], raw_sink_k=None, tokens_seen=0, sinks=sinks, window=window,
+                     owner_id=-1)
+    extra_fields = {"positions": positions} if hasattr(blank, "positions") else {}
+    return dataclasses.replace(blank, k=tensors["k"].to(cache.device), v=tensors["v"].to(cache.device),
+                               raw_sink_k=None if cache.raw_sink_k is None else tensors["raw_sink_k"].to(cache.device),
+                               tokens_seen=_int(info, "tokens_seen", 0), fingerprint=fp, **extra_fields)
 
 
 def _chat_state(info: dict, engine) -> dict:
@@ -148,7 +155,7 @@ def save_streams(engine) -> None:
         c = engine.cache
         info = {"format": STREAM_FORMAT, "version": VERSION, "sinks": c.sinks, "window": c.window,
                 "tokens_seen": len(s.log) if state is None else state.tokens_seen, "logged": state is None,
-                "fingerprint": fp, "key": s.key, "used": s.used}
+                "fingerprint": fp, "key": s.key, "used": s.used, "positions": getattr(c, "positions", "cache")}
         if s.log is not None:
             tensors["log"] = torch.tensor(s.log, dtype=torch.int64)
         if s.chat is not None:
