@@ -247,7 +247,7 @@ class Engine:
     """Continuous batching over one cache of `batch_size` rows, with chunked prefill and kept
     conversations (the module docstring). Sampling defaults for every request: `max_tokens`,
     `temperature`, `top_p`, `top_k`; a request's own keywords replace them. Other keywords go to
-    `model.new_cache` (`dtype`, and `positions` where the core has it)."""
+    `model.new_cache` (`positions`, where the core has it)."""
 
     RATE_SECONDS = 10.0
 
@@ -621,6 +621,12 @@ class Engine:
                 req.feed = torch.tensor([replay + list(ids)], dtype=torch.long, device=model.device)
             else:
                 req.feed = new_stream_ids(model, ids, req.start)
+            st = req.settings
+            req.sampler = make_sampler(model, max_new_tokens=st["max_tokens"], temperature=st["temperature"],
+                                       top_k=st["top_k"], top_p=st["top_p"],
+                                       eos_ids=stream.chat.stop_ids if stream.chat is not None else self.text_eos,
+                                       ignore_eos=st["ignore_eos"], vocab_size=self.tok.vocab_size,
+                                       generator=torch.Generator(device=model.device).manual_seed(st["seed"]))
         except BaseException:
             if fresh:
                 self._drop(stream)
@@ -633,12 +639,6 @@ class Engine:
                     self._release(stream)
             req.stream = None
             raise
-        s = req.settings
-        eos = stream.chat.stop_ids if stream.chat is not None else self.text_eos
-        req.sampler = make_sampler(model, max_new_tokens=s["max_tokens"], temperature=s["temperature"],
-                                   top_k=s["top_k"], top_p=s["top_p"], eos_ids=eos, ignore_eos=s["ignore_eos"],
-                                   vocab_size=self.tok.vocab_size,
-                                   generator=torch.Generator(device=model.device).manual_seed(s["seed"]))
         if stream.chat is None:
             req.decoder = self.tok.decoder(start_of_text=False)
         req.cached_tokens = req.start
