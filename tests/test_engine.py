@@ -483,3 +483,19 @@ def test_a_cache_that_cannot_be_viewed_by_row_is_fed_by_ragged_calls(model, tok)
     rids = [eng.add_request(p, max_tokens=5) for p in prompts]
     for rid, p in zip(rids, prompts):
         assert [e.token for e in run(eng, rid)[1]] == alone(model, tok, p, max_tokens=5)
+
+
+def test_non_finite_logits_fail_their_request_only(tok):
+    """A model whose logits go NaN for one token id: the request that draws it fails with a one-line
+    NonFiniteError message; the request beside it goes on."""
+    m = make_model()
+    eng = Engine(m, tok, batch_size=2, sinks=2, window=16, temperature=0)
+    poison = alone(m, tok, [9, 9, 9], max_tokens=2)[0]
+    with torch.no_grad():
+        m.embed.weight[poison] = float("nan")
+    bad = eng.add_request([9, 9, 9], max_tokens=5)
+    ok = eng.add_request([7, 7], max_tokens=5)
+    evs = run(eng, bad)[1]
+    assert evs[-1].finish_reason == "error" and "NaN" in evs[-1].error and "request" in evs[-1].error
+    assert evs[-1].completion_tokens == 1
+    assert run(eng, ok)[1][-1].finish_reason in ("length", "stop")  # served to its end

@@ -754,6 +754,9 @@ class Engine:
                 for req in going:
                     self._fail(req, e, events)
                 return drawn
+            V = self.tok.vocab_size
+            finite = torch.isfinite(logits[:, -1, :V]).all(dim=-1).tolist()  # one check for every row
+            seen = self.cache.tokens_seen
             for req in going:
                 req.logits = logits[req.row, -1]
                 s = req.stream
@@ -763,11 +766,12 @@ class Engine:
                     s.log.append(int(step[req.row, 0]))
                     if len(s.log) > self.max_log_tokens:  # too long to replay: kept only while parked
                         s.log = None
-                try:
-                    check_finite(req.logits[: self.tok.vocab_size], self.model, step[req.row : req.row + 1],
-                                 f"request {req.rid}: {step_name(req.sampler.n, req.start, req.start)}")
-                except Exception as e:  # one request's failure fails it alone
-                    self._fail(req, e, events)
+                if not finite[req.row]:
+                    try:
+                        check_finite(req.logits[:V], self.model, step[req.row : req.row + 1],
+                                     f"request {req.rid}: {step_name(req.sampler.n, int(seen[req.row]) - 1, req.start)}")
+                    except Exception as e:  # one request's failure fails it alone
+                        self._fail(req, e, events)
         return drawn
 
     def _text(self, req: _Request, token: int, stop: str | None) -> tuple[str, str | None]:
