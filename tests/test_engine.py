@@ -446,6 +446,8 @@ def test_drain_finishes_shutdown_cancels_and_both_keep_the_streams(model, tok, t
     assert list(eng.stream(a))[-1].finish_reason == "length"
     assert seen[-1].finish_reason == "length" and len(seen) == 6 and {e.rid for e in seen} == {b}
     assert len(list(tmp_path.iterdir())) == 2
+    with Engine(model, tok, batch_size=2, sinks=2, window=16, session_dir=tmp_path) as eng:
+        assert eng.stats().parked_sessions == 2  # (leaving the block writes them back)
     eng = Engine(model, tok, batch_size=2, sinks=2, window=16, temperature=0, session_dir=tmp_path)
     assert eng.stats().parked_sessions == 2
     c = eng.add_request([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "x"},

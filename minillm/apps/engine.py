@@ -937,3 +937,10 @@ class Engine:
     def drain(self, timeout: float | None = None) -> None:
         """`shutdown(finish=True, timeout=timeout)`."""
         self.shutdown(finish=True, timeout=timeout)
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        """`shutdown()`: what is in flight is cancelled, the kept streams are written to session_dir."""
+        self.shutdown()
