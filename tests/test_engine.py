@@ -501,3 +501,20 @@ def test_non_finite_logits_fail_their_request_only(tok):
     assert evs[-1].finish_reason == "error" and "NaN" in evs[-1].error and "request" in evs[-1].error
     assert evs[-1].completion_tokens == 1
     assert run(eng, ok)[1][-1].finish_reason in ("length", "stop")  # served to its end
+
+
+def test_two_requests_continuing_one_conversation_at_once_are_both_exact(model, tok):
+    """Two clients send the same conversation at once: one continues the kept stream, the other
+    a fork of it (its log replayed), and both replies are the lone ChatSession's."""
+    eng = Engine(model, tok, batch_size=2, sinks=2, window=24, max_prefill_tokens=8, max_tokens=5, temperature=0)
+    chat = ChatSession(model, tok, sinks=2, window=24, max_new_tokens=5, temperature=0)
+    first = "".join(chat.turn(USERS[0]))
+    msgs = [{"role": "user", "content": USERS[0]}]
+    assert run(eng, eng.add_request(msgs))[0] == first
+    msgs += [{"role": "assistant", "content": first}, {"role": "user", "content": USERS[1]}]
+    a, b = eng.add_request(msgs), eng.add_request(msgs)
+    want = "".join(chat.turn(USERS[1]))
+    (ta, ea), (tb, eb) = run(eng, a), run(eng, b)
+    assert ta == want and tb == want
+    assert sorted([ea[-1].cached_tokens > 0, eb[-1].cached_tokens > 0]) == [False, True]  # one replayed
+    assert eng.stats().kept_sessions == 2

@@ -510,11 +510,32 @@ class Engine:
         if req.messages is not None:
             if req.digest is None:
                 return None
-            return next((s for s in candidates if s.chat is not None and s.digest == req.digest), None)
+            same = [s for s in self.streams if s.key == req.key and s.chat is not None and s.digest == req.digest]
+            idle = next((s for s in same if s.busy is None), None)
+            if idle is not None:
+                return idle
+            for s in same:  # the same conversation, busy with another request's turn: fork it
+                fork = self._fork(s)
+                if fork is not None:
+                    return fork
+            return None
         for s in candidates:
             if s.chat is None and len(s.tokens) < len(req.ids) and req.ids[: len(s.tokens)] == s.tokens:
                 return s
         return None
+
+    def _fork(self, s: _Stream) -> _Stream | None:
+        """A copy of conversation s as it was before the turn it is serving: a logged stream (its
+        log replays it exactly), or None if s keeps no log."""
+        r = s.busy
+        if r is None or r.saved is None or r.log_backup is None:
+            return None
+        fork = _Stream(s.key, new_chat(self))
+        c = fork.chat
+        c.prompt_text, c.unfed, c.messages, c.turns = r.saved[0], r.saved[1], [dict(m) for m in r.saved[2]], r.saved[3]
+        fork.digest, fork.log, fork.used = s.digest, array("q", r.log_backup), s.used
+        self.streams.append(fork)
+        return fork
 
     def _free_row(self, keep: _Stream | None) -> int | None:
         """A row for a request: an empty one, else the row of the least recently used idle
