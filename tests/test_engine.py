@@ -518,3 +518,35 @@ def test_two_requests_continuing_one_conversation_at_once_are_both_exact(model, 
     assert ta == want and tb == want
     assert sorted([ea[-1].cached_tokens > 0, eb[-1].cached_tokens > 0]) == [False, True]  # one replayed
     assert eng.stats().kept_sessions == 2
+
+
+def test_concurrent_conversations_from_threads_each_equal_chatsession(model, tok):
+    """Four clients, each in its own thread, hold a 3-turn conversation at once through 2 rows
+    (one parked, so streams are parked, logged and replayed) while a background thread steps."""
+    eng = Engine(model, tok, batch_size=2, sinks=2, window=24, max_prefill_tokens=8, max_tokens=4, temperature=0,
+                 max_sessions=1)
+    eng.start()
+    got, errors = {}, []
+
+    def client(k):
+        try:
+            history, replies = [], []
+            for t in range(3):
+                history.append({"role": "user", "content": f"{USERS[(t + k) % len(USERS)]} ({k})"})
+                text = "".join(e.text for e in eng.stream(eng.add_request(list(history))))
+                history.append({"role": "assistant", "content": text})
+                replies.append(text)
+            got[k] = replies
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    eng.shutdown()
+    assert not errors and len(got) == 4
+    for k, replies in got.items():
+        chat = ChatSession(model, tok, sinks=2, window=24, max_new_tokens=4, temperature=0)
+        assert replies == ["".join(chat.turn(f"{USERS[(t + k) % len(USERS)]} ({k})")) for t in range(3)]

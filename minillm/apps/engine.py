@@ -22,7 +22,9 @@ Conversations are streams. A request given as chat messages is rendered with the
 chat template exactly as a `ChatSession` renders its turns. If a kept stream's conversation (the
 earlier messages as sent, the assistant's replies as the stream generated them) is the new
 request's messages but its last user message, the engine continues that stream: it feeds only the
-new turn's tokens (`Event.cached_tokens` are the tokens the stream already held). Otherwise
+new turn's tokens (`Event.cached_tokens` are the tokens the stream already held). If the
+only such stream is busy with another request's turn of the same conversation, it is forked: a
+copy of it as it was before that turn (replayed from its log, below) serves this one. Otherwise
 (an edited history, a first message) a new stream is fed the whole rendered prompt. A prompt given
 as text or token ids continues a kept stream whose fed tokens are a prefix of its ids. `session=`
 names a conversation: its stream is looked for only under that name (one request at a time per
