@@ -481,7 +481,8 @@ class Engine:
         n = self._sample_and_decode(events)
         now = time.monotonic()
         with self._cond:
-            self._rate.append((now, n))
+            if n:  # (an idle step adds nothing: a loop of them must not grow this)
+                self._rate.append((now, n))
             while self._rate and self._rate[0][0] < now - self.RATE_SECONDS:
                 self._rate.popleft()
             self._cond.notify_all()
