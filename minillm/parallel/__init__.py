@@ -290,9 +290,11 @@ def _share_status(status, rank) -> None:
 
     every = [None] * dist.get_world_size()
     dist.all_gather_object(every, status)
+    if status[0] == "error":  # this rank's own error first
+        raise MiniLLMError(status[1])
     for r, (state, message) in enumerate(every):
         if state == "error":
-            raise MiniLLMError(message if r == rank else f"tensor_parallel: rank {r} failed: {message}")
+            raise MiniLLMError(f"tensor_parallel: rank {r} failed: {message}")
 
 
 __all__ = ["Shard", "ShardedModel", "plan_shard", "load_shard", "current_group"]

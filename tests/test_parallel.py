@@ -1,0 +1,302 @@
+"""Tensor parallelism (minillm/parallel/) on CPU: W gloo ranks on 127.0.0.1, each equal to one process.
+
+One process group per world size serves every check (tests/parallel_worker.py: each rank runs the
+jobs this process sends it; starting torch processes is the slow part). Every job compares the
+rank's shard with the whole model loaded in the same rank, so the reference is one process:
+- every family and variant at W = 2 and W = 3: dense logits within 1e-9 (float64) / 1e-5 (float32),
+  with the fast layer on and off; streaming chunks past S; Hypothesis-drawn ragged batched
+  schedules with resets and per-row decode (drawn here, sent to every rank: each rank runs the same
+  example, and a failure shrinks); greedy generate and generate_batch; sampling that follows rank 0;
+- each rank holds only its share (parameters, cache heads) and reads no sharded tensor whole;
+- a quantized GGUF whose blocks straddle the shard boundary; SmolLM2-135M at W = 3 from its GGUF;
+- every bad input (no group, a width that does not split, ranks on different checkpoints, a row
+  state moved to a model of another world size) gets its one-line MiniLLMError.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import minillm
+from tiny_ckpt import tiny_checkpoint  # noqa: F401  (fixture)
+from util import random_model, tiny_config
+
+HERE = Path(__file__).resolve().parent
+VOCAB = 61
+# Every variant, with 12 heads so that W = 2 and W = 3 both split them (the KV heads as each has).
+VARIANTS = {
+    "llama_gqa": {}, "llama_mqa": {}, "falcon_7b": {}, "falcon_40b": {}, "falcon_rw": {}, "mpt": {},
+    "gpt_neox_parallel": {}, "gpt_neox_sequential": {},
+    "llama_zero_sink": {"base": "llama_gqa", "zero_sink": True},
+    "llama_sink_token": {"base": "llama_gqa", "sink_token_id": 3},
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Group:
+    """W rank processes serving jobs: `run(job)` sends it to every rank, returns every answer."""
+
+    def __init__(self, world: int):
+        port = _free_port()
+        self.procs = []
+        for rank in range(world):
+            env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
+                   "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
+            self.procs.append(subprocess.Popen([sys.executable, str(HERE / "parallel_worker.py")], env=env,
+                                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
+
+    def run(self, job: dict, timeout: float = 300, ranks=None) -> list:
+        procs = self.procs if ranks is None else [self.procs[r] for r in ranks]
+        for p in procs:
+            p.stdin.write(json.dumps(job) + "\n")
+            p.stdin.flush()
+        answers = []
+        deadline = time.monotonic() + timeout
+        for rank, p in enumerate(procs):
+            sel = selectors.DefaultSelector()
+            sel.register(p.stdout, selectors.EVENT_READ)
+            while True:
+                if not sel.select(max(0.0, deadline - time.monotonic())):
+                    self.close()
+                    pytest.fail(f"rank {rank} did not answer {job['job']} within {timeout} s")
+                line = p.stdout.readline()
+                if not line:
+                    pytest.fail(f"rank {rank} exited (status {p.wait()}) during {job['job']}")
+                if line.startswith("RESULT "):
+                    break
+            answer = json.loads(line[len("RESULT "):])
+            if "exception" in answer:
+                pytest.fail(f"rank {rank}, job {job['job']}: {answer['exception']}\n{answer['trace']}")
+            answers.append(answer["ok"])
+        return answers
+
+    def close(self):
+        for p in self.procs:
+            if p.poll() is None:
+                p.stdin.close()
+        for p in self.procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+def _checkpoint(root: Path, name: str, **overrides) -> str:
+    spec = {**VARIANTS.get(name, {}), **overrides}
+    base = spec.pop("base", name)
+    config = tiny_config(base, heads=12, head_dim=4, vocab=VOCAB, **{"intermediate_size": 96, **spec})
+    path = root / name
+    minillm.save_pretrained(random_model(config, dtype=torch.float32, seed=len(name)), path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tp")
+    paths = {name: _checkpoint(root, name) for name in VARIANTS}
+    paths["other_weights"] = _checkpoint(root, "llama_gqa_other", base="llama_gqa")
+    paths["five_heads"] = str(root / "five_heads")
+    minillm.save_pretrained(random_model(tiny_config("llama_mha", heads=5, head_dim=4, vocab=VOCAB)),
+                            paths["five_heads"])
+    paths["odd_width"] = _checkpoint(root, "odd_width", base="llama_gqa", intermediate_size=97)
+    return paths
+
+
+def _ids(B: int, T: int, seed: int = 0) -> list:
+    return torch.randint(0, VOCAB, (B, T), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _start(world: int, ckpts) -> Group:
+    g = Group(world)
+    no_group = g.run({"job": "load_error", "path": ckpts["llama_gqa"]})  # before the group exists
+    g.run({"job": "init"})
+    g.no_group = no_group
+    return g
+
+
+@pytest.fixture(scope="module")
+def group2(ckpts):
+    g = _start(2, ckpts)
+    yield g
+    g.close()
+
+
+@pytest.fixture(scope="module")
+def group3(ckpts):
+    g = _start(3, ckpts)
+    yield g
+    g.close()
+
+
+def _check_dense(group, path):
+    for dtype, tol in (("float64", 1e-9), ("float32", 1e-5)):
+        for answer in group.run({"job": "dense", "path": path, "dtype": dtype, "ids": _ids(2, 13)}):
+            for fast, r in answer.items():
+                assert r["shape"] == [2, 13, VOCAB]
+                assert r["diff"] <= tol * r["scale"], (dtype, fast, r)
+
+
+def _check_stream(group, path):
+    # S = 2 + 5: chunks of 4, 9, 1, 1, 6 tokens pass S several times, then decode steps.
+    for answer in group.run({"job": "stream", "path": path, "dtype": "float64", "ids": _ids(2, 21, 1),
+                             "sinks": 2, "window": 5, "chunks": [4, 9, 1, 1, 6]}):
+        for fast, r in answer.items():
+            assert r["seen"] == 21
+            assert r["diff"] <= 1e-9, (fast, r)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_every_variant_at_w2_equals_one_process(group2, ckpts, variant):
+    _check_dense(group2, ckpts[variant])
+    _check_stream(group2, ckpts[variant])
+
+
+@pytest.mark.parametrize("variant", ["llama_gqa", "llama_mqa", "falcon_40b", "falcon_rw", "gpt_neox_parallel"])
+def test_variants_at_w3_equal_one_process(group3, ckpts, variant):
+    _check_dense(group3, ckpts[variant])
+    _check_stream(group3, ckpts[variant])
+
+
+@st.composite
+def schedules(draw):
+    B = draw(st.integers(1, 3))
+    T = draw(st.integers(1, 5))
+    steps = draw(st.integers(1, 6))
+    decode = draw(st.booleans())  # every length 0 or 1: the per-row decode step
+    lengths = [[draw(st.integers(0, 1 if decode else T)) for _ in range(B)] for _ in range(steps)]
+    resets = [draw(st.lists(st.integers(0, B - 1), max_size=B, unique=True)) if s else [] for s in range(steps)]
+    tokens = [[[draw(st.integers(0, VOCAB - 1)) for _ in range(T)] for _ in range(B)] for _ in range(steps)]
+    return {"lengths": lengths, "resets": resets, "tokens": tokens, "sinks": draw(st.integers(0, 2)),
+            "window": draw(st.integers(1, 4))}
+
+
+@settings(max_examples=6, deadline=None)
+@given(schedule=schedules(), variant=st.sampled_from(["llama_gqa", "falcon_7b", "mpt", "gpt_neox_parallel"]))
+def test_ragged_batched_schedules_with_resets_equal_one_process(group2, ckpts, schedule, variant):
+    for answer in group2.run({"job": "schedule", "path": ckpts[variant], "dtype": "float64", **schedule}):
+        for fast, worst in answer.items():
+            assert worst <= 1e-9, (fast, worst)
+
+
+@pytest.mark.parametrize("variant", ["llama_gqa", "llama_sink_token", "falcon_rw"])
+def test_generate_gives_one_process_tokens_and_sampling_follows_rank_0(group2, ckpts, variant):
+    prompts = [_ids(1, k, k)[0] for k in (3, 7, 2)]
+    answers = group2.run({"job": "generate", "path": ckpts[variant], "dtype": "float64", "n": 12,
+                          "prompt": prompts[1], "prompts": prompts})
+    for a in answers:
+        assert a["greedy"] == a["want"] and len(a["greedy"]) == 12
+        assert sorted(map(tuple, a["batch"])) == sorted(map(tuple, a["batch_want"]))
+        assert a["sampled"] == answers[0]["sampled"]  # each rank drew with its own seed: rank 0's won
+
+
+def test_each_rank_holds_only_its_share_and_reads_only_its_slices(group2, group3, ckpts):
+    for group, W in ((group2, 2), (group3, 3)):
+        for variant in ("llama_gqa", "llama_mqa", "falcon_rw"):
+            for rank, a in enumerate(group.run({"job": "share", "path": ckpts[variant]})):
+                assert a["params"] <= a["replicated"] + a["sharded"] / W, a
+                assert a["params"] < a["replicated"] + a["sharded"] / (W - 1), a  # not a bigger share
+                kv = a["kv"]
+                assert a["cache_heads"] == (kv // W if kv % W == 0 else 1), a
+                sliced = [n for n in a["read_whole"] if any(k in n for k in ("q_proj", "k_proj", "v_proj", "o_proj",
+                          "gate_proj", "up_proj", "down_proj", "query_key_value", "dense"))]
+                # No rank reads a sharded tensor whole; rank 0 reads the row-parallel biases (it adds them).
+                row_biases = [n for n in sliced if n.endswith(("o_proj.bias", "attention.dense.bias",
+                                                               "dense_4h_to_h.bias", "down_proj.bias"))]
+                assert sliced == (row_biases if rank == 0 else []), sliced
+
+
+def test_row_state_moves_between_shard_caches_and_not_to_another_world_size(group2, ckpts):
+    for a in group2.run({"job": "rows", "path": ckpts["llama_gqa"], "ids": _ids(1, 9)}):
+        assert a["moved"] <= 1e-12
+        assert a["errors"][0] == ("import_row: the state comes from a model split over 2 rank(s), this cache's "
+                                  "model over 1")
+        assert a["errors"][1] == ("import_row: the state comes from a model split over 1 rank(s), this cache's "
+                                  "model over 2")
+
+
+def test_bad_inputs_get_one_line_errors(group2, group3, ckpts):
+    for a in group2.no_group:
+        assert a["error"].startswith("tensor_parallel=True needs an initialised torch.distributed process group")
+    cases = [
+        ({"path": ckpts["five_heads"]}, "tensor_parallel: 5 query heads do not split over 2 ranks"),
+        ({"path": ckpts["odd_width"]}, "tensor_parallel: the MLP's intermediate width 97 does not split over 2 ranks"),
+        ({"paths": [ckpts["llama_gqa"], ckpts["other_weights"]]},
+         "tensor_parallel: the ranks disagree on the checkpoint's weights (rank(s) [1] differ from rank 0)"),
+        ({"paths": [ckpts["llama_gqa"], ckpts["mpt"]]},
+         "tensor_parallel: the ranks disagree on the checkpoint (config and tensor shapes)"),
+    ]
+    for job, message in cases:
+        for a in group2.run({"job": "load_error", **job}):
+            assert a["error"] is not None and a["error"].startswith(message), a
+            assert "\n" not in a["error"]
+    for a in group3.run({"job": "load_error", "path": ckpts["falcon_40b"]}):
+        assert a["error"] is None  # 6 KV heads: 2 per rank
+    # 4 KV heads over 3 ranks: neither split nor replicated evenly.
+    path = str(Path(ckpts["llama_gqa"]).parent / "kv4")
+    minillm.save_pretrained(random_model(tiny_config("llama_gqa", heads=12, head_dim=4, vocab=VOCAB,
+                                                     num_kv_heads=4, intermediate_size=96)), path)
+    for a in group3.run({"job": "load_error", "path": path}):
+        assert a["error"].startswith("tensor_parallel: 4 KV heads do not split over 3 ranks"), a
+
+
+# ---- GGUF: a quantized file whose blocks straddle the boundary, and SmolLM2-135M at W = 3
+
+
+@pytest.fixture(scope="module")
+def q8_gguf(tiny_checkpoint, tmp_path_factory):
+    """A Q8_0 GGUF (blocks of 32) of a Llama with hidden 96 and MLP width 160: at W = 2 each rank
+    takes 48 of o_proj's columns and 80 of down_proj's, so a block straddles each boundary."""
+    gguf = pytest.importorskip("gguf")
+    from test_gguf import write_gguf
+
+    root = tmp_path_factory.mktemp("tp-gguf")
+    d = root / "ckpt"
+    d.mkdir()
+    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copy(tiny_checkpoint / f, d / f)
+    vocab = minillm.load(tiny_checkpoint).config.vocab_size
+    config = tiny_config("llama_gqa", heads=12, head_dim=8, vocab=vocab, intermediate_size=160)
+    minillm.save_pretrained(random_model(config, dtype=torch.float32, std=0.05), d)
+    return str(write_gguf(root / "q8.gguf", d, qtype=gguf.GGMLQuantizationType.Q8_0)), vocab
+
+
+def test_quantized_gguf_blocks_straddling_the_boundary(group2, q8_gguf):
+    path, vocab = q8_gguf
+    ids = torch.randint(0, vocab, (1, 11), generator=torch.Generator().manual_seed(3)).tolist()
+    for a in group2.run({"job": "dense", "path": path, "dtype": "float64", "ids": ids, "fasts": [True]}):
+        assert a["fast=True"]["diff"] <= 1e-9 * a["fast=True"]["scale"], a
+
+
+def test_smollm2_at_w3_from_its_gguf(group3):
+    from test_smollm2 import _gguf_path
+
+    path = str(_gguf_path())
+    tok = minillm.load_tokenizer(path)
+    ids = [tok.encode("The paper streams Llama-2-70B with attention sinks, four tokens kept at the start.")]
+    answers = group3.run({"job": "reference_logits", "path": path, "dtype": "float32", "ids": ids}, timeout=600)
+    a0 = answers[0]
+    assert a0["diff"] <= 1e-4 * a0["scale"], a0
+    for a in answers:
+        assert a["vs_rank0"] <= 1e-4 * a0["scale"]
+        assert a["cache_heads"] == 1  # 3 KV heads over 3 ranks
+        assert a["params"] < a0["full_params"] / 2
