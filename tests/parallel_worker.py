@@ -188,6 +188,24 @@ def job_reference_logits(j):
     return out
 
 
+def job_cli(j):
+    """`minillm ...` in this rank, inside the group (as torchrun runs it): exit status and output."""
+    import contextlib
+    import io
+
+    from minillm.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    saved = sys.stdout, sys.stderr
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(j["argv"])
+            printed = sys.stdout is out  # rank 0 prints; the others were silenced
+    finally:
+        sys.stdout, sys.stderr = saved
+    return {"code": code, "stdout": out.getvalue(), "stderr": err.getvalue(), "printed": printed}
+
+
 JOBS = {name[4:]: f for name, f in globals().items() if name.startswith("job_")}
 
 

@@ -90,15 +90,12 @@ class Group:
         return answers
 
     def close(self):
-        for p in self.procs:
+        for p in self.procs:  # nothing to keep: stopped at once, not through gloo's shutdown
             if p.poll() is None:
-                p.stdin.close()
-        for p in self.procs:
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
                 p.kill()
-                p.wait()
+            p.wait()
+            p.stdin.close()
+            p.stdout.close()
 
 
 def _checkpoint(root: Path, name: str, **overrides) -> str:
@@ -300,3 +297,90 @@ def test_smollm2_at_w3_from_its_gguf(group3):
         assert a["vs_rank0"] <= 1e-4 * a0["scale"]
         assert a["cache_heads"] == 1  # 3 KV heads over 3 ranks
         assert a["params"] < a0["full_params"] / 2
+
+
+# ---- The command line: --tensor-parallel and ppl --data-parallel, in the ranks of the group (as
+# torchrun runs them), and once under torchrun itself
+
+
+def _one_process(argv, capsys) -> tuple[int, str, str]:
+    from minillm.cli import main
+
+    capsys.readouterr()
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_tensor_parallel_equals_one_process_and_only_rank_0_writes(group2, tiny_checkpoint, tmp_path, capsys):
+    m = str(tiny_checkpoint)
+    (tmp_path / "p.jsonl").write_text('{"prompt": "The whale"}\n{"prompt": "A ship at sea"}\n{"prompt": "He"}\n')
+    (tmp_path / "turns.jsonl").write_text('{"turn": "Hello there"}\n{"turn": "And the sea?"}\n')
+    common = ["--temperature", "0", "--max-new-tokens", "8", "--ignore-eos", "--cache-size", "12", "--sinks", "2"]
+    runs = {
+        "generate": ["generate", m, "-p", "The whale and the ship", *common],
+        "chat": ["chat", m, "--prompts", tmp_path / "turns.jsonl", *common],
+        "batch": ["batch", m, "--input", tmp_path / "p.jsonl", "--batch-size", "2", *common],
+    }
+    for name, argv in runs.items():
+        code, want, _ = _one_process(argv, capsys)
+        assert code == 0 and want.strip()
+        answers = group2.run({"job": "cli", "argv": [str(a) for a in argv] + ["--tensor-parallel"]})
+        assert [a["code"] for a in answers] == [0, 0], answers
+        assert answers[0]["stdout"] == want, name
+        assert answers[1]["stdout"] == answers[1]["stderr"] == "" and not answers[1]["printed"]
+    out = tmp_path / "out.jsonl"
+    answers = group2.run({"job": "cli", "argv": [str(a) for a in runs["batch"]] + ["--tensor-parallel", "--output",
+                                                                                    str(out)]})
+    assert [a["code"] for a in answers] == [0, 0]
+    assert out.read_text().strip() == want.strip()  # rank 0 wrote the file; rank 1 wrote nothing
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl", "p.jsonl", "turns.jsonl"]
+
+
+def test_cli_ppl_data_parallel_equals_one_process(group2, tiny_checkpoint, tmp_path, capsys):
+    from tiny_ckpt import training_text
+
+    files = []
+    for i, n in enumerate((900, 1400, 600)):
+        files.append(tmp_path / f"t{i}.txt")
+        files[-1].write_text(training_text(n, seed=i + 5))
+    argv = ["ppl", str(tiny_checkpoint), "--text", *map(str, files), "--cache-size", "24", "--sinks", "2",
+            "--mode", "streaming", "window", "--data-parallel"]
+    code, _, _ = _one_process([*argv, "--json", tmp_path / "one.json"], capsys)
+    assert code == 0
+    answers = group2.run({"job": "cli", "argv": [*argv, "--json", str(tmp_path / "two.json")]})
+    assert [a["code"] for a in answers] == [0, 0]
+    one, two = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
+    assert one.pop("ranks") == 1 and two.pop("ranks") == 2
+    assert one == two  # every file's NLL sum and the pooled PPL, exactly
+    # Each file's stream is the one `ppl --text FILE` scores.
+    code, out, _ = _one_process(["ppl", str(tiny_checkpoint), "--text", files[1], "--cache-size", "24", "--sinks", "2",
+                                 "--json", tmp_path / "single.json"], capsys)
+    single = json.loads((tmp_path / "single.json").read_text())["modes"]["streaming"]
+    assert single["ppl"] == one["modes"]["streaming"]["files"][1]["ppl"]
+
+
+def test_cli_parallel_refusals(group2, tiny_checkpoint, capsys):
+    m = str(tiny_checkpoint)
+    code, _, err = _one_process(["generate", m, "-p", "x", "--tensor-parallel"], capsys)
+    assert code == 2 and err.startswith("minillm: error: --tensor-parallel runs under torchrun") and err.count("\n") == 1
+    answers = group2.run({"job": "cli", "argv": ["chat", m, "--tensor-parallel"]})
+    assert [a["code"] for a in answers] == [2, 2]
+    assert answers[0]["stderr"] == ("minillm: error: --tensor-parallel: stdin reaches only one rank; give "
+                                    "--prompts F.jsonl\n")
+
+
+def test_torchrun_generate_tensor_parallel(tiny_checkpoint, capsys):
+    """The real launcher: torchrun --nproc-per-node 2 $(which minillm) generate ... --tensor-parallel."""
+    argv = ["generate", str(tiny_checkpoint), "-p", "The whale", "--temperature", "0", "-n", "10", "--ignore-eos"]
+    code, want, _ = _one_process(argv, capsys)
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.exists():
+        pytest.skip("torchrun is not installed next to this Python")
+    proc = subprocess.run([str(torchrun), "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port",
+                           str(_free_port()), "-m", "minillm", *argv, "--tensor-parallel", "--threads", "1"],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout == want  # rank 0's text, once
+    assert proc.stderr.count("minillm: 10 tokens at") == 1
