@@ -377,8 +377,7 @@ def test_torchrun_generate_tensor_parallel(tiny_checkpoint, capsys):
     torchrun = Path(sys.executable).with_name("torchrun")
     if not torchrun.exists():
         pytest.skip("torchrun is not installed next to this Python")
-    proc = subprocess.run([str(torchrun), "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port",
-                           str(_free_port()), "-m", "minillm", *argv, "--tensor-parallel", "--threads", "1"],
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "minillm", *argv, "--tensor-parallel", "--threads", "1"],
                           capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
