@@ -353,6 +353,16 @@ def test_cli_ppl_data_parallel_equals_one_process(group2, tiny_checkpoint, tmp_p
     one, two = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
     assert one.pop("ranks") == 1 and two.pop("ranks") == 2
     assert one == two  # every file's NLL sum and the pooled PPL, exactly
+    # ppl --tensor-parallel: the same perplexities as one process (float32 sums in another order).
+    tp_argv = ["ppl", str(tiny_checkpoint), "--text", str(files[0]), "--cache-size", "24", "--sinks", "2",
+               "--mode", "streaming", "dense"]
+    code, _, _ = _one_process([*tp_argv, "--json", tmp_path / "tp1.json"], capsys)
+    answers = group2.run({"job": "cli", "argv": [*tp_argv, "--tensor-parallel", "--json", str(tmp_path / "tp2.json")]})
+    assert code == 0 and [a["code"] for a in answers] == [0, 0]
+    tp1, tp2 = (json.loads((tmp_path / f).read_text())["modes"] for f in ("tp1.json", "tp2.json"))
+    for mode in ("streaming", "dense"):
+        assert tp1[mode]["tokens"] == tp2[mode]["tokens"] > 100
+        assert abs(tp1[mode]["ppl"] - tp2[mode]["ppl"]) <= 1e-5 * tp1[mode]["ppl"]
     # Each file's stream is the one `ppl --text FILE` scores.
     code, out, _ = _one_process(["ppl", str(tiny_checkpoint), "--text", files[1], "--cache-size", "24", "--sinks", "2",
                                  "--json", tmp_path / "single.json"], capsys)
