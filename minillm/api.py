@@ -35,7 +35,8 @@ def load(name_or_path: str | Path, dtype=torch.float32, device="cpu", *, strict:
     `tensor_parallel=True`, inside an initialised torch.distributed process group of W ranks
     (torchrun; gloo or NCCL), returns this rank's shard: its share of the query heads, KV heads and
     MLP width, read from its own slices of the file (minillm/parallel/). Every call then works as
-    in one process, on every rank, each returning the full logits."""
+    in one process, on every rank, each returning the full logits. `model.config` is the shard's
+    (its heads and width); `model.shard.config` is the whole model's."""
     from .formats.checkpoint import load_model
     from .formats.gguf import is_gguf
     from .formats.hub import resolve_model_dir
@@ -100,6 +101,9 @@ def save_pretrained(model: Model, directory: str | Path, dtype=None, *, tokenize
 
     check_model(model)
     check_path("save_pretrained: directory", directory)
+    if getattr(model, "shard", None) is not None:  # its config and weights are one rank's share
+        raise MiniLLMError(f"save_pretrained: this model is rank {model.shard.rank}'s shard of {model.shard.world} "
+                           f"(tensor_parallel=True); save a model loaded without tensor_parallel")
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise MiniLLMError(f"save_pretrained: {os.fspath(directory)} exists and is not a directory; give a "
                            f"directory to write config.json and model.safetensors into")

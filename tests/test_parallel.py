@@ -393,3 +393,16 @@ def test_torchrun_generate_tensor_parallel(tiny_checkpoint, capsys):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout == want  # rank 0's text, once
     assert proc.stderr.count("minillm: 10 tokens at") == 1
+
+
+def test_a_shard_is_not_saved_as_a_checkpoint(tmp_path):
+    """A shard's config and weights are one rank's share: saving them would write a wrong model."""
+    from minillm.errors import MiniLLMError
+    from minillm.parallel import ShardedModel, plan_shard
+
+    shard = plan_shard(tiny_config("llama_gqa", heads=12, head_dim=4, vocab=VOCAB, intermediate_size=96), 1, 2)
+    model = ShardedModel(shard.local, shard)
+    assert (model.config.num_heads, model.config.num_kv_heads, model.config.intermediate_size) == (6, 3, 48)
+    with pytest.raises(MiniLLMError, match=r"^save_pretrained: this model is rank 1's shard of 2 \(tensor_parallel"):
+        minillm.save_pretrained(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
