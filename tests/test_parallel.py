@@ -242,6 +242,10 @@ def test_bad_inputs_get_one_line_errors(group2, group3, ckpts):
         ({"paths": [ckpts["llama_gqa"], ckpts["mpt"]]},
          "tensor_parallel: the ranks disagree on the checkpoint (config and tensor shapes)"),
     ]
+    # A rank that fails before the ranks meet (its file is missing) tells the others, which do not wait.
+    answers = group2.run({"job": "load_error", "paths": [ckpts["llama_gqa"], ckpts["llama_gqa"] + "-missing"]})
+    assert answers[1]["error"].startswith("model directory not found") or "missing" in answers[1]["error"], answers
+    assert answers[0]["error"] == f"tensor_parallel: rank 1 failed: {answers[1]['error']}"
     for job, message in cases:
         for a in group2.run({"job": "load_error", **job}):
             assert a["error"] is not None and a["error"].startswith(message), a

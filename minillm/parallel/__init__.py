@@ -262,6 +262,7 @@ def load_shard(tensors, config: ModelConfig, dtype, device):
     from ..formats.families import FAMILIES
 
     rank, world = current_group()
+    LOADING.append(True)  # from here on, every rank's failure is shared by the ranks' exchanges below
     adjust = getattr(FAMILIES[config.family], "adjust_to_checkpoint", None)
     if adjust is not None:
         config = adjust(config, tensors.names())
@@ -283,6 +284,17 @@ def load_shard(tensors, config: ModelConfig, dtype, device):
     _share_status(status, rank)
     agree("the checkpoint's weights", status[1])
     return model
+
+
+LOADING: list = []  # non-empty once this rank's load reached load_shard (api.load clears it)
+
+
+def share_failure(message: str) -> None:
+    """This rank failed before load_shard (a missing file, a bad config): answer the other ranks'
+    first exchange with the error, so that they raise it too instead of waiting for this rank."""
+    import torch.distributed as dist
+
+    _share_status(["error", message], dist.get_rank())
 
 
 def _share_status(status, rank) -> None:
