@@ -377,7 +377,8 @@ def test_cli_ppl_data_parallel_equals_one_process(group2, tiny_checkpoint, tmp_p
 def test_cli_parallel_refusals(group2, tiny_checkpoint, capsys):
     m = str(tiny_checkpoint)
     code, _, err = _one_process(["generate", m, "-p", "x", "--tensor-parallel"], capsys)
-    assert code == 2 and err.startswith("minillm: error: --tensor-parallel runs under torchrun") and err.count("\n") == 1
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith("minillm: error: --tensor-parallel runs under torchrun")
     answers = group2.run({"job": "cli", "argv": ["chat", m, "--tensor-parallel"]})
     assert [a["code"] for a in answers] == [2, 2]
     assert answers[0]["stderr"] == ("minillm: error: --tensor-parallel: stdin reaches only one rank; give "
@@ -391,7 +392,8 @@ def test_torchrun_generate_tensor_parallel(tiny_checkpoint, capsys):
     torchrun = Path(sys.executable).with_name("torchrun")
     if not torchrun.exists():
         pytest.skip("torchrun is not installed next to this Python")
-    proc = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "minillm", *argv, "--tensor-parallel", "--threads", "1"],
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "minillm", *argv,
+                           "--tensor-parallel", "--threads", "1"],
                           capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -256,8 +256,6 @@ def load_shard(tensors, config: ModelConfig, dtype, device):
 
     The ranks first agree on the checkpoint (`checkpoint_fingerprint`); an error on any rank is
     raised on every rank, so none waits forever on a collective the others never reach."""
-    import torch.distributed as dist
-
     from ..formats.checkpoint import load_tensors
     from ..formats.families import FAMILIES
 
