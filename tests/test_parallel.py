@@ -168,8 +168,8 @@ def test_every_variant_at_w2_equals_one_process(group2, ckpts, variant):
     _check_stream(group2, ckpts[variant])
 
 
-@pytest.mark.parametrize("variant", ["llama_gqa", "llama_mqa", "falcon_40b", "falcon_rw", "gpt_neox_parallel"])
-def test_variants_at_w3_equal_one_process(group3, ckpts, variant):
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_every_variant_at_w3_equals_one_process(group3, ckpts, variant):
     _check_dense(group3, ckpts[variant])
     _check_stream(group3, ckpts[variant])
 
