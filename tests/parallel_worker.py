@@ -142,8 +142,13 @@ def job_share(j):
     row_biases = sum(p.numel() for n, p in full.named_parameters() if n.endswith(("wo.bias", "w_out.bias")))
     kv_rows = 0 if g.num_kv_heads % WORLD == 0 else g.num_layers * 2 * g.num_kv_heads * g.head_dim * (
         g.hidden_size + g.qkv_bias)  # fewer KV heads than ranks: replicated
+    calls = []
+    for block in tp.layers:  # count the all-reduces of one forward (the shard's own, wrapped)
+        block.reduce = lambda x, f=block.reduce: calls.append(x.shape) or f(x)
+    tp(torch.zeros(1, 3, dtype=torch.int64))
     c = tp.new_cache(1, 2, 4)
-    return {"params": sum(p.numel() for p in tp.parameters()), "replicated": replicated + row_biases + kv_rows,
+    return {"allreduces": len(calls), "layers": g.num_layers, "parallel_residual": g.parallel_residual,
+            "params": sum(p.numel() for p in tp.parameters()), "replicated": replicated + row_biases + kv_rows,
             "sharded": sharded - row_biases - kv_rows,
             "cache_heads": c.k.shape[2], "kv": full.config.num_kv_heads, "read_whole": read_whole}
 

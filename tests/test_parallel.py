@@ -208,8 +208,10 @@ def test_generate_gives_one_process_tokens_and_sampling_follows_rank_0(group2, c
 
 def test_each_rank_holds_only_its_share_and_reads_only_its_slices(group2, group3, ckpts):
     for group, W in ((group2, 2), (group3, 3)):
-        for variant in ("llama_gqa", "llama_mqa", "falcon_rw"):
+        for variant in ("llama_gqa", "llama_mqa", "falcon_rw", "falcon_7b", "gpt_neox_parallel"):
             for rank, a in enumerate(group.run({"job": "share", "path": ckpts[variant]})):
+                # One all-reduce per row-parallel projection; a parallel block sums first: one per layer.
+                assert a["allreduces"] == a["layers"] * (1 if a["parallel_residual"] else 2), (variant, a)
                 assert a["params"] <= a["replicated"] + a["sharded"] / W, a
                 assert a["params"] < a["replicated"] + a["sharded"] / (W - 1), a  # not a bigger share
                 kv = a["kv"]
