@@ -13,7 +13,8 @@ from .core.model import Model
 
 
 def load(name_or_path: str | Path, dtype=torch.float32, device="cpu", *, strict: bool = False,
-         fast: bool = True, quantize: str | None = None, compile: bool = False) -> Model:
+         fast: bool = True, quantize: str | None = None, compile: bool = False,
+         tensor_parallel: bool = False) -> Model:
     """Load a checkpoint without transformers: a local directory or hub repo id (config.json +
     safetensors), or a `.gguf` file (dequantized into `dtype`; needs the `gguf` package: `pip install gguf`,
     the `minillm-sinks[gguf]` extra).
@@ -29,14 +30,20 @@ def load(name_or_path: str | Path, dtype=torch.float32, device="cpu", *, strict:
 
     The model is for inference: its parameters need no gradients (`model.requires_grad_(True)`
     to train it). `model.eos_ids` holds the ids that end a reply (EOS and the chat template's
-    end-of-turn token, minillm/formats/stops.py), where generation stops by default."""
+    end-of-turn token, minillm/formats/stops.py), where generation stops by default.
+
+    `tensor_parallel=True`, inside an initialised torch.distributed process group of W ranks
+    (torchrun; gloo or NCCL), returns this rank's shard: its share of the query heads, KV heads and
+    MLP width, read from its own slices of the file (minillm/parallel/). Every call then works as
+    in one process, on every rank, each returning the full logits. `model.config` is the shard's
+    (its heads and width); `model.shard.config` is the whole model's."""
     from .formats.checkpoint import load_model
     from .formats.gguf import is_gguf
     from .formats.hub import resolve_model_dir
     from .formats.stops import directory_stop_ids
 
     check_path("load: name_or_path", name_or_path)
-    for name, flag in (("strict", strict), ("fast", fast), ("compile", compile)):
+    for name, flag in (("strict", strict), ("fast", fast), ("compile", compile), ("tensor_parallel", tensor_parallel)):
         if not isinstance(flag, bool):
             raise MiniLLMError(f"load: {name} must be True or False, got {flag!r}")
     if quantize not in (None, "int8"):
@@ -47,14 +54,24 @@ def load(name_or_path: str | Path, dtype=torch.float32, device="cpu", *, strict:
     dtype, device = parse_dtype(dtype), parse_device(device)
     if device.type == "meta":  # the weights would load as shapes only, and every call would fail
         raise MiniLLMError(f"unsupported device {str(device)!r} for a model (use cpu, cuda, cuda:N or mps)")
-    if is_gguf(name_or_path):
-        from .formats.gguf import load_model as load_gguf
+    if tensor_parallel:
+        from . import parallel
 
-        model = load_gguf(name_or_path, dtype, device, strict=strict)
-    else:
-        directory = resolve_model_dir(name_or_path)
-        model = load_model(directory, load_config(directory, strict=strict), dtype, device)
-        model.eos_ids = directory_stop_ids(directory, model.config.vocab_size)
+        parallel.current_group()  # refused at once without a process group
+        parallel.LOADING.clear()
+    try:
+        if is_gguf(name_or_path):
+            from .formats.gguf import load_model as load_gguf
+
+            model = load_gguf(name_or_path, dtype, device, strict=strict, tensor_parallel=tensor_parallel)
+        else:
+            directory = resolve_model_dir(name_or_path)
+            model = load_model(directory, load_config(directory, strict=strict), dtype, device, tensor_parallel)
+            model.eos_ids = directory_stop_ids(directory, model.config.vocab_size)
+    except MiniLLMError as e:
+        if tensor_parallel and not parallel.LOADING:  # failed before the ranks met: tell the others
+            parallel.share_failure(str(e))
+        raise
     model.source = str(name_or_path)
     if fast:
         from .fast import enable
@@ -90,6 +107,9 @@ def save_pretrained(model: Model, directory: str | Path, dtype=None, *, tokenize
 
     check_model(model)
     check_path("save_pretrained: directory", directory)
+    if getattr(model, "shard", None) is not None:  # its config and weights are one rank's share
+        raise MiniLLMError(f"save_pretrained: this model is rank {model.shard.rank}'s shard of {model.shard.world} "
+                           f"(tensor_parallel=True); save a model loaded without tensor_parallel")
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise MiniLLMError(f"save_pretrained: {os.fspath(directory)} exists and is not a directory; give a "
                            f"directory to write config.json and model.safetensors into")

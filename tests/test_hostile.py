@@ -115,6 +115,13 @@ for flag, v, frag in [("--max-tokens", "1", "must be >= 2"), ("--max-tokens", "0
                       ("--dense-max-tokens", "0", "must be >= 1"), ("--dense-max-tokens", "x", "expected an integer"),
                       ("--mode", "bogus", "invalid choice"), ("--mode", "", "invalid choice")]:
     row(f"ppl {flag}={v!r}", BASE["ppl"] + [flag, v], 2, f"argument {flag}:")
+for cmd in ("generate", "chat", "ppl"):  # tensor parallelism outside torchrun (tests/test_parallel.py has the rest)
+    row(f"{cmd} --tensor-parallel without torchrun", BASE[cmd] + ["--tensor-parallel"], 2,
+        "--tensor-parallel runs under torchrun")
+row("ppl --data-parallel --stride", BASE["ppl"] + ["--data-parallel", "--stride", "3"], 2,
+    "--data-parallel pools whole files; --stride is for one stream")
+row("ppl --tensor-parallel --data-parallel", BASE["ppl"] + ["--tensor-parallel", "--data-parallel"], 2,
+    "--tensor-parallel and --data-parallel: give one")
 row("ppl dense past its cap", BASE["ppl"] + ["--mode", "dense", "--dense-max-tokens", "5"], 2, "dense mode over")
 row("ppl --text missing", ["ppl", "{llama}", "--text", "{d}/missing.txt"], 2, "no such file")
 row("ppl --text a directory", ["ppl", "{llama}", "--text", "{d}"], 2, "is a directory")
@@ -535,6 +542,8 @@ for name, fn in [("generate(a string as the model)", lambda ctx: list(minillm.ge
         next((k for k in ("cache='x'", "another") if k in name), ""), "must be a minillm Model"))
 api("load(device='meta')", lambda ctx: minillm.load(LLAMA, device="meta"), "device")
 api("load(dtype='int8')", lambda ctx: minillm.load(LLAMA, dtype="int8"), "unknown dtype")
+api("load(tensor_parallel=True) without a group", lambda ctx: minillm.load(LLAMA, tensor_parallel=True),
+    "tensor_parallel=True needs an initialised torch.distributed process group")
 # issue 20 (the files are built by _issue20_checkpoints)
 for name, frag in [("layers_1e6", "config.json declares 1000000 layers"), ("dup_shards", "appears twice"),
                           ("index_list", '"weight_map" must be an object'), ("config_deep", "JSON nested"),

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -183,6 +183,8 @@ class Sampler:
     vocab_size: int | None
     generator: torch.Generator
     n: int = 0  # tokens drawn so far
+    # A tensor-parallel shard's (minillm/parallel/): rank 0's token, broadcast to every rank.
+    share: Callable[[int], int] | None = None
 
     @property
     def done(self) -> bool:
@@ -194,6 +196,8 @@ class Sampler:
         (the token is an EOS id, yielded all the same), "length" (max_new_tokens reached) or None."""
         token = sample(logits, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
                        generator=self.generator, vocab_size=self.vocab_size)
+        if self.share is not None:
+            token = self.share(token)
         self.n += 1
         return token, "eos" if token in self.eos else "length" if self.done else None
 
@@ -226,5 +230,6 @@ def make_sampler(model, *, max_new_tokens: int | None = 256, temperature: float 
         raise MiniLLMError(f"eos_ids must be a collection of integer token ids, got {eos_ids!r}") from None
     if generator is None:
         generator = torch.Generator(device=model.device).manual_seed(seed)
+    share = getattr(getattr(model, "shard", None), "broadcast_token", None)
     return Sampler(temperature, top_k, top_p, max_new_tokens, frozenset() if ignore_eos else eos, vocab_size,
-                   generator)
+                   generator, share=share)

@@ -61,7 +61,7 @@ def _load(args):
         with warnings.catch_warnings(record=True) as caught, reporting(PhaseReporter(label, {"tensors": verb})):
             warnings.simplefilter("always", minillm.ConfigWarning)
             model = minillm.load(name, dtype=args.dtype, device=args.device, strict=args.strict_config,
-                                 fast=not args.no_fast)
+                                 fast=not args.no_fast, tensor_parallel=getattr(args, "tensor_parallel", False))
             STATUS.show(label + ": tokenizer ...", every=0)
             tok = minillm.load_tokenizer(name)
         STATUS.clear()
@@ -398,6 +398,8 @@ def cmd_ppl(args) -> int:
     modes = list(dict.fromkeys(args.mode))
     files = _text_files(args)
     check_outputs({"--json": args.json, "--plot": args.plot}, files, _model_dir(args), figures=("--plot",))
+    if args.data_parallel:
+        return _ppl_data_parallel(args, modes, files)
     plt = need_matplotlib("--plot") if args.plot else None
     text = _read_texts(files)
     model, tok = _load(args)
@@ -463,6 +465,57 @@ def cmd_ppl(args) -> int:
     return 130 if interrupted else 0
 
 
+def _ppl_data_parallel(args, modes: list[str], files: list[str]) -> int:
+    """`ppl --data-parallel`: each file is its own stream, the files split over the ranks (file i to
+    rank i mod W), and the NLL sums gathered: PPL = exp(total NLL / total tokens), summed in file
+    order, so the numbers are the same at any W, one process included."""
+    from ..apps.evaluate import check_dense, perplexity
+    from ..apps.generation import sink_prefix
+    from ..parallel.cli import gather, pooled_ppl, rank_world
+
+    for flag, value in (("--stride", args.stride), ("--plot", args.plot)):
+        if value is not None:
+            raise MiniLLMError(f"--data-parallel pools whole files; {flag} is for one stream (drop one of them)")
+    rank, world = rank_world()
+    model, tok = _load(args)
+    sinks, window = _cache_shape(args, model)
+    print(f"minillm: {len(files)} file(s) over {world} rank(s); cache {sinks}+{window}; modes: {' '.join(modes)}",
+          file=sys.stderr)
+    mine = []
+    for i in range(rank, len(files), world):
+        ids = tok.encode(_read_texts([files[i]]))
+        if args.max_tokens:
+            ids = ids[: args.max_tokens]
+        if len(ids) < 2:
+            raise MiniLLMError(f"{files[i]}: the text is {len(ids)} token(s) long; perplexity needs at least 2")
+        if "dense" in modes:
+            check_dense(model, len(ids) - 1 + len(sink_prefix(model.config)), args.dense_max_tokens)
+        for mode in modes:
+            r = perplexity(model, ids, mode, sinks, window, seed=args.seed, exact_loop=args.exact_loop,
+                           dense_max_tokens=args.dense_max_tokens)
+            mine.append((i, mode, float(r.nll[r.scored].sum()), r.tokens, r.ppl))
+    rows = sorted(gather(mine))
+    lines = [f"{'mode':<10} {'file':<24} {'tokens':>8} {'PPL':>10}"]
+    out = {"model": args.model or str(DEFAULT_MODEL), "files": files, "ranks": world, "sinks": sinks,
+           "cache_size": sinks + window, "dtype": args.dtype, "modes": {}}
+    for mode in modes:
+        mode_rows = [r for r in rows if r[1] == mode]
+        total, tokens = 0.0, 0
+        for i, _, nll_sum, n, ppl in mode_rows:  # in file order
+            total += nll_sum
+            tokens += n
+            lines.append(f"{mode:<10} {Path(files[i]).name[:24]:<24} {n:>8} {_fmt(_finite(ppl))}")
+        pooled = pooled_ppl(total, tokens)
+        lines.append(f"{mode:<10} {'(all files)':<24} {tokens:>8} {_fmt(_finite(pooled))}")
+        out["modes"][mode] = {"ppl": _finite(pooled), "tokens": tokens, "nll_sum": total,
+                              "files": [{"file": files[i], "tokens": n, "ppl": _finite(ppl), "nll_sum": s}
+                                        for i, _, s, n, ppl in mode_rows]}
+    flush_print("\n".join(lines) + "\n")
+    if args.json:
+        write_json(args.json, "--json", out)
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------
 # attn
 
@@ -509,6 +562,10 @@ def cmd_attn(args) -> int:
 # ----------------------------------------------------------------------------------------------
 
 
+def _wants_group(args) -> bool:
+    return bool(getattr(args, "tensor_parallel", False) or getattr(args, "data_parallel", False))
+
+
 COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "batch": cmd_batch, "ppl": cmd_ppl, "attn": cmd_attn}
 
 
@@ -532,6 +589,10 @@ def main(argv: list[str] | None = None) -> int:
                 pass
     try:
         finish(args)
+        if _wants_group(args):  # torchrun: --tensor-parallel, ppl --data-parallel (minillm/parallel/cli.py)
+            from ..parallel.cli import start
+
+            start(args)
         return COMMANDS[args.command](args)
     except MiniLLMError as e:
         STATUS.clear()
@@ -546,3 +607,8 @@ def main(argv: list[str] | None = None) -> int:
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    finally:
+        if _wants_group(args):
+            from ..parallel.cli import stop
+
+            stop()

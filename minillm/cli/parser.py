@@ -115,6 +115,9 @@ def _common(cache_flags: bool = True) -> argparse.ArgumentParser:
     if cache_flags:
         p.add_argument("--compile", action="store_true",
                        help="torch.compile the decode step (compiles once, ~20 s for SmolLM2; pays on long streams)")
+        p.add_argument("--tensor-parallel", action="store_true",
+                       help="under torchrun: split the heads and MLP over the ranks (minillm/parallel/); "
+                            "only rank 0 prints or writes")
         p.add_argument("--sinks", type=_int_at_least(0), default=4, help="attention-sink tokens kept (default 4)")
         p.add_argument("--cache-size", type=_int_at_least(1), metavar="S",
                        help=f"keys in the cache, sinks + window, the new token included "
@@ -196,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="feed one token at a time (the reference) instead of the parallel evaluation")
     p.add_argument("--dense-max-tokens", type=_int_at_least(1), default=DENSE_MAX_TOKENS, metavar="N",
                    help=f"refuse dense mode past N tokens: its cache grows with the text (default {DENSE_MAX_TOKENS})")
+    p.add_argument("--data-parallel", action="store_true",
+                   help="score each file as its own stream and pool them (exp of total NLL over total tokens); "
+                        "under torchrun the files are split over the ranks, with the same result")
     p.add_argument("--json", metavar="OUT", help="write the results as JSON (checked before the work)")
     p.add_argument("--plot", metavar="OUT.png",
                    help="plot running log-PPL against tokens, as .png, .pdf or .svg (needs matplotlib)")

@@ -53,9 +53,12 @@ class RowState:
     window: int
     owner_id: int  # the uid of the model that made it (in this process)
     fingerprint: str | None = None  # that model's fingerprint (minillm/identity.py), once known
+    world_size: int = 1  # the ranks its model is split over (tensor parallelism, minillm/parallel/)
 
 
 class SinkCache:
+    world_size = 1  # a tensor-parallel shard's cache holds its rank's KV heads (minillm/parallel/)
+
     def __init__(self, *, num_layers: int, batch_size: int, num_kv_heads: int, head_dim: int,
                  sinks: int, window: int, dtype: torch.dtype, device: torch.device | str,
                  owner_id: int, keep_raw_sinks: bool):
@@ -164,7 +167,7 @@ class SinkCache:
         raw = None if self.raw_sink_k is None else self.raw_sink_k[:, b].clone()
         return RowState(k=self.k[:, b].clone(), v=self.v[:, b].clone(), raw_sink_k=raw,
                         tokens_seen=int(self._seen[b]), sinks=self.sinks, window=self.window,
-                        owner_id=self.owner_id)
+                        owner_id=self.owner_id, world_size=self.world_size)
 
     def import_row(self, row: int, state: RowState) -> None:
         """Put an exported stream into row `row` (in place: the buffers are not reallocated)."""
@@ -172,6 +175,9 @@ class SinkCache:
         if not isinstance(state, RowState):
             raise MiniLLMError(f"import_row: state must be a RowState from cache.export_row(), got "
                                f"{type(state).__name__}")
+        if state.world_size != self.world_size:
+            raise MiniLLMError(f"import_row: the state comes from a model split over {state.world_size} rank(s), "
+                               f"this cache's model over {self.world_size}")
         if state.owner_id != self.owner_id and not self._same_owner(state):
             raise MiniLLMError("import_row: the state comes from a cache of a different model (other weights "
                                "or config)")

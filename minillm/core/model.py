@@ -91,10 +91,17 @@ class Attention(nn.Module):
         return self.wo(plan.attend(self.layer, qkv, cache, probs_out))
 
 
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
 class Block(nn.Module):
     def __init__(self, c: ModelConfig, layer: int):
         super().__init__()
         self.parallel = c.parallel_residual
+        # Where the partial sums of a tensor-parallel shard (minillm/parallel/) are all-reduced:
+        # after each row-parallel projection, or once after a parallel block's attention + MLP.
+        self.reduce = _identity
         self.attn_norm = make_norm(c)
         self.mlp_norm = None if c.shared_norm else make_norm(c)
         self.attn = Attention(c, layer)
@@ -104,9 +111,9 @@ class Block(nn.Module):
         h = self.attn_norm(x)
         a = self.attn(h, plan, cache, probs_out)
         if self.parallel:
-            return x + a + self.mlp(h if self.mlp_norm is None else self.mlp_norm(x))
-        x = x + a
-        return x + self.mlp(self.mlp_norm(x))
+            return x + self.reduce(a + self.mlp(h if self.mlp_norm is None else self.mlp_norm(x)))
+        x = x + self.reduce(a)
+        return x + self.reduce(self.mlp(self.mlp_norm(x)))
 
 
 def _kept(lengths: torch.Tensor, keep: int, device) -> torch.Tensor:

@@ -184,19 +184,44 @@ class _Tensors:
         except Exception as e:
             raise MiniLLMError(f"{f.name}: cannot read tensor {name} ({first_line(e)})") from None
 
+    # Slices, for a tensor-parallel shard (minillm/parallel/): only these bytes are read.
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.handles[self.where[name]].get_slice(name).get_shape())
+
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self._slice(name, lambda s: s[start:stop])
+
+    def get_cols(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self._slice(name, lambda s: s[:, start:stop])
+
+    def _slice(self, name, take) -> torch.Tensor:
+        f = self.where[name]
+        try:
+            return take(self.handles[f].get_slice(name))
+        except Exception as e:
+            raise MiniLLMError(f"{f.name}: cannot read a slice of tensor {name} ({first_line(e)})") from None
 
 
-def load_model(directory: Path, config: ModelConfig, dtype: torch.dtype, device: torch.device):
-    """A safetensors checkpoint directory -> the model (see `load_tensors`)."""
+
+def load_model(directory: Path, config: ModelConfig, dtype: torch.dtype, device: torch.device,
+               tensor_parallel: bool = False):
+    """A safetensors checkpoint directory -> the model (see `load_tensors`); with `tensor_parallel`,
+    this rank's shard (minillm/parallel/)."""
     files, index = _checkpoint_files(directory)
-    return load_tensors(_Tensors(files, index, directory / INDEX_FILE), config, dtype, device)
+    tensors = _Tensors(files, index, directory / INDEX_FILE)
+    if tensor_parallel:
+        from ..parallel import load_shard
+
+        return load_shard(tensors, config, dtype, device)
+    return load_tensors(tensors, config, dtype, device)
 
 
-def load_tensors(tensors, config: ModelConfig, dtype: torch.dtype, device: torch.device):
+def load_tensors(tensors, config: ModelConfig, dtype: torch.dtype, device: torch.device, make=None):
     """Build the model on the meta device and assign a tensor source's tensors, strictly.
 
     `tensors` has `names()` (Hugging Face names), `get(name)` and `describe(name)` (the name as the
-    file spells it, for errors): safetensors files here, a GGUF file in `gguf.py`."""
+    file spells it, for errors): safetensors files here, a GGUF file in `gguf.py`. `make(config)`
+    builds the model (default: `Model`; a tensor-parallel shard's in minillm/parallel/)."""
     from ..core.model import Model
 
     names = tensors.names()
@@ -208,7 +233,7 @@ def load_tensors(tensors, config: ModelConfig, dtype: torch.dtype, device: torch
     pairs = name_pairs(config)
     try:
         with torch.device("meta"):  # shapes only: nothing is allocated, whatever the sizes
-            model = Model(config)
+            model = (make or Model)(config)
     except (RuntimeError, OverflowError, ValueError) as e:  # a product of sizes past what torch can index
         raise MiniLLMError(f"the config's sizes (hidden_size {config.hidden_size}, {config.num_heads} heads of "
                            f"{config.head_dim}, vocab_size {config.vocab_size}, intermediate_size "

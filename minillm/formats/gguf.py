@@ -309,6 +309,56 @@ class GGUFTensors:
         g = self.hf_to_gguf.get(hf_name)
         return f"{g} ({hf_name})" if g else hf_name
 
+    # Slices, for a tensor-parallel shard (minillm/parallel/): only the rows, or the quantized
+    # blocks that cover the columns, are dequantized (a block that straddles the boundary is
+    # dequantized whole and trimmed).
+    def shape(self, hf_name: str) -> tuple[int, ...]:
+        t = self.file.tensors[self.hf_to_gguf[hf_name]]
+        return tuple(int(n) for n in reversed(t.shape.tolist()))
+
+    def get_rows(self, hf_name: str, start: int, stop: int) -> torch.Tensor:
+        name = self.hf_to_gguf[hf_name]
+        shape = self.shape(hf_name)
+        data = self._dequantize(name, self.file.tensors[name].data[start:stop])
+        w = self._float(data.reshape((stop - start,) + shape[1:]))
+        for rx, heads in self.permuted.items():
+            if rx.match(name):
+                per_head = shape[0] // heads
+                if start % per_head or stop % per_head:
+                    raise MiniLLMError(f"{self.file.path.name}: rows {start}:{stop} of {name} split a head")
+                w = unpermute_qk(w, (stop - start) // per_head)
+        return w
+
+    def get_cols(self, hf_name: str, start: int, stop: int) -> torch.Tensor:
+        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+        name = self.hf_to_gguf[hf_name]
+        t = self.file.tensors[name]
+        rows = self.shape(hf_name)[0]
+        data = t.data.reshape(rows, -1)
+        if data.dtype.itemsize == 1 and data.dtype.kind == "u":  # quantized: (rows, bytes) of whole blocks
+            block, size = GGML_QUANT_SIZES[GGMLQuantizationType(int(t.tensor_type))]
+            b0, b1 = start // block, -(-stop // block)
+            out = self._dequantize(name, data[:, b0 * size : b1 * size]).reshape(rows, -1)
+            out = out[:, start - b0 * block : stop - b0 * block]
+        else:
+            out = self._dequantize(name, data[:, start:stop]).reshape(rows, -1)
+        return self._float(out)
+
+    def _dequantize(self, name, data):
+        import numpy as np
+        from gguf import GGMLQuantizationType, quants
+
+        t = self.file.tensors[name]
+        try:
+            return quants.dequantize(np.ascontiguousarray(data), GGMLQuantizationType(int(t.tensor_type)))
+        except (ValueError, NotImplementedError, KeyError) as e:
+            raise MiniLLMError(f"{self.file.path.name}: cannot dequantize tensor {name} of type "
+                               f"{getattr(t.tensor_type, 'name', t.tensor_type)} ({first_line(e)})") from None
+
+    def _float(self, data) -> torch.Tensor:
+        return torch.from_numpy(data.astype("float32", copy=True)).to(self.dtype)
+
     def get(self, hf_name: str) -> torch.Tensor:
         from gguf import GGMLQuantizationType, quants
 
@@ -450,7 +500,8 @@ def tokenizer_json(f: GGUFFile) -> tuple[str, dict]:
 # The model.
 
 
-def load_model(path: str | Path, dtype: torch.dtype, device: torch.device, *, strict: bool = False):
+def load_model(path: str | Path, dtype: torch.dtype, device: torch.device, *, strict: bool = False,
+               tensor_parallel: bool = False):
     """A GGUF file -> the model, dequantized into `dtype` and loaded as strictly as safetensors."""
     from .checkpoint import load_tensors
     from .families import from_hf_config
@@ -477,6 +528,11 @@ def load_model(path: str | Path, dtype: torch.dtype, device: torch.device, *, st
                            f"has {int(embd.shape[-1])} rows")
     from .stops import gguf_stop_ids
 
-    model = load_tensors(GGUFTensors(f, hf, dtype), config, dtype, device)
+    if tensor_parallel:  # this rank's shard, from its own slices (minillm/parallel/)
+        from ..parallel import load_shard
+
+        model = load_shard(GGUFTensors(f, hf, dtype), config, dtype, device)
+    else:
+        model = load_tensors(GGUFTensors(f, hf, dtype), config, dtype, device)
     model.eos_ids = gguf_stop_ids(f.meta, model.config.vocab_size)
     return model
