@@ -220,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--served-model-name", metavar="NAME", help="the model id clients send (default: MODEL's name)")
     s.add_argument("--max-prefill-tokens", type=_int_at_least(1), default=256, metavar="N",
                    help="prompt tokens prefilled per step, between decode steps (default 256)")
-    s.add_argument("--queue-size", type=_int_at_least(0), metavar="Q",
+    s.add_argument("--queue-size", type=_int_at_least(1), metavar="Q",
                    help="requests waiting for a row before a 429 (default 4 x --batch-size)")
     s.add_argument("--max-tokens-limit", type=_int_at_least(1), default=16384, metavar="N",
                    help="the largest max_tokens a request may ask for (default 16384)")

@@ -28,17 +28,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import MiniLLMError
 from . import protocol as P
-from .worker import EngineThread, Failure, engine_stats
+from .worker import EngineThread, engine_stats
 
 METRICS = (
     ("minillm_active_rows", "gauge", "cache rows serving an in-flight request", "active_rows"),
-    ("minillm_queued_requests", "gauge", "requests waiting for a row", "queued"),
-    ("minillm_parked_sessions", "gauge", "idle conversation streams parked out of the cache", "parked"),
-    ("minillm_tokens_per_second", "gauge", "tokens generated per second, recently", "tokens_per_second"),
-    ("minillm_time_to_first_token_seconds", "gauge", "time to first token of recent requests", "ttft"),
+    ("minillm_queued_requests", "gauge", "requests waiting for a row", "queued_requests"),
+    ("minillm_parked_sessions", "gauge", "idle conversation streams parked out of the cache", "parked_sessions"),
+    ("minillm_tokens_per_second", "gauge", "tokens generated per second over the last seconds", "tokens_per_second"),
+    ("minillm_time_to_first_token_seconds", "gauge", "mean time to first token of the last 100 requests",
+     "time_to_first_token_seconds"),
 )
-FINISH = {"eos": "stop", "stop": "stop", "length": "length", "max_tokens": "length", "cancelled": "cancelled",
-          "error": "error"}
 
 
 @dataclass
@@ -46,7 +45,6 @@ class ServeConfig:
     model_name: str
     api_key: str | None = None
     limits: P.Limits = field(default_factory=P.Limits)
-    capacity: int = 40  # batch size + queue size
     drain_timeout: float = 30.0
     fingerprint: str | None = None
 
@@ -57,7 +55,7 @@ def create_app(engine, config: ServeConfig) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app):
-        worker = EngineThread(engine, asyncio.get_running_loop(), capacity=config.capacity)
+        worker = EngineThread(engine, asyncio.get_running_loop())
         state["worker"], state["loop"] = worker, asyncio.get_running_loop()
         worker.start()
         try:
@@ -128,11 +126,19 @@ def create_app(engine, config: ServeConfig) -> FastAPI:
 
     async def _run(request: Request, job: P.Job):
         worker: EngineThread = state["worker"]
-        sampling = dict(max_new_tokens=job.max_tokens, temperature=job.temperature, top_p=job.top_p, seed=job.seed)
+        sampling = dict(max_tokens=job.max_tokens, temperature=job.temperature, top_p=job.top_p, seed=job.seed,
+                        stop=job.stops or None)
+        param = "messages" if job.kind == "chat" else "prompt"
+
+        def submit():
+            n = _prompt_tokens(engine.tok, job.prompt)
+            if n > config.limits.max_prompt_tokens:
+                raise P.ApiError(400, f"{param}: {n} tokens; at most {config.limits.max_prompt_tokens} per request "
+                                      f"(--max-prompt-tokens)", param=param, code="context_length_exceeded")
+            return worker.submit(job.prompt, None, **sampling)
         try:
-            rid, queue = await asyncio.to_thread(worker.submit, job.prompt, None, **sampling)
+            rid, queue = await asyncio.to_thread(submit)
         except MiniLLMError as e:
-            param = "messages" if job.kind == "chat" else "prompt"
             raise P.ApiError(400, f"{param}: {' '.join(str(e).split())}", param=param, code="invalid_value") from None
         reply = _Reply(job, rid, queue, worker, config)
         if job.stream:
@@ -141,6 +147,13 @@ def create_app(engine, config: ServeConfig) -> FastAPI:
         return await reply.whole(request)
 
     return app
+
+
+def _prompt_tokens(tok, prompt) -> int:
+    """The prompt's length in tokens: the text of its messages (without the template's own tokens)."""
+    if isinstance(prompt, str):
+        return len(tok.encode(prompt))
+    return sum(len(tok.encode(m["content"], add_bos=False)) for m in prompt)
 
 
 async def _body(request: Request, limit: int) -> bytes:
@@ -166,41 +179,30 @@ class _Reply:
         self.job, self.rid, self.queue, self.worker, self.config = job, rid, queue, worker, config
         self.id = P.new_id(job.kind)
         self.created = int(time.time())
-        self.stops = P.StopMatcher(job.stops)
         self.done = False
-        self.completion_tokens = 0
+        self.last = None  # the last event: finish_reason and the counts
 
     async def _pieces(self):
         """(text, finish_reason) as the engine makes them; finish_reason on the last only."""
         try:
             while True:
                 ev = await self.queue.get()
-                if isinstance(ev, Failure):
+                if ev.finish_reason == "error":
                     self.done = True
-                    raise P.ApiError(500, ev.message, type="server_error", code="engine_error")
-                if ev.token is not None and ev.finish_reason not in ("eos", "stop"):
-                    self.completion_tokens += 1
-                text = self.stops.push(ev.text or "")
-                if self.stops.hit:  # a stop sequence: the reply ends before it
-                    self.done = True
-                    self.worker.cancel(self.rid)
-                    yield text, "stop"
-                    return
+                    raise P.ApiError(500, f"the request failed: {ev.error}", type="server_error", code="engine_error")
                 if ev.finish_reason is not None:
-                    self.done = True
-                    self.event = ev
-                    yield text + self.stops.flush(), FINISH.get(ev.finish_reason, ev.finish_reason)
+                    self.done, self.last = True, ev
+                    yield ev.text, ev.finish_reason
                     return
-                if text:
-                    yield text, None
+                if ev.text:
+                    yield ev.text, None
         finally:
-            if not self.done:  # the client went away (or the task was cancelled): free the row
+            if not self.done:  # the client went away (the task was cancelled): free the row
                 self.worker.cancel(self.rid)
 
     def usage(self) -> dict:
-        info = request_info(self.worker.eng, self.rid, getattr(self, "event", None))
-        return P.usage(info.get("prompt_tokens", 0), info.get("completion_tokens", self.completion_tokens),
-                       info.get("cached_tokens", 0))
+        ev = self.last
+        return P.usage(ev.prompt_tokens, ev.completion_tokens, ev.cached_tokens)
 
     async def events(self):
         job, c = self.job, self.config
@@ -257,21 +259,3 @@ async def _disconnected(request: Request) -> None:
         message = await request.receive()
         if message["type"] == "http.disconnect":
             return
-
-
-def request_info(eng, rid, event) -> dict:
-    """prompt_tokens, cached_tokens (and completion_tokens) of a finished request, as the engine
-    reports them: on its last event, or by `eng.usage(rid)`."""
-    for source in (getattr(event, "usage", None), event):
-        if isinstance(source, dict):
-            return source
-        if source is not None and hasattr(source, "prompt_tokens"):
-            return {k: getattr(source, k) for k in ("prompt_tokens", "cached_tokens", "completion_tokens")
-                    if getattr(source, k, None) is not None}
-    get = getattr(eng, "usage", None)
-    if callable(get):
-        try:
-            return request_info(None, rid, get(rid))
-        except Exception:
-            return {}
-    return {}

@@ -321,32 +321,3 @@ def sse(data: dict | str) -> bytes:
     """One server-sent event."""
     text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
     return f"data: {text}\n\n".encode()
-
-
-class StopMatcher:
-    """Stop sequences over streamed text: `push(piece)` returns the text that is safe to send (a
-    stop's possible beginning is held back) and whether a stop was hit; `flush()` the rest."""
-
-    def __init__(self, stops: list[str]):
-        self.stops, self.held, self.hit = stops, "", False
-
-    def push(self, piece: str) -> str:
-        if not self.stops:
-            return piece
-        self.held += piece
-        cut = min((i for i in (self.held.find(s) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
-            out, self.held, self.hit = self.held[:cut], "", True
-            return out
-        keep = 0  # the longest tail of the held text that begins a stop
-        for s in self.stops:
-            for k in range(min(len(s) - 1, len(self.held)), keep, -1):
-                if self.held.endswith(s[:k]):
-                    keep = k
-                    break
-        out, self.held = self.held[: len(self.held) - keep], self.held[len(self.held) - keep:]
-        return out
-
-    def flush(self) -> str:
-        out, self.held = self.held, ""
-        return out

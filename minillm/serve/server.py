@@ -82,7 +82,8 @@ def run_server(args, model, tok, sinks: int, window: int) -> int:
 
     name = model_name(args)
     engine_kwargs = dict(batch_size=args.batch_size, sinks=sinks, window=window,
-                         max_prefill_tokens=args.max_prefill_tokens, max_sessions=args.max_sessions)
+                         max_prefill_tokens=args.max_prefill_tokens, max_sessions=args.max_sessions,
+                         max_queue=args.queue_size)
     if args.session_dir is not None:
         engine_kwargs["session_dir"] = args.session_dir
     engine = minillm.Engine(model, tok, **engine_kwargs)
@@ -97,7 +98,7 @@ def run_server(args, model, tok, sinks: int, window: int) -> int:
     except Exception:
         pass
     config = ServeConfig(model_name=name, api_key=args.api_key, limits=limits,
-                         capacity=args.batch_size + args.queue_size, drain_timeout=args.drain_timeout,
+                         drain_timeout=args.drain_timeout,
                          fingerprint=fingerprint)
     app = create_app(engine, config)
     sock = bind(args.host, args.port)
