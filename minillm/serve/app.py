@@ -141,6 +141,10 @@ def create_app(engine, config: ServeConfig) -> FastAPI:
         except MiniLLMError as e:
             raise P.ApiError(400, f"{param}: {' '.join(str(e).split())}", param=param, code="invalid_value") from None
         reply = _Reply(job, rid, queue, worker, config)
+        # The first event, before any header is sent: a request the engine cannot start (a
+        # conversation the template refuses, say) is still answered with a 4xx status.
+        if not await reply.start(request):
+            return Response(status_code=499)  # the client went away first
         if job.stream:
             return StreamingResponse(reply.events(), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -181,12 +185,25 @@ class _Reply:
         self.created = int(time.time())
         self.done = False
         self.last = None  # the last event: finish_reason and the counts
+        self.first = None  # the first event, once `start` has it
+
+    async def start(self, request: Request) -> bool:
+        """Wait for the request's first event; False if the client went away first."""
+        got = await _unless_disconnected(request, self.queue.get())
+        if got is None:
+            self.worker.cancel(self.rid)
+            return False
+        if got.finish_reason == "error":
+            param = "messages" if self.job.kind == "chat" else "prompt"
+            raise P.ApiError(400, f"{param}: {got.error}", param=param, code="invalid_value")
+        self.first = got
+        return True
 
     async def _pieces(self):
         """(text, finish_reason) as the engine makes them; finish_reason on the last only."""
         try:
             while True:
-                ev = await self.queue.get()
+                ev, self.first = (self.first, None) if self.first is not None else (await self.queue.get(), None)
                 if ev.finish_reason == "error":
                     self.done = True
                     raise P.ApiError(500, f"the request failed: {ev.error}", type="server_error", code="engine_error")
@@ -235,22 +252,27 @@ class _Reply:
                 texts.append(text)
             return "".join(texts), finish
 
-        task = asyncio.ensure_future(collect())
-        gone = asyncio.ensure_future(_disconnected(request))
-        try:
-            await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            gone.cancel()
-        if not task.done():  # the client went away: cancelling the task cancels the request
-            task.cancel()
-            try:
-                await task
-            except (asyncio.CancelledError, Exception):
-                pass
+        got = await _unless_disconnected(request, collect())
+        if got is None:  # the client went away: the task's cancellation cancelled the request
             return Response(status_code=499)
-        text, finish = task.result()  # an ApiError (the engine failed it) is answered by its handler
+        text, finish = got  # an ApiError (the engine failed it) is answered by its handler
         return JSONResponse(P.response(self.job.kind, self.id, self.config.model_name, text, finish, self.usage(),
                                        self.config.fingerprint))
+
+
+async def _unless_disconnected(request: Request, awaitable):
+    """The awaitable's result, or None if the client closes the connection first (the
+    awaitable's task is then cancelled)."""
+    task = asyncio.ensure_future(awaitable)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not task.done():  # the client went away, or this handler was cancelled
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    return task.result() if not task.cancelled() else None
 
 
 async def _disconnected(request: Request) -> None:
