@@ -166,6 +166,20 @@ def row_view(cache, b: int):
     return view
 
 
+class _Unplaced:
+    """Stands for a cache while a ChatSession is built in no row (the engine places it later)."""
+    tokens_seen = torch.zeros(1, dtype=torch.int64)
+    batch_size = 1
+
+
+def new_chat(engine) -> ChatSession:
+    """A ChatSession over the engine's cache, in no row yet (`Engine._claim` places it)."""
+    chat = ChatSession(engine.model, engine.tok, cache=_Unplaced(), row=0, use_template=engine.use_template,
+                       max_new_tokens=None, temperature=0)
+    chat.cache, chat.row = engine.cache, None
+    return chat
+
+
 def _state_bytes(state) -> int:
     return sum(t.numel() * t.element_size() for t in (state.k, state.v, state.raw_sink_k) if t is not None)
 
@@ -524,12 +538,7 @@ class Engine:
         if fresh:
             if int(cache.tokens_seen[row]):
                 cache.reset([row])
-            chat = None
-            if req.messages is not None:
-                chat = ChatSession(model, self.tok, cache=cache, row=row, use_template=self.use_template,
-                                   max_new_tokens=None, temperature=0)
-                _HELD[cache].pop(row, None)  # claimed again below, with the stream
-            stream = _Stream(req.key, chat)
+            stream = _Stream(req.key, new_chat(self) if req.messages is not None else None)
             self._claim(stream, row)
             self.streams.append(stream)
         elif stream.row is None:
