@@ -41,7 +41,7 @@ START_TIMEOUT = 180  # seconds: a loaded 2-core machine imports torch slowly
 class Server:
     """A `minillm serve` subprocess; stderr goes to a file that the test reads."""
 
-    def __init__(self, tmp: Path, *args: str, key: str | None = KEY):
+    def __init__(self, tmp: Path, *args: str, key: str | None = KEY, wait: bool = True):
         self.log = tmp / f"serve-{time.monotonic_ns()}.log"
         self.key = key
         cmd = [sys.executable, "-m", "minillm", "serve", *args, "--port", "0", "--threads", "1"]
@@ -51,7 +51,13 @@ class Server:
         with open(self.log, "wb") as err:
             self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env, cwd=tmp)
         self.port = None
-        deadline = time.monotonic() + START_TIMEOUT
+        self.started = time.monotonic()
+        if wait:
+            self.ready()
+
+    def ready(self) -> Server:
+        """Wait for the "serving ... on" line, then for /health to answer 200."""
+        deadline = self.started + START_TIMEOUT
         while self.port is None:
             m = LINE.search(self.stderr())
             if m:
@@ -71,6 +77,7 @@ class Server:
                 self.stop()
                 raise AssertionError(f"minillm serve never became healthy:\n{self.stderr()}")
             time.sleep(0.05)
+        return self
 
     def stderr(self) -> str:
         return self.log.read_text(errors="replace")
@@ -413,7 +420,7 @@ def test_max_tokens_8192_is_accepted(tiny):
 def small(tmp_module):
     """Two rows and two parked sessions: five conversations must be parked and dropped in turn."""
     s = Server(tmp_module, str(TINY), "--batch-size", "2", "--max-sessions", "2", "--cache-size", "64",
-               "--max-prefill-tokens", "32", key=None)
+               "--max-prefill-tokens", "32", "--queue-size", "1", key=None)
     yield s
     s.stop()
 
@@ -435,15 +442,41 @@ def test_five_alternating_conversations_on_two_rows_and_two_sessions(small, tiny
     assert small.metric("minillm_parked_sessions") <= 2
 
 
+def test_a_full_queue_is_429_and_serving_continues(small):
+    """Two rows busy and one request queued (as /metrics reports): the next request is a 429; once
+    the clients go away, the rows are free again."""
+    body = json.dumps({"model": "llama-tiny", "messages": [{"role": "user", "content": "Go."}], "max_tokens": 8000,
+                       "temperature": 0, "stream": True}).encode()
+    conns = []
+    try:
+        deadline = time.monotonic() + 120
+        for want in ((1, 0), (2, 0), (2, 1)):  # one at a time: admission happens at the engine's steps
+            conn = http.client.HTTPConnection("127.0.0.1", small.port, timeout=300)
+            conn.request("POST", "/v1/chat/completions", body=body, headers={"Content-Type": "application/json"})
+            conns.append(conn)
+            while (small.metric("minillm_active_rows"), small.metric("minillm_queued_requests")) != want:
+                assert time.monotonic() < deadline, f"the requests never reached the engine ({want})"
+                time.sleep(0.05)
+        status, answer = small.request("POST", "/v1/chat/completions", body)
+        assert status == 429 and answer["error"]["code"] == "queue_full", answer
+    finally:
+        for conn in conns:
+            conn.close()
+    deadline = time.monotonic() + 60
+    while small.metric("minillm_active_rows") or small.metric("minillm_queued_requests"):
+        assert time.monotonic() < deadline, "the rows were never freed"
+        time.sleep(0.05)
+
+
 def test_sigterm_drains_parks_and_a_restart_continues_exactly(tmp_module, tiny_local):
     model, tok = tiny_local
     sessions = tmp_module / "sessions"
     args = (str(TINY), "--batch-size", "2", "--cache-size", "64", "--session-dir", str(sessions))
     turns = ["Tell me a story.", "And then what happened?", "How did it end?"]
-    want = alone(model, tok, turns, max_tokens=6, S=64)
-
-    first = Server(tmp_module, *args)
+    first = Server(tmp_module, *args, wait=False)
+    want = alone(model, tok, turns, max_tokens=6, S=64)  # while the server starts
     try:
+        first.ready()
         replies, _ = converse(first.client(), "llama-tiny", turns[:1], max_tokens=6, temperature=0)
         assert replies == want[:1]
         # a second conversation is mid-stream when SIGTERM comes: it finishes, then the server exits 0
@@ -497,10 +530,11 @@ def _smollm2() -> Path:
 
 def test_smollm2_conversations_with_a_chat_template_equal_each_alone(tmp_module):
     gguf = _smollm2()
-    server = Server(tmp_module, str(gguf), "--batch-size", "2", "--cache-size", "256", key=None)
+    server = Server(tmp_module, str(gguf), "--batch-size", "2", "--cache-size", "256", key=None, wait=False)
     try:
-        model = minillm.load(str(gguf), dtype="float32").eval()
+        model = minillm.load(str(gguf), dtype="float32").eval()  # while the server starts
         tok = minillm.load_tokenizer(str(gguf))
+        server.ready()
         name = gguf.name
         client = server.client(key="none")
         convs = [(["What is the capital of France?", "And of Italy?", "Which is bigger?"], "You are brief."),
