@@ -2,7 +2,7 @@
 
     python tools/bench_serve.py                              # N = 1, 4, 16, 32 clients, 4 turns each
     python tools/bench_serve.py --quick                      # N = 1, 2; 2 turns of 8 tokens (a smoke run)
-    python tools/bench_serve.py --engines minillm --model weights/llama-tiny --quick
+    python tools/bench_serve.py --engines minillm --model weights/llama-tiny --no-system --quick
     python tools/bench_serve.py --json docs/bench_serve.json
 
 N concurrent `openai` clients, each in a multi-turn conversation of its own (a system prompt and
@@ -136,7 +136,7 @@ def start_llama(args, model: str, tmp: Path) -> Server:
 def one_conversation(client, n: int, i: int, args) -> list[dict]:
     """Client i's turns; one record per request: ttft, gaps, tokens, prompt/cached tokens."""
     system, turns = conversation(n, i, args.turns)
-    messages = [{"role": "system", "content": system}]
+    messages = [] if args.no_system else [{"role": "system", "content": system}]
     records = []
     for text in turns:
         messages.append({"role": "user", "content": text})
@@ -219,6 +219,7 @@ def main(argv=None) -> int:
     p.add_argument("--engines", default="minillm,llama.cpp", help="minillm, llama.cpp or both (default both)")
     p.add_argument("--model", help="the GGUF (or, for minillm alone, any MODEL) both servers read "
                                    "(default: SmolLM2-135M-Instruct dequantized to F32)")
+    p.add_argument("--no-system", action="store_true", help="no system prompt (a model without a chat template)")
     p.add_argument("--quick", action="store_true", help="N = 1, 2; 2 turns of 8 tokens: checks that it all runs")
     p.add_argument("--json", help="write the results here as JSON")
     args = p.parse_args(argv)
