@@ -30,8 +30,12 @@ name, else `SessionBusy`); without it, any unnamed kept stream may match.
 
 An idle stream stays in its row until the row is needed; then it is parked out of the cache
 (`export_row`) in an LRU bounded by `max_sessions` streams and `max_parked_bytes`, and restored
-(`import_row`) into a free row by its next request. With `session_dir`, `shutdown()` writes every
-kept stream there (one safetensors file each, with the model's fingerprint, as `SinkCache.save`
+(`import_row`) into a free row by its next request. A conversation pushed out of the LRU keeps
+only its log, the ids its row consumed (8 bytes a token, at most `max_log_tokens`; at most
+`max_logged_sessions` of them): its next request feeds the log into a fresh row before the new
+turn, which rebuilds the stream exactly (a re-rendered history would not be what the stream
+generated). A reply cut by a `stop` string is kept as generated, so a client that sends back the
+cut text starts a new stream. With `session_dir`, `shutdown()` writes every kept stream there (one safetensors file each, with the model's fingerprint, as `SinkCache.save`
 writes), and a new Engine over the same directory loads them and continues them exactly; files
 saved from another model are left alone and their conversations start fresh (`refused_files`
 lists them, one line each).
@@ -46,13 +50,15 @@ any thread may `add_request`, `cancel`, read `stats()` or iterate `stream(rid)`.
 waits for a thread that is stepping (`start()` runs one in the background) and, when none is,
 steps the engine itself. Events reach a request three ways: `step()`'s return value, the
 request's buffer read by `stream(rid)` (pass `buffer=False` when only `step()` is read, or the
-events would be kept until read), and `on_event(ev)`, called in the stepping thread.
+events would be kept until read), and `on_event(ev)`, called in the stepping thread (it may
+add or cancel requests, but must not step; an exception in it cancels its request).
 """
 
 from __future__ import annotations
 
 import collections
 import hashlib
+from array import array
 import json
 import os
 import threading
@@ -115,6 +121,7 @@ class EngineStats:
     parked_sessions: int  # streams parked out of the cache
     kept_sessions: int  # every kept stream: idle in a row, parked, or serving a request
     parked_bytes: int
+    logged_sessions: int  # conversations out of the LRU, kept as their token log (replayed when they return)
     tokens_per_second: float
     time_to_first_token_seconds: float
     requests_finished: int
@@ -127,7 +134,7 @@ def conversation_digest(messages) -> str:
     """A name for a conversation: SHA-256 over its messages' roles and contents, in order."""
     h = hashlib.sha256()
     for m in messages:
-        h.update(json.dumps([m["role"], m["content"]], ensure_ascii=False).encode("utf-8") + b"\n")
+        h.update(json.dumps([m["role"], m["content"]]).encode("ascii") + b"\n")  # \u-escaped: any str encodes
     return h.hexdigest()
 
 
@@ -153,10 +160,18 @@ def check_messages(messages) -> list[dict]:
     return out
 
 
+# What a SinkCache holds: per-row buffers (sliced by `row_view`) and settings of the whole cache.
+ROW_BUFFERS = ("k", "v", "raw_sink_k", "_seen")
+CACHE_SETTINGS = ("sinks", "window", "batch_size", "owner_id", "positions")
+
+
 def row_view(cache, b: int):
     """A one-row cache over row b of `cache`, sharing its buffers and count: a forward through it
     writes row b in place and advances row b's count, and touches no other row (a prefill of one
-    row then costs one row's compute, not the padded batch's)."""
+    row then costs one row's compute, not the padded batch's). None when the cache holds anything
+    this function does not know how to slice (the caller then feeds the row in a ragged call)."""
+    if set(vars(cache)) - set(ROW_BUFFERS) - set(CACHE_SETTINGS):
+        return None
     view = object.__new__(type(cache))
     view.__dict__.update(cache.__dict__)
     view.k, view.v = cache.k[:, b : b + 1], cache.v[:, b : b + 1]
@@ -186,7 +201,9 @@ def _state_bytes(state) -> int:
 
 class _Stream:
     """A kept stream: a conversation (a ChatSession over the engine's cache) or a token stream.
-    It is in a row (`row`), or parked out of the cache (`parked`, a RowState)."""
+    It is in a row (`row`), parked out of the cache (`parked`, a RowState), or, for a
+    conversation evicted from the parking LRU, only logged: `log` holds every id its row consumed,
+    and replaying them into a fresh row restores it exactly."""
 
     def __init__(self, key, chat: ChatSession | None):
         self.key = key  # the session name, or None
@@ -195,6 +212,7 @@ class _Stream:
         self.tokens: list[int] = []  # token stream: the ids in the cache (after any sink prefix)
         self.row: int | None = None
         self.parked = None
+        self.log: array | None = array("q") if chat is not None else None  # None: not replayable
         self.busy = None  # the request it serves, or None
         self.used = 0  # when it last served (the LRU's clock)
         self.file: str | None = None  # its file name in session_dir
@@ -203,6 +221,8 @@ class _Stream:
 class _Request:
     def __init__(self, rid: int, messages, ids, key, settings: dict, on_event, buffer: bool):
         self.rid, self.messages, self.ids, self.key = rid, messages, ids, key
+        # the conversation a kept stream must hold for this request to continue it
+        self.digest = conversation_digest(messages[:-1]) if messages is not None and len(messages) > 1 else None
         self.settings, self.on_event = settings, on_event
         self.buffer = collections.deque() if buffer else None
         self.stream: _Stream | None = None
@@ -215,6 +235,7 @@ class _Request:
         self.decoder = None  # token stream
         self.stops = StopText(settings["stop"])
         self.saved = None  # a chat's state before its turn began (restored if the turn cannot start)
+        self.log_backup = None  # its log before the turn
         self.start = 0  # the row's count before the prefill
         self.prompt_tokens = self.cached_tokens = self.completion_tokens = 0
         self.added = time.monotonic()
@@ -225,7 +246,8 @@ class _Request:
 class Engine:
     """Continuous batching over one cache of `batch_size` rows, with chunked prefill and kept
     conversations (the module docstring). Sampling defaults for every request: `max_tokens`,
-    `temperature`, `top_p`, `top_k`; a request's own keywords replace them."""
+    `temperature`, `top_p`, `top_k`; a request's own keywords replace them. Other keywords go to
+    `model.new_cache` (`positions`, where the core has it)."""
 
     RATE_SECONDS = 10.0
 
@@ -233,7 +255,8 @@ class Engine:
                  max_prefill_tokens: int = 256, max_queue: int | None = None, max_sessions: int = 64,
                  max_parked_bytes: int | None = 2**31, session_dir=None, max_tokens: int | None = 256,
                  temperature: float = 0.8, top_p: float | None = 0.95, top_k: int | None = None,
-                 use_template: bool = True):
+                 use_template: bool = True, max_logged_sessions: int = 1024, max_log_tokens: int = 1 << 20,
+                 max_prompt_tokens: int | None = None, **cache_options):
         check_model(model)
         check_tokenizer(tokenizer)
         check_int("batch_size", batch_size, 1)
@@ -242,6 +265,10 @@ class Engine:
         check_int("max_sessions", max_sessions, 0)
         check_int("max_parked_bytes", max_parked_bytes, 0, none_ok=True)
         check_bool("use_template", use_template)
+        check_int("max_logged_sessions", max_logged_sessions, 0)
+        check_int("max_log_tokens", max_log_tokens, 0)
+        self.max_prompt_tokens = check_int("max_prompt_tokens", max_prompt_tokens, 1, none_ok=True)
+        self.max_logged_sessions, self.max_log_tokens = max_logged_sessions, max_log_tokens
         self.model, self.tok = model, tokenizer
         self.batch_size, self.max_prefill_tokens = batch_size, max_prefill_tokens
         self.max_queue = 4 * batch_size if max_queue is None else max_queue
@@ -249,7 +276,7 @@ class Engine:
         self.use_template = use_template
         self.defaults = self._settings(dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                                             top_k=top_k, seed=None, stop=None, ignore_eos=False), "Engine")
-        self.cache = model.new_cache(batch_size=batch_size, sinks=sinks, window=window)
+        self.cache = model.new_cache(batch_size=batch_size, sinks=sinks, window=window, **cache_options)
         self.text_eos = frozenset(getattr(model, "eos_ids", ())) | tokenizer.stop_ids
         self.rows: list[_Stream | None] = [None] * batch_size
         self.streams: list[_Stream] = []  # every kept stream
@@ -312,12 +339,21 @@ class Engine:
         messages = ids = None
         if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
             messages = check_messages(prompt)
+            if (self.tok.chat_template is None or not self.use_template) and any(
+                    m["role"] == "system" for m in messages):
+                raise MiniLLMError("messages: a system message needs a chat template to render it, and this "
+                                   "model has none")
         elif isinstance(prompt, str):
             ids = self.tok.encode(prompt)
         elif isinstance(prompt, (list, tuple, torch.Tensor)):
             ids = token_ids(prompt, "prompt")
         else:
             raise MiniLLMError(f"prompt must be chat messages, a string or token ids, got {type(prompt).__name__}")
+        if self.max_prompt_tokens is not None:
+            n = len(ids) if ids is not None else self.prompt_size(messages)
+            if n > self.max_prompt_tokens:
+                raise MiniLLMError(f"prompt: {n} tokens, more than the engine's max_prompt_tokens "
+                                   f"({self.max_prompt_tokens})")
         if ids is not None:
             if not ids:
                 raise MiniLLMError("prompt is empty (no token ids to start from)")
@@ -338,6 +374,17 @@ class Engine:
             self.queue.append(req)
             self._cond.notify_all()
         return rid
+
+    def prompt_size(self, messages) -> int:
+        """The tokens of a conversation rendered whole (its size, whatever a kept stream holds)."""
+        messages = check_messages(messages)
+        template = self.tok.chat_template if self.use_template else None
+        if template is not None:
+            return len(self.tok.apply_chat_template(messages, add_generation_prompt=True))
+        text = "".join(PLAIN_FIRST.format(text=m["content"]) if i == 0 else
+                       PLAIN_NEXT.format(text=m["content"]) if m["role"] == "user" else m["content"]
+                       for i, m in enumerate(messages))
+        return len(self.tok.encode(text))
 
     def cancel(self, rid: int) -> bool:
         """Cancel request `rid` at the next step (queued, prefilling or decoding): its last event
@@ -365,7 +412,7 @@ class Engine:
         while True:
             with self._cond:
                 ev = req.buffer.popleft() if req.buffer else None
-                if ev is None and self._runner is not None:
+                if ev is None and self._runner is not None and self._runner.is_alive():
                     self._cond.wait(0.5)
                     continue
             if ev is not None:
@@ -454,17 +501,16 @@ class Engine:
                 self.queue.popleft()
             try:
                 self._begin(req, stream, row)
-            except MiniLLMError as e:
+            except Exception as e:  # one request's failure fails it alone
                 self._fail(req, e, events)
 
     def _match(self, req: _Request) -> _Stream | None:
         """The kept stream this request continues, or None."""
         candidates = [s for s in self.streams if s.key == req.key and s.busy is None]
         if req.messages is not None:
-            if len(req.messages) < 2:
+            if req.digest is None:
                 return None
-            want = conversation_digest(req.messages[:-1])
-            return next((s for s in candidates if s.chat is not None and s.digest == want), None)
+            return next((s for s in candidates if s.chat is not None and s.digest == req.digest), None)
         for s in candidates:
             if s.chat is None and len(s.tokens) < len(req.ids) and req.ids[: len(s.tokens)] == s.tokens:
                 return s
@@ -511,16 +557,27 @@ class Engine:
     def parked(self) -> list[_Stream]:
         return [s for s in self.streams if s.parked is not None]
 
+    def logged(self) -> list[_Stream]:
+        return [s for s in self.streams if s.row is None and s.parked is None]
+
     def _evict(self, keep: _Stream | None = None) -> None:
-        """Drop the oldest parked streams past `max_sessions` or `max_parked_bytes` (not `keep`,
-        which a request is about to restore)."""
+        """Past `max_sessions` or `max_parked_bytes`, the oldest parked streams leave the LRU (not
+        `keep`, which a request is about to restore): a conversation keeps its log (it is replayed
+        on its next request), a token stream is forgotten (its next prompt feeds it whole, which
+        is the same). Past `max_logged_sessions`, the oldest logged conversations are forgotten."""
         parked = sorted((s for s in self.parked() if s is not keep), key=lambda s: s.used)
         total = sum(_state_bytes(s.parked) for s in parked)
         while parked and (len(parked) > self.max_sessions
                           or (self.max_parked_bytes is not None and total > self.max_parked_bytes)):
             s = parked.pop(0)
             total -= _state_bytes(s.parked)
-            self._drop(s)
+            if s.log is not None:
+                s.parked = None
+            else:
+                self._drop(s)
+        logged = sorted((s for s in self.logged() if s is not keep), key=lambda s: s.used)
+        while len(logged) > self.max_logged_sessions:
+            self._drop(logged.pop(0))
 
     def _drop(self, s: _Stream) -> None:
         """Forget a kept stream."""
@@ -534,7 +591,7 @@ class Engine:
     def _begin(self, req: _Request, stream: _Stream | None, row: int) -> None:
         """Put the request's stream in `row` and work out the ids to feed."""
         cache, model = self.cache, self.model
-        fresh = stream is None
+        fresh, replay = stream is None, None
         if fresh:
             if int(cache.tokens_seen[row]):
                 cache.reset([row])
@@ -542,30 +599,46 @@ class Engine:
             self._claim(stream, row)
             self.streams.append(stream)
         elif stream.row is None:
-            cache.import_row(row, stream.parked)
-            stream.parked = None
+            if stream.parked is not None:
+                cache.import_row(row, stream.parked)
+                stream.parked = None
+            else:  # a logged conversation: its log is fed again first, into a fresh row
+                replay = list(stream.log)
+                if int(cache.tokens_seen[row]):
+                    cache.reset([row])
             self._claim(stream, row)
         stream.busy, req.stream, req.row = req, stream, row
         req.start = int(cache.tokens_seen[row])
+        if stream.log is not None:  # what to go back to if the turn is cancelled mid-prefill
+            req.log_backup = stream.log
+            stream.log = array("q") if replay is not None else array("q", stream.log)
         try:
             if req.messages is not None:
                 ids = self._chat_ids(req, stream, fresh)
             else:
                 ids = req.ids[len(stream.tokens):]
-            req.feed = new_stream_ids(model, ids, req.start)
+            if replay:
+                req.feed = torch.tensor([replay + list(ids)], dtype=torch.long, device=model.device)
+            else:
+                req.feed = new_stream_ids(model, ids, req.start)
+            st = req.settings
+            req.sampler = make_sampler(model, max_new_tokens=st["max_tokens"], temperature=st["temperature"],
+                                       top_k=st["top_k"], top_p=st["top_p"],
+                                       eos_ids=stream.chat.stop_ids if stream.chat is not None else self.text_eos,
+                                       ignore_eos=st["ignore_eos"], vocab_size=self.tok.vocab_size,
+                                       generator=torch.Generator(device=model.device).manual_seed(st["seed"]))
         except BaseException:
             if fresh:
                 self._drop(stream)
-            else:
+            else:  # the kept stream stays as it was
                 self._restore_chat(req)
                 stream.busy = None
+                if req.log_backup is not None:
+                    stream.log = req.log_backup
+                if replay is not None:  # the row holds nothing of it yet: it stays logged
+                    self._release(stream)
+            req.stream = None
             raise
-        s = req.settings
-        eos = stream.chat.stop_ids if stream.chat is not None else self.text_eos
-        req.sampler = make_sampler(model, max_new_tokens=s["max_tokens"], temperature=s["temperature"],
-                                   top_k=s["top_k"], top_p=s["top_p"], eos_ids=eos, ignore_eos=s["ignore_eos"],
-                                   vocab_size=self.tok.vocab_size,
-                                   generator=torch.Generator(device=model.device).manual_seed(s["seed"]))
         if stream.chat is None:
             req.decoder = self.tok.decoder(start_of_text=False)
         req.cached_tokens = req.start
@@ -616,18 +689,32 @@ class Engine:
             n = min(budget, req.feed.shape[1] - req.pos)
             chunk = req.feed[:, req.pos : req.pos + n]
             try:
-                with torch.no_grad():
-                    logits = self.model(chunk, cache=row_view(self.cache, req.row), logits_to_keep=1)[0, -1]
+                logits = self._feed_row(req.row, chunk)
                 req.pos += n
                 budget -= n
+                if req.stream.log is not None:
+                    req.stream.log.extend(chunk[0].tolist())
+                    if len(req.stream.log) > self.max_log_tokens:
+                        req.stream.log = req.log_backup = None
                 if req.pos == req.feed.shape[1]:
                     check_finite(logits[: self.tok.vocab_size], self.model, req.feed,
                                  f"request {req.rid}: {step_name(0, req.start + req.pos - 1, req.start)}")
                     req.logits = logits
                     if req.stream.chat is None:  # the stream now holds the whole prompt
                         req.stream.tokens = list(req.ids)
-            except MiniLLMError as e:
+            except Exception as e:  # one request's failure fails it alone
                 self._fail(req, e, events)
+
+    def _feed_row(self, b: int, chunk: torch.Tensor) -> torch.Tensor:
+        """Feed (1, n) ids to row b alone; its logits (V,) at the last one."""
+        view = row_view(self.cache, b)
+        with torch.no_grad():
+            if view is not None:
+                return self.model(chunk, cache=view, logits_to_keep=1)[0, -1]
+            ids = torch.zeros((self.batch_size, chunk.shape[1]), dtype=torch.long, device=chunk.device)
+            ids[b] = chunk[0]
+            lengths = [chunk.shape[1] if r == b else 0 for r in range(self.batch_size)]
+            return self.model(ids, cache=self.cache, lengths=lengths, logits_to_keep=1)[b, -1]
 
     # sampling and decoding -----------------------------------------------------------------------
 
@@ -643,7 +730,7 @@ class Engine:
                 continue
             try:
                 token, stop = req.sampler.next(req.logits)
-            except MiniLLMError as e:
+            except Exception as e:  # one request's failure fails it alone
                 self._fail(req, e, events)
                 continue
             drawn += 1
@@ -663,18 +750,23 @@ class Engine:
             try:
                 with torch.no_grad():
                     logits = self.model(step, cache=self.cache, lengths=lengths, logits_to_keep=1)
-            except MiniLLMError as e:
+            except Exception as e:  # one request's failure fails it alone
                 for req in going:
                     self._fail(req, e, events)
                 return drawn
             for req in going:
                 req.logits = logits[req.row, -1]
-                if req.stream.chat is None:
-                    req.stream.tokens.append(int(step[req.row, 0]))
+                s = req.stream
+                if s.chat is None:
+                    s.tokens.append(int(step[req.row, 0]))
+                elif s.log is not None:
+                    s.log.append(int(step[req.row, 0]))
+                    if len(s.log) > self.max_log_tokens:  # too long to replay: kept only while parked
+                        s.log = None
                 try:
                     check_finite(req.logits[: self.tok.vocab_size], self.model, step[req.row : req.row + 1],
                                  f"request {req.rid}: {step_name(req.sampler.n, req.start, req.start)}")
-                except MiniLLMError as e:
+                except Exception as e:  # one request's failure fails it alone
                     self._fail(req, e, events)
         return drawn
 
@@ -731,9 +823,16 @@ class Engine:
                 self.queue.remove(req)
             self._emit(req, events, None, "", "cancelled")
             return
-        if req.logits is None:  # mid-prefill: the stream holds part of a turn; it is dropped
+        if req.logits is None:  # mid-prefill: the row holds part of a turn
             self.active.remove(req)
-            self._drop(req.stream)
+            s = req.stream
+            if s.chat is not None and s.digest is not None and req.log_backup is not None:
+                # A conversation goes back to where it was, logged: its next request replays it.
+                self._restore_chat(req)
+                s.log, s.busy = req.log_backup, None
+                self._release(s)
+            else:
+                self._drop(s)
             self._emit(req, events, None, "", "cancelled")
             return
         st = req.stops
@@ -768,20 +867,38 @@ class Engine:
                     self._cond.wait(1.0)
                 if self._stop_runner:
                     return
-            self.step()
+            try:
+                self.step()
+            except Exception as e:  # a failure outside any one request: fail them all, keep serving
+                self._fail_all(e)
+
+    def _fail_all(self, e: BaseException) -> None:
+        """Fail every request in flight or queued (their streams are dropped)."""
+        with self._step_lock:
+            events: list[Event] = []
+            for req in list(self.active):
+                self._fail(req, e, events)
+            with self._lock:
+                queued, self.queue = list(self.queue), collections.deque()
+            for req in queued:
+                self._fail(req, e, events)
 
     def stats(self) -> EngineStats:
+        """The counts and rates of `EngineStats`; any thread may call it (a snapshot: the lists
+        the stepping thread changes are copied, not locked)."""
         with self._lock:
             now = time.monotonic()
             recent = [(t, n) for t, n in self._rate if t >= now - self.RATE_SECONDS]
             span = now - recent[0][0] if len(recent) > 1 else 0.0
             rate = sum(n for _, n in recent[1:]) / span if span > 0 else 0.0
             ttft = sum(self._ttft) / len(self._ttft) if self._ttft else 0.0
-            parked = self.parked()
-            return EngineStats(active_rows=len(self.active), queued_requests=len(self.queue),
-                               parked_sessions=len(parked), kept_sessions=len(self.streams),
-                               parked_bytes=sum(_state_bytes(s.parked) for s in parked), tokens_per_second=rate,
-                               time_to_first_token_seconds=ttft, **self.totals)
+            totals, queued = dict(self.totals), len(self.queue)
+        states = [(s.row, s.parked) for s in list(self.streams)]
+        parked = [p for _, p in states if p is not None]
+        return EngineStats(active_rows=len(list(self.active)), queued_requests=queued, parked_sessions=len(parked),
+                           kept_sessions=len(states), parked_bytes=sum(_state_bytes(p) for p in parked),
+                           logged_sessions=sum(r is None and p is None for r, p in states), tokens_per_second=rate,
+                           time_to_first_token_seconds=ttft, **totals)
 
     def shutdown(self, *, finish: bool = False, timeout: float | None = None) -> None:
         """Stop: take no new requests; let the requests in flight finish (`finish=True`, for at

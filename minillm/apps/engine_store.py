@@ -14,7 +14,9 @@ and removes the files this engine loaded that it no longer keeps (continued or e
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
+from array import array
 
 import torch
 
@@ -35,8 +37,16 @@ def _check(info: dict, tensors: dict, engine, fp: str) -> RowState:
     if (sinks, window) != (cache.sinks, cache.window):
         raise MiniLLMError(f"it holds a stream of sinks {sinks} + window {window}, the engine's cache is "
                            f"{cache.sinks} + {cache.window}")
+    positions = getattr(cache, "positions", "cache")
+    if info.get("positions", "cache") != positions:
+        raise MiniLLMError(f"its stream is in {info.get('positions')!r:.20} positions, the engine's cache in "
+                           f"{positions!r}")
     want = {"k": cache.k, "v": cache.v, "raw_sink_k": cache.raw_sink_k}
-    extra = set(tensors) - set(want) - {"tokens"}
+    extra = set(tensors) - set(want) - {"tokens", "log"}
+    if info.get("logged") is True:  # a conversation kept as its log alone
+        if set(want) & set(tensors):
+            raise MiniLLMError("a logged stream's file holds keys")
+        return None
     if extra:
         raise MiniLLMError(f"unexpected tensor(s) {sorted(extra)}")
     for name, buf in want.items():
@@ -44,10 +54,12 @@ def _check(info: dict, tensors: dict, engine, fp: str) -> RowState:
         if (got is None) != (buf is None) or (buf is not None and (
                 tuple(got.shape) != tuple(buf.shape[:1] + buf.shape[2:]) or got.dtype != buf.dtype)):
             raise MiniLLMError(f"its {name} does not fit the engine's cache (another dtype or shape)")
-    return RowState(k=tensors["k"].to(cache.device), v=tensors["v"].to(cache.device),
-                    raw_sink_k=None if cache.raw_sink_k is None else tensors["raw_sink_k"].to(cache.device),
-                    tokens_seen=_int(info, "tokens_seen", 0), sinks=sinks, window=window, owner_id=-1,
-                    fingerprint=fp)
+    blank = RowState(k=cache.k[:, 0], v=cache.v[:, 0], raw_sink_k=None, tokens_seen=0, sinks=sinks, window=window,
+                     owner_id=-1)
+    extra_fields = {"positions": positions} if hasattr(blank, "positions") else {}
+    return dataclasses.replace(blank, k=tensors["k"].to(cache.device), v=tensors["v"].to(cache.device),
+                               raw_sink_k=None if cache.raw_sink_k is None else tensors["raw_sink_k"].to(cache.device),
+                               tokens_seen=_int(info, "tokens_seen", 0), fingerprint=fp, **extra_fields)
 
 
 def _chat_state(info: dict, engine) -> dict:
@@ -87,6 +99,8 @@ def load_streams(engine) -> None:
             if key is not None and (isinstance(key, bool) or not isinstance(key, (str, int))):
                 raise MiniLLMError(f"its session name {key!r:.40} is not a string or an integer")
             used = _int(info, "used", 0)
+            if state is None and info.get("kind") != "chat":
+                raise MiniLLMError("only a conversation may be kept as its log")
             if info.get("kind") == "chat":
                 chat_state = _chat_state(info, engine)
                 stream = _Stream(key, new_chat(engine))
@@ -94,6 +108,13 @@ def load_streams(engine) -> None:
                 c.messages, c.prompt_text, c.unfed, c.turns = (chat_state[k] for k in
                                                                ("messages", "prompt_text", "unfed", "turns"))
                 stream.digest = chat_state["digest"]
+                log = tensors.get("log")
+                if log is not None and (log.dim() != 1 or log.dtype != torch.int64
+                                        or not bool(((log >= 0) & (log < engine.model.config.vocab_size)).all())):
+                    raise MiniLLMError("its log is not a list of the model's token ids")
+                stream.log = None if log is None else array("q", log.tolist())
+                if state is None and stream.log is None:
+                    raise MiniLLMError("it holds neither keys nor a log")
             elif info.get("kind") == "tokens":
                 ids = tensors.get("tokens")
                 if ids is None or ids.dim() != 1 or ids.dtype != torch.int64:
@@ -125,12 +146,18 @@ def save_streams(engine) -> None:
     fp = fingerprint(engine.model)
     written = set()
     for s in list(engine.streams):
-        state = s.parked if s.parked is not None else engine.cache.export_row(s.row)
-        tensors = {"k": state.k, "v": state.v}
-        if state.raw_sink_k is not None:
-            tensors["raw_sink_k"] = state.raw_sink_k
-        info = {"format": STREAM_FORMAT, "version": VERSION, "sinks": state.sinks, "window": state.window,
-                "tokens_seen": state.tokens_seen, "fingerprint": fp, "key": s.key, "used": s.used}
+        state = s.parked if s.parked is not None else None if s.row is None else engine.cache.export_row(s.row)
+        tensors = {}
+        if state is not None:
+            tensors = {"k": state.k, "v": state.v}
+            if state.raw_sink_k is not None:
+                tensors["raw_sink_k"] = state.raw_sink_k
+        c = engine.cache
+        info = {"format": STREAM_FORMAT, "version": VERSION, "sinks": c.sinks, "window": c.window,
+                "tokens_seen": len(s.log) if state is None else state.tokens_seen, "logged": state is None,
+                "fingerprint": fp, "key": s.key, "used": s.used, "positions": getattr(c, "positions", "cache")}
+        if s.log is not None:
+            tensors["log"] = torch.tensor(s.log, dtype=torch.int64)
         if s.chat is not None:
             c = s.chat
             info.update(kind="chat", messages=c.messages, prompt_text=c.prompt_text, unfed=c.unfed, turns=c.turns,
