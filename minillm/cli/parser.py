@@ -227,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--default-max-tokens", type=_int_at_least(0), default=512, metavar="N",
                    help="max_tokens of a request that gives none (default 512)")
     s.add_argument("--max-prompt-tokens", type=_int_at_least(1), default=65536, metavar="N",
-                   help="the longest prompt a request may send, in tokens (default 65536)")
+                   help="the longest conversation or prompt a request may send, in tokens, rendered whole "
+                        "(default 65536)")
     s.add_argument("--max-messages", type=_int_at_least(1), default=4096, metavar="N",
                    help="the most messages one request may send (default 4096)")
     s.add_argument("--max-body-bytes", type=_int_at_least(1), default=4 << 20, metavar="N",

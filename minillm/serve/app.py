@@ -130,16 +130,14 @@ def create_app(engine, config: ServeConfig) -> FastAPI:
                         stop=job.stops or None)
         param = "messages" if job.kind == "chat" else "prompt"
 
-        def submit():
-            n = _prompt_tokens(engine.tok, job.prompt)
-            if n > config.limits.max_prompt_tokens:
-                raise P.ApiError(400, f"{param}: {n} tokens; at most {config.limits.max_prompt_tokens} per request "
-                                      f"(--max-prompt-tokens)", param=param, code="context_length_exceeded")
-            return worker.submit(job.prompt, None, **sampling)
         try:
-            rid, queue = await asyncio.to_thread(submit)
+            rid, queue = await asyncio.to_thread(worker.submit, job.prompt, None, **sampling)
         except MiniLLMError as e:
-            raise P.ApiError(400, f"{param}: {' '.join(str(e).split())}", param=param, code="invalid_value") from None
+            message = " ".join(str(e).split())
+            if "max_prompt_tokens" in message:
+                raise P.ApiError(400, f"{param}: {message} (--max-prompt-tokens)", param=param,
+                                 code="context_length_exceeded") from None
+            raise P.ApiError(400, f"{param}: {message}", param=param, code="invalid_value") from None
         reply = _Reply(job, rid, queue, worker, config)
         # The first event, before any header is sent: a request the engine cannot start (a
         # conversation the template refuses, say) is still answered with a 4xx status.
@@ -151,13 +149,6 @@ def create_app(engine, config: ServeConfig) -> FastAPI:
         return await reply.whole(request)
 
     return app
-
-
-def _prompt_tokens(tok, prompt) -> int:
-    """The prompt's length in tokens: the text of its messages (without the template's own tokens)."""
-    if isinstance(prompt, str):
-        return len(tok.encode(prompt))
-    return sum(len(tok.encode(m["content"], add_bos=False)) for m in prompt)
 
 
 async def _body(request: Request, limit: int) -> bytes:
