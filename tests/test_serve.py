@@ -553,3 +553,17 @@ def test_smollm2_conversations_with_a_chat_template_equal_each_alone(tmp_module)
                 assert 0 < use.prompt_tokens - use.prompt_tokens_details.cached_tokens < 40
     finally:
         server.stop()
+
+
+def test_a_port_in_use_is_one_line_before_the_model_loads(capsys):
+    import socket
+
+    from minillm import cli
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        assert cli.main(["serve", str(TINY), "--port", str(port)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"minillm: error: cannot listen on 127.0.0.1:{port}"), err

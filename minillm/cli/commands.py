@@ -2,6 +2,7 @@
 
     generate  minillm.generate          chat  minillm.ChatSession     batch  minillm.generate_batch
     ppl       minillm.evaluate.perplexity                              attn   attention maps, sink scores
+    serve     minillm.Engine behind FastAPI and uvicorn (minillm/serve/)
 
 Arguments are minillm/cli/parser.py; safe reading and writing of files is minillm/cli/files.py
 (the text rule, outputs checked first and written atomically); the JSONL inputs and outputs are
