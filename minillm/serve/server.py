@@ -66,6 +66,8 @@ def serve(app, sock: socket.socket, *, on_signal, log_level: str = "warning", dr
             super().handle_exit(sig, frame)
             if first:
                 on_signal()
+            elif self.force_exit:  # a second SIGINT: the tasks in flight are cancelled, which is no error
+                logging.getLogger("uvicorn.error").setLevel(logging.CRITICAL)
 
     config = uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="on",
                             timeout_graceful_shutdown=drain_timeout + 5, server_header=False)
@@ -126,6 +128,9 @@ def run_server(args, model, tok, sinks: int, window: int) -> int:
         serve(app, sock, on_signal=on_signal, drain_timeout=args.drain_timeout)
     finally:
         sock.close()
+        worker = app.state.minillm.get("worker")
+        if worker is not None and not worker.closed:  # a second signal skipped the app's shutdown:
+            worker.close(timeout=0)  # cancel what is left, and still park the streams
     print("minillm: stopped", file=sys.stderr, flush=True)
     return 0
 

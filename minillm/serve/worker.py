@@ -28,6 +28,7 @@ class EngineThread:
         self.accepting = True
         self.lock = threading.Lock()
         self.in_flight: set = set()  # the rids whose last event has not come yet
+        self.closed = False
 
     def start(self) -> None:
         self.eng.start()
@@ -80,7 +81,9 @@ class EngineThread:
         """Let the requests in flight finish (at most `timeout` seconds), cancel the rest, stop
         the engine's thread, and park every kept stream (to --session-dir, if given)."""
         self.begin_drain()
-        self.eng.shutdown(finish=True, timeout=timeout)
+        if not self.closed:
+            self.closed = True
+            self.eng.shutdown(finish=True, timeout=timeout)
 
 
 def engine_stats(eng) -> dict:
