@@ -138,9 +138,9 @@ def tmp_module(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny(tmp_module):
     """The shipped tiny model: 8 rows, S = 128, prefill in pieces of 64 tokens, prompts of at most
-    3,000 tokens."""
+    10,000 tokens (the 200-turn conversation stays under it)."""
     s = Server(tmp_module, str(TINY), "--batch-size", "8", "--cache-size", "128", "--sinks", "4",
-               "--max-prefill-tokens", "64", "--max-sessions", "64", "--max-prompt-tokens", "3000")
+               "--max-prefill-tokens", "64", "--max-sessions", "64", "--max-prompt-tokens", "10000")
     yield s
     s.stop()
 
@@ -385,8 +385,8 @@ MALFORMED = [
                                           + MSG}, 400, "messages"),
     ("completions: several prompts", {"model": "llama-tiny", "prompt": ["a", "b"]}, 400, "prompt"),
     ("completions: empty prompt", {"model": "llama-tiny", "prompt": ""}, 400, "prompt"),
-    ("completions: over --max-prompt-tokens", {"model": "llama-tiny", "prompt": "word " * 3000}, 400, "prompt"),
-    ("over --max-prompt-tokens", {"model": "llama-tiny", "messages": [{"role": "user", "content": "word " * 1500}] * 2
+    ("completions: over --max-prompt-tokens", {"model": "llama-tiny", "prompt": "word " * 12000}, 400, "prompt"),
+    ("over --max-prompt-tokens", {"model": "llama-tiny", "messages": [{"role": "user", "content": "word " * 6000}] * 2
                                   + MSG}, 400, "messages"),
     ("over --max-messages", {"model": "llama-tiny", "messages": MSG * 4097}, 400, "messages"),
     ("10 MB body", b'{"model": "llama-tiny", "messages": [{"role": "user", "content": "' + b"a" * (10 << 20)
