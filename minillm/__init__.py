@@ -35,6 +35,7 @@ _EXPORTS = {
     "ChatSession": "apps.chat", "ChatSessions": "apps.chat",
     "stream_generate": "apps.stream", "GenerationResponse": "apps.stream",
     "Engine": "apps.engine", "Event": "apps.engine", "EngineStats": "apps.engine", "QueueFull": "apps.engine",
+    "SessionBusy": "apps.engine", "EngineClosed": "apps.engine",
 }
 _SUBMODULES = ("evaluate", "fast", "core")
 
@@ -55,5 +56,6 @@ def __dir__():
 
 
 __all__ = ["Model", "ModelConfig", "RowState", "compile_decode", "fast", "core", "ConfigWarning", "SinkCache", "MiniLLMError", "load", "load_tokenizer",
-           "save_pretrained", "generate", "generate_batch", "stream_generate", "GenerationResponse", "Request", "ChatSession", "ChatSessions", "Engine", "Event", "EngineStats", "QueueFull", "quantize_int8", "evaluate",
+           "save_pretrained", "generate", "generate_batch", "stream_generate", "GenerationResponse", "Request", "ChatSession", "ChatSessions", "Engine", "Event", "EngineStats", "QueueFull",
+           "SessionBusy", "EngineClosed", "quantize_int8", "evaluate",
            "from_hf_config", "load_config", "parse_dtype", "parse_device", "__version__"]

@@ -446,6 +446,8 @@ def test_drain_finishes_shutdown_cancels_and_both_keep_the_streams(model, tok, t
     assert list(eng.stream(a))[-1].finish_reason == "length"
     assert seen[-1].finish_reason == "length" and len(seen) == 6 and {e.rid for e in seen} == {b}
     assert len(list(tmp_path.iterdir())) == 2
+    with Engine(model, tok, batch_size=2, sinks=2, window=16, session_dir=tmp_path) as eng:
+        assert eng.stats().parked_sessions == 2  # (leaving the block writes them back)
     eng = Engine(model, tok, batch_size=2, sinks=2, window=16, temperature=0, session_dir=tmp_path)
     assert eng.stats().parked_sessions == 2
     c = eng.add_request([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "x"},
@@ -483,3 +485,68 @@ def test_a_cache_that_cannot_be_viewed_by_row_is_fed_by_ragged_calls(model, tok)
     rids = [eng.add_request(p, max_tokens=5) for p in prompts]
     for rid, p in zip(rids, prompts):
         assert [e.token for e in run(eng, rid)[1]] == alone(model, tok, p, max_tokens=5)
+
+
+def test_non_finite_logits_fail_their_request_only(tok):
+    """A model whose logits go NaN for one token id: the request that draws it fails with a one-line
+    NonFiniteError message; the request beside it goes on."""
+    m = make_model()
+    eng = Engine(m, tok, batch_size=2, sinks=2, window=16, temperature=0)
+    poison = alone(m, tok, [9, 9, 9], max_tokens=2)[0]
+    with torch.no_grad():
+        m.embed.weight[poison] = float("nan")
+    bad = eng.add_request([9, 9, 9], max_tokens=5)
+    ok = eng.add_request([7, 7], max_tokens=5)
+    evs = run(eng, bad)[1]
+    assert evs[-1].finish_reason == "error" and "NaN" in evs[-1].error and "request" in evs[-1].error
+    assert evs[-1].completion_tokens == 1
+    assert run(eng, ok)[1][-1].finish_reason in ("length", "stop")  # served to its end
+
+
+def test_two_requests_continuing_one_conversation_at_once_are_both_exact(model, tok):
+    """Two clients send the same conversation at once: one continues the kept stream, the other
+    a fork of it (its log replayed), and both replies are the lone ChatSession's."""
+    eng = Engine(model, tok, batch_size=2, sinks=2, window=24, max_prefill_tokens=8, max_tokens=5, temperature=0)
+    chat = ChatSession(model, tok, sinks=2, window=24, max_new_tokens=5, temperature=0)
+    first = "".join(chat.turn(USERS[0]))
+    msgs = [{"role": "user", "content": USERS[0]}]
+    assert run(eng, eng.add_request(msgs))[0] == first
+    msgs += [{"role": "assistant", "content": first}, {"role": "user", "content": USERS[1]}]
+    a, b = eng.add_request(msgs), eng.add_request(msgs)
+    want = "".join(chat.turn(USERS[1]))
+    (ta, ea), (tb, eb) = run(eng, a), run(eng, b)
+    assert ta == want and tb == want
+    assert sorted([ea[-1].cached_tokens > 0, eb[-1].cached_tokens > 0]) == [False, True]  # one replayed
+    assert eng.stats().kept_sessions == 2
+
+
+def test_concurrent_conversations_from_threads_each_equal_chatsession(model, tok):
+    """Four clients, each in its own thread, hold a 3-turn conversation at once through 2 rows
+    (one parked, so streams are parked, logged and replayed) while a background thread steps."""
+    eng = Engine(model, tok, batch_size=2, sinks=2, window=24, max_prefill_tokens=8, max_tokens=4, temperature=0,
+                 max_sessions=1)
+    eng.start()
+    got, errors = {}, []
+
+    def client(k):
+        try:
+            history, replies = [], []
+            for t in range(3):
+                history.append({"role": "user", "content": f"{USERS[(t + k) % len(USERS)]} ({k})"})
+                text = "".join(e.text for e in eng.stream(eng.add_request(list(history))))
+                history.append({"role": "assistant", "content": text})
+                replies.append(text)
+            got[k] = replies
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    eng.shutdown()
+    assert not errors and len(got) == 4
+    for k, replies in got.items():
+        chat = ChatSession(model, tok, sinks=2, window=24, max_new_tokens=4, temperature=0)
+        assert replies == ["".join(chat.turn(f"{USERS[(t + k) % len(USERS)]} ({k})")) for t in range(3)]

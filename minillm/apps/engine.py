@@ -22,7 +22,9 @@ Conversations are streams. A request given as chat messages is rendered with the
 chat template exactly as a `ChatSession` renders its turns. If a kept stream's conversation (the
 earlier messages as sent, the assistant's replies as the stream generated them) is the new
 request's messages but its last user message, the engine continues that stream: it feeds only the
-new turn's tokens (`Event.cached_tokens` are the tokens the stream already held). Otherwise
+new turn's tokens (`Event.cached_tokens` are the tokens the stream already held). If the
+only such stream is busy with another request's turn of the same conversation, it is forked: a
+copy of it as it was before that turn (replayed from its log, below) serves this one. Otherwise
 (an edited history, a first message) a new stream is fed the whole rendered prompt. A prompt given
 as text or token ids continues a kept stream whose fed tokens are a prefix of its ids. `session=`
 names a conversation: its stream is looked for only under that name (one request at a time per
@@ -479,7 +481,8 @@ class Engine:
         n = self._sample_and_decode(events)
         now = time.monotonic()
         with self._cond:
-            self._rate.append((now, n))
+            if n:  # (an idle step adds nothing: a loop of them must not grow this)
+                self._rate.append((now, n))
             while self._rate and self._rate[0][0] < now - self.RATE_SECONDS:
                 self._rate.popleft()
             self._cond.notify_all()
@@ -510,11 +513,32 @@ class Engine:
         if req.messages is not None:
             if req.digest is None:
                 return None
-            return next((s for s in candidates if s.chat is not None and s.digest == req.digest), None)
+            same = [s for s in self.streams if s.key == req.key and s.chat is not None and s.digest == req.digest]
+            idle = next((s for s in same if s.busy is None), None)
+            if idle is not None:
+                return idle
+            for s in same:  # the same conversation, busy with another request's turn: fork it
+                fork = self._fork(s)
+                if fork is not None:
+                    return fork
+            return None
         for s in candidates:
             if s.chat is None and len(s.tokens) < len(req.ids) and req.ids[: len(s.tokens)] == s.tokens:
                 return s
         return None
+
+    def _fork(self, s: _Stream) -> _Stream | None:
+        """A copy of conversation s as it was before the turn it is serving: a logged stream (its
+        log replays it exactly), or None if s keeps no log."""
+        r = s.busy
+        if r is None or r.saved is None or r.log_backup is None:
+            return None
+        fork = _Stream(s.key, new_chat(self))
+        c = fork.chat
+        c.prompt_text, c.unfed, c.messages, c.turns = r.saved[0], r.saved[1], [dict(m) for m in r.saved[2]], r.saved[3]
+        fork.digest, fork.log, fork.used = s.digest, array("q", r.log_backup), s.used
+        self.streams.append(fork)
+        return fork
 
     def _free_row(self, keep: _Stream | None) -> int | None:
         """A row for a request: an empty one, else the row of the least recently used idle
@@ -754,6 +778,9 @@ class Engine:
                 for req in going:
                     self._fail(req, e, events)
                 return drawn
+            V = self.tok.vocab_size
+            finite = torch.isfinite(logits[:, -1, :V]).all(dim=-1).tolist()  # one check for every row
+            seen = self.cache.tokens_seen
             for req in going:
                 req.logits = logits[req.row, -1]
                 s = req.stream
@@ -763,11 +790,12 @@ class Engine:
                     s.log.append(int(step[req.row, 0]))
                     if len(s.log) > self.max_log_tokens:  # too long to replay: kept only while parked
                         s.log = None
-                try:
-                    check_finite(req.logits[: self.tok.vocab_size], self.model, step[req.row : req.row + 1],
-                                 f"request {req.rid}: {step_name(req.sampler.n, req.start, req.start)}")
-                except Exception as e:  # one request's failure fails it alone
-                    self._fail(req, e, events)
+                if not finite[req.row]:
+                    try:
+                        check_finite(req.logits[:V], self.model, step[req.row : req.row + 1],
+                                     f"request {req.rid}: {step_name(req.sampler.n, int(seen[req.row]) - 1, req.start)}")
+                    except Exception as e:  # one request's failure fails it alone
+                        self._fail(req, e, events)
         return drawn
 
     def _text(self, req: _Request, token: int, stop: str | None) -> tuple[str, str | None]:
@@ -933,3 +961,10 @@ class Engine:
     def drain(self, timeout: float | None = None) -> None:
         """`shutdown(finish=True, timeout=timeout)`."""
         self.shutdown(finish=True, timeout=timeout)
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        """`shutdown()`: what is in flight is cancelled, the kept streams are written to session_dir."""
+        self.shutdown()
