@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -85,6 +86,11 @@ def create_app(engine, config: ServeConfig) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, e: StarletteHTTPException):
         return JSONResponse(P.ApiError(e.status_code, str(e.detail)).body(), status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request, e: Exception):  # a bug answers this request alone, as OpenAI's JSON
+        logging.getLogger("minillm.serve").exception("internal error")
+        return JSONResponse(P.ApiError(500, f"internal error: {type(e).__name__}").body(), status_code=500)
 
     @app.get("/health")
     async def health():
