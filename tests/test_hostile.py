@@ -134,6 +134,14 @@ row("ppl --text - twice", ["ppl", "{llama}", "--text", "-", "-"], 2, "stdin ('-'
     stdin=b"some text")
 row("ppl --text - invalid UTF-8", ["ppl", "{llama}", "--text", "-"], 2, "stdin is not UTF-8 text", stdin=b"caf\xe9")
 row("ppl --text - empty", ["ppl", "{llama}", "--text", "-"], 2, "stdin has no text (empty)", stdin=b"")
+# minillm serve (issue 25): every refusal comes before the model loads and before anything listens
+SERVE = ["serve", "{llama}", "--port", "0"]
+for flag, v in [("--port", "70000"), ("--port", "-1"), ("--port", "x"), ("--batch-size", "0"),
+                ("--queue-size", "0"), ("--max-sessions", "-1"), ("--max-body-bytes", "0"),
+                ("--max-tokens-limit", "0"), ("--drain-timeout", "-1"), ("--max-prefill-tokens", "0")]:
+    row(f"serve {flag}={v!r}", SERVE + [flag, v], 2, f"argument {flag}:")
+row("serve --session-dir a file", SERVE + ["--session-dir", "{d}/ok.txt"], 2, "exists and is not a directory")
+row("serve --api-key empty", SERVE + ["--api-key", " "], 2, "--api-key is empty")
 row("generate two models", ["generate", "{llama}", "-m", "{d}", "--prompt", "x"], 2, "two models given")
 row("--threads 0 before the command", ["--threads", "0", "generate", "{llama}", "--prompt", "x"], 2,
     "argument --threads: must be >= 1")

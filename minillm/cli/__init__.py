@@ -5,6 +5,7 @@
     minillm batch    [MODEL] --input F.jsonl      many prompts at once (continuous batching), JSONL out
     minillm ppl      [MODEL] --text FILE [...]    long-text perplexity: streaming/window/recompute/dense
     minillm attn     [MODEL] --text FILE --png P  attention maps and per-layer attention-sink scores
+    minillm serve    [MODEL] [--port 8000]        an OpenAI-compatible HTTP server (the serve extra)
 
 MODEL is a local checkpoint directory, a hub repo id or a .gguf file (also as `-m/--model`);
 without it, the shipped default `weights/llama-tiny` (an installed wheel's copy, minillm/data/).

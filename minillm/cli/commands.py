@@ -2,6 +2,7 @@
 
     generate  minillm.generate          chat  minillm.ChatSession     batch  minillm.generate_batch
     ppl       minillm.evaluate.perplexity                              attn   attention maps, sink scores
+    serve     minillm.Engine behind FastAPI and uvicorn (minillm/serve/)
 
 Arguments are minillm/cli/parser.py; safe reading and writing of files is minillm/cli/files.py
 (the text rule, outputs checked first and written atomically); the JSONL inputs and outputs are
@@ -560,13 +561,50 @@ def cmd_attn(args) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
+# serve
 
 
 def _wants_group(args) -> bool:
     return bool(getattr(args, "tensor_parallel", False) or getattr(args, "data_parallel", False))
 
 
-COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "batch": cmd_batch, "ppl": cmd_ppl, "attn": cmd_attn}
+def cmd_serve(args) -> int:
+    import importlib.util
+    import os
+
+    missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise MiniLLMError(f"minillm serve needs {' and '.join(missing)}: pip install \"minillm-sinks[serve]\"")
+    if args.api_key is None:
+        args.api_key = os.environ.get("MINILLM_API_KEY") or None
+    if args.api_key is not None and not args.api_key.strip():
+        raise MiniLLMError("--api-key is empty")
+    if args.session_dir is not None:
+        d = Path(args.session_dir)
+        if d.exists() and not d.is_dir():
+            raise MiniLLMError(f"--session-dir {d} exists and is not a directory")
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise MiniLLMError(f"--session-dir {d}: cannot create it ({e.strerror or e})") from None
+    if args.queue_size is None:
+        args.queue_size = 4 * args.batch_size
+    from ..serve.server import bind
+
+    bind(args.host, args.port).close()  # a port in use is refused before the model loads
+    model, tok = _load(args)
+    sinks, window = _cache_shape(args, model, args.batch_size)
+    _compile_note(args)
+    from ..serve.server import run_server
+
+    return run_server(args, model, tok, sinks, window)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "batch": cmd_batch, "ppl": cmd_ppl, "attn": cmd_attn,
+            "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

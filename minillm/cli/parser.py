@@ -206,6 +206,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="OUT.png",
                    help="plot running log-PPL against tokens, as .png, .pdf or .svg (needs matplotlib)")
 
+    s = sub.add_parser("serve", parents=[_common()], help="an OpenAI-compatible HTTP server (needs the serve extra)",
+                       description="Serve the model over HTTP as OpenAI's API (/v1/chat/completions, /v1/completions, "
+                                   "/v1/models, /health, /metrics): one engine thread batches every request into one "
+                                   "cache of --batch-size rows; each conversation is a stream that later requests "
+                                   "continue, parked out of the cache when idle. SIGINT/SIGTERM drain and exit 0. "
+                                   "Needs fastapi and uvicorn (the package's `serve` extra).")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=_int_at_least(0, 65535), default=8000, help="port (default 8000; 0: any free one)")
+    s.add_argument("--batch-size", type=_int_at_least(1), default=8, metavar="B",
+                   help="requests decoded together: the cache's rows (default 8)")
+    s.add_argument("--max-sessions", type=_int_at_least(0), default=64, metavar="N",
+                   help="idle conversation streams kept (parked out of the cache, least recently used "
+                        "dropped first; default 64)")
+    s.add_argument("--session-dir", metavar="DIR",
+                   help="park idle streams here as files, so a restarted server continues the conversations")
+    s.add_argument("--api-key", metavar="KEY", help="require `Authorization: Bearer KEY` on every /v1 request "
+                                                    "and /metrics (default: the MINILLM_API_KEY variable, else none)")
+    s.add_argument("--served-model-name", metavar="NAME", help="the model id clients send (default: MODEL's name)")
+    s.add_argument("--max-prefill-tokens", type=_int_at_least(1), default=256, metavar="N",
+                   help="prompt tokens prefilled per step, between decode steps (default 256)")
+    s.add_argument("--queue-size", type=_int_at_least(1), metavar="Q",
+                   help="requests waiting for a row before a 429 (default 4 x --batch-size)")
+    s.add_argument("--max-tokens-limit", type=_int_at_least(1), default=16384, metavar="N",
+                   help="the largest max_tokens a request may ask for (default 16384)")
+    s.add_argument("--default-max-tokens", type=_int_at_least(0), default=512, metavar="N",
+                   help="max_tokens of a request that gives none (default 512)")
+    s.add_argument("--max-prompt-tokens", type=_int_at_least(1), default=65536, metavar="N",
+                   help="the longest conversation or prompt a request may send, in tokens, rendered whole "
+                        "(default 65536)")
+    s.add_argument("--max-messages", type=_int_at_least(1), default=4096, metavar="N",
+                   help="the most messages one request may send (default 4096)")
+    s.add_argument("--max-body-bytes", type=_int_at_least(1), default=4 << 20, metavar="N",
+                   help="the largest request body, in bytes (default 4 MiB); larger ones get a 413")
+    s.add_argument("--drain-timeout", type=_float_in(0), default=30.0, metavar="SEC",
+                   help="on SIGINT/SIGTERM, how long requests in flight may run before they are cancelled (default 30)")
+
     a = sub.add_parser("attn", parents=[_common(cache_flags=False)], help="attention maps and sink scores",
                        description="Per-layer attention maps (heads averaged) of a dense forward over the first "
                                    "tokens of a text, and the per-layer attention-sink score.")
@@ -224,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
 # generate`): moved after it. The value-taking ones take their value with them.
 GLOBAL_VALUED = ("--threads", "--dtype", "--device", "-m", "--model")
 GLOBAL_FLAGS = ("--strict-config", "--no-fast", "--int8")
-COMMAND_NAMES = ("generate", "chat", "batch", "ppl", "attn")
+COMMAND_NAMES = ("generate", "chat", "batch", "ppl", "attn", "serve")
 
 
 def hoist_global_options(argv: list[str]) -> list[str]:
