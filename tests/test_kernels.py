@@ -118,6 +118,13 @@ def test_the_probe_keeps_the_faster_kernel_once_per_shape_dtype_and_threads(monk
     big = 1 << 9  # 512 x 256 float32: 512 KiB, over PROBE_MIN_BYTES
     wide, narrow = torch.zeros(big, big // 2), torch.zeros(big // 2, big)
     assert matvec.choose(wide) == "colmajor" and matvec.choose(narrow) == "rowmajor"
+    # Against the rule (wide: column-major) only when the other kernel is at least 10% faster
+    monkeypatch.setattr(matvec, "probe", lambda out, inn, dtype, threads=None: (
+        calls.append(0), {"rowmajor": 0.5, "colmajor": 1.0} if out == 3 * big else {"rowmajor": 0.95, "colmajor": 1.0})[1])
+    assert matvec.choose(torch.zeros(3 * big, big // 2)) == "rowmajor"
+    assert matvec.choose(torch.zeros(5 * big, big // 2)) == "colmajor"  # 5% is noise: the rule
+    del calls[-2:]
+    monkeypatch.setattr(matvec, "probe", fake_probe)
     assert matvec.choose(wide.clone()) == "colmajor" and len(calls) == 2  # cached per shape
     matvec.choose(wide.double())
     assert len(calls) == 3  # another dtype is another verdict
