@@ -141,5 +141,14 @@ def test_the_probe_keeps_the_faster_kernel_once_per_shape_dtype_and_threads(monk
 def test_the_probe_runs_and_names_a_kernel_and_leaves_other_devices_alone():
     times = matvec.probe(64, 32, torch.float32)
     assert set(times) == set(matvec.KERNELS) and all(t > 0 for t in times.values())
-    assert matvec.choose(torch.empty(4096, 64, device="meta")) is None  # not a CPU weight
+    assert matvec.choose(torch.empty(4096, 64, device="meta")) == "rowmajor"  # not a CPU weight: as usual
     assert matvec.choose(torch.zeros(4096, 64, dtype=torch.int8)) is None  # int8: quant.py's kernel
+
+
+def test_a_model_moved_off_the_cpu_gets_the_usual_layout_back(monkeypatch):
+    monkeypatch.setenv(matvec.ENV, "colmajor")
+    model = random_model(tiny_config("llama_gqa", vocab=61, tie_word_embeddings=True), dtype=torch.float32)
+    assert {matvec.stored_as(w) for w in layout._weights(model)} == {"colmajor"}
+    model.to("meta")  # .to keeps the strides; another device must not keep the CPU's layout
+    layout.ensure(model)
+    assert all(w.device.type == "meta" and w.is_contiguous() for w in layout._weights(model))

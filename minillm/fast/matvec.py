@@ -80,9 +80,12 @@ def probe(out: int, inn: int, dtype: torch.dtype, threads: int | None = None) ->
 
 
 def choose(w: torch.Tensor) -> str | None:
-    """The kernel for weight `w` (out, in) on this machine; None where its device keeps its layout."""
-    if w.device.type != "cpu" or w.dim() != 2 or not w.dtype.is_floating_point:
+    """The kernel for weight `w` (out, in) on this machine: row-major (the library's usual layout) on
+    every other device, whatever MINILLM_KERNELS says; None for a weight no product here reads."""
+    if w.dim() != 2 or not w.dtype.is_floating_point:
         return None
+    if w.device.type != "cpu":
+        return "rowmajor"
     name = mode()
     if name == "core":
         return "rowmajor"
