@@ -152,3 +152,15 @@ def test_a_model_moved_off_the_cpu_gets_the_usual_layout_back(monkeypatch):
     model.to("meta")  # .to keeps the strides; another device must not keep the CPU's layout
     layout.ensure(model)
     assert all(w.device.type == "meta" and w.is_contiguous() for w in layout._weights(model))
+
+
+def test_the_cli_refuses_an_unknown_kernel_name_in_one_line(monkeypatch, capsys):
+    from pathlib import Path
+
+    from minillm import cli
+
+    monkeypatch.setenv(matvec.ENV, "avx9000")
+    llama = Path(__file__).resolve().parents[1] / "weights" / "llama-tiny"
+    rc = cli.main(["generate", str(llama), "--prompt", "hi", "--max-new-tokens", "2", "--threads", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("minillm: error: ") and "avx9000" in err[0], err
