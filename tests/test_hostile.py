@@ -913,6 +913,25 @@ api("cache.tokens_seen = 2^62 still runs", lambda ctx: _seen(ctx, 2**62).shape, 
     check=lambda ctx, shape: tuple(shape) == (1, 3, 4096))
 
 
+def _kernels_env(value: str, fn):
+    """Run fn(ctx) with MINILLM_KERNELS=value (minillm/fast/matvec.py reads it at each load and call)."""
+    def run(ctx):
+        old = os.environ.get("MINILLM_KERNELS")
+        os.environ["MINILLM_KERNELS"] = value
+        try:
+            return fn(ctx)
+        finally:
+            os.environ.pop("MINILLM_KERNELS") if old is None else os.environ.__setitem__("MINILLM_KERNELS", old)
+    return run
+
+
+for _value in ("avx9000", "PROBE", "core,colmajor", " "):
+    api(f"MINILLM_KERNELS={_value!r}: load", _kernels_env(_value, lambda ctx: minillm.load(LLAMA)),
+        "is not a kernel choice" if _value.strip() else "", expect=MiniLLMError if _value.strip() else None)
+api("MINILLM_KERNELS unknown: a call of a loaded model",
+    _kernels_env("avx9000", lambda ctx: ctx.model("sp")(torch.tensor([[1, 2]]))), "use one of: probe, core")
+
+
 # ------------------------------------------------------------------------------------------------
 # Fixtures: the files every row refers to
 

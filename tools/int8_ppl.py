@@ -35,21 +35,6 @@ sys.path.insert(1, str(Path(__file__).resolve().parent))
 BOOK = REPO.parent / "shared" / "corpus" / "frankenstein.txt"
 
 
-def q8_gguf(src: Path, dst: Path) -> Path:
-    """The F32 GGUF with every 2-D weight quantized to Q8_0 (1-D norms stay F32, as llama.cpp does)."""
-    import gguf
-    import numpy as np
-    from bench_real import rewrite_gguf
-
-    def to_q8(t):
-        data = np.asarray(t.data, dtype=np.float32)
-        if data.ndim == 2:
-            return gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0
-        return data, gguf.GGMLQuantizationType.F32
-
-    return rewrite_gguf(src, dst, "MOSTLY_Q8_0", to_q8)
-
-
 def ppl_of(nll_sum: float, n: int) -> float:
     return math.exp(nll_sum / n)
 
@@ -104,7 +89,7 @@ def main(argv=None) -> int:
 
     import torch
     import minillm
-    from bench_real import f32_gguf
+    from bench_real import f32_gguf, typed_gguf
     from real_results import gguf_path
     from minillm.formats.text import read_text
 
@@ -118,7 +103,7 @@ def main(argv=None) -> int:
     for name, int8 in (("minillm float32", False), ("minillm int8", True)):
         result["rows"][name] = minillm_ppl(f32, windows, int8)
         print(f"{name:16s} PPL {result['rows'][name]['ppl']:.4f}", flush=True)
-    q8 = q8_gguf(f32, Path("/tmp/SmolLM2-135M-Instruct.Q8_0.gguf"))
+    q8 = typed_gguf(f32, "Q8_0")  # beside the F32 file, shared with tools/bench_real.py
     result["rows"]["minillm Q8_0"] = minillm_ppl(q8, windows, False)
     print(f"{'minillm Q8_0':16s} PPL {result['rows']['minillm Q8_0']['ppl']:.4f}", flush=True)
     if importlib.util.find_spec("llama_cpp") is None:

@@ -8,7 +8,8 @@
   (CPU) or a doubled-head kernel;
 - one token per row: the decode step (decode.py), lockstep or per row, with the sinks rotated once
   per step, optionally compiled;
-- the CPU weight layout (layout.py); int8 weights (quant.py) are a separate opt-in.
+- the CPU weight layout (layout.py), chosen per machine by a timed probe (matvec.py,
+  MINILLM_KERNELS); int8 weights (quant.py) are a separate opt-in.
 It declines (returns None, and the core computes) where only explicit scores serve: attention maps
 and SoftMax-off-by-one. `FastPath(chunk_kernel=..., decode=...)` forces one path, for the tests.
 """
