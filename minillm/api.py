@@ -54,19 +54,21 @@ def load(name_or_path: str | Path, dtype=torch.float32, device="cpu", *, strict:
     dtype, device = parse_dtype(dtype), parse_device(device)
     if device.type == "meta":  # the weights would load as shapes only, and every call would fail
         raise MiniLLMError(f"unsupported device {str(device)!r} for a model (use cpu, cuda, cuda:N or mps)")
+    build = None  # the formats' own loader: the whole model
     if tensor_parallel:
         from . import parallel
 
+        build = parallel.load_shard  # this rank's shard, from its own slices
         parallel.current_group()  # refused at once without a process group
         parallel.LOADING.clear()
     try:
         if is_gguf(name_or_path):
             from .formats.gguf import load_model as load_gguf
 
-            model = load_gguf(name_or_path, dtype, device, strict=strict, tensor_parallel=tensor_parallel)
+            model = load_gguf(name_or_path, dtype, device, strict=strict, build=build)
         else:
             directory = resolve_model_dir(name_or_path)
-            model = load_model(directory, load_config(directory, strict=strict), dtype, device, tensor_parallel)
+            model = load_model(directory, load_config(directory, strict=strict), dtype, device, build)
             model.eos_ids = directory_stop_ids(directory, model.config.vocab_size)
     except MiniLLMError as e:
         if tensor_parallel and not parallel.LOADING:  # failed before the ranks met: tell the others

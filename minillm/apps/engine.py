@@ -74,6 +74,7 @@ import torch
 from ..checks import check_bool, check_int, check_model, check_tokenizer
 from ..errors import MiniLLMError, first_line
 from .chat import PLAIN_FIRST, PLAIN_NEXT, ChatSession, Reply, _HELD
+from .engine_store import load_streams, save_streams
 from .generation import new_stream_ids, step_name
 from .sampling import check_finite, check_sampling, check_seed, make_sampler, token_ids
 from .stream import StopText, check_stop
@@ -300,9 +301,12 @@ class Engine:
         self.session_dir = None if session_dir is None else Path(session_dir)
         self.refused_files: list[str] = []
         if self.session_dir is not None:
-            from .engine_store import load_streams
-
             load_streams(self)
+
+    def new_stream(self, key, conversation: bool) -> "_Stream":
+        """A kept stream in no row yet: a conversation (a ChatSession over this engine's cache) or
+        a token stream (engine_store.py builds the streams it reads back with this)."""
+        return _Stream(key, new_chat(self) if conversation else None)
 
     # ------------------------------------------------------------------------------------------
     # Requests in
@@ -954,8 +958,6 @@ class Engine:
         while self.has_work():
             self.step()
         if self.session_dir is not None:
-            from .engine_store import save_streams
-
             save_streams(self)
 
     def drain(self, timeout: float | None = None) -> None:

@@ -82,8 +82,6 @@ def _chat_state(info: dict, engine) -> dict:
 
 def load_streams(engine) -> None:
     """Load every kept stream of `engine.session_dir` written by an engine of this model."""
-    from .engine import _Stream, new_chat
-
     d = engine.session_dir
     if d.exists() and not d.is_dir():
         raise MiniLLMError(f"session_dir {d} is not a directory")
@@ -103,7 +101,7 @@ def load_streams(engine) -> None:
                 raise MiniLLMError("only a conversation may be kept as its log")
             if info.get("kind") == "chat":
                 chat_state = _chat_state(info, engine)
-                stream = _Stream(key, new_chat(engine))
+                stream = engine.new_stream(key, conversation=True)
                 c = stream.chat
                 c.messages, c.prompt_text, c.unfed, c.turns = (chat_state[k] for k in
                                                                ("messages", "prompt_text", "unfed", "turns"))
@@ -119,7 +117,7 @@ def load_streams(engine) -> None:
                 ids = tensors.get("tokens")
                 if ids is None or ids.dim() != 1 or ids.dtype != torch.int64:
                     raise MiniLLMError("it has no valid token ids")
-                stream = _Stream(key, None)
+                stream = engine.new_stream(key, conversation=False)
                 stream.tokens = ids.tolist()
                 if any(not 0 <= i < engine.model.config.vocab_size for i in stream.tokens):
                     raise MiniLLMError("its token ids are out of the model's vocabulary")

@@ -203,17 +203,12 @@ class _Tensors:
 
 
 
-def load_model(directory: Path, config: ModelConfig, dtype: torch.dtype, device: torch.device,
-               tensor_parallel: bool = False):
-    """A safetensors checkpoint directory -> the model (see `load_tensors`); with `tensor_parallel`,
-    this rank's shard (minillm/parallel/)."""
+def load_model(directory: Path, config: ModelConfig, dtype: torch.dtype, device: torch.device, build=None):
+    """A safetensors checkpoint directory -> the model, built by `build(tensors, config, dtype,
+    device)`: `load_tensors` by default, a tensor-parallel shard's loader (minillm/parallel/) for one rank."""
     files, index = _checkpoint_files(directory)
     tensors = _Tensors(files, index, directory / INDEX_FILE)
-    if tensor_parallel:
-        from ..parallel import load_shard
-
-        return load_shard(tensors, config, dtype, device)
-    return load_tensors(tensors, config, dtype, device)
+    return (build or load_tensors)(tensors, config, dtype, device)
 
 
 def load_tensors(tensors, config: ModelConfig, dtype: torch.dtype, device: torch.device, make=None):

@@ -500,9 +500,9 @@ def tokenizer_json(f: GGUFFile) -> tuple[str, dict]:
 # The model.
 
 
-def load_model(path: str | Path, dtype: torch.dtype, device: torch.device, *, strict: bool = False,
-               tensor_parallel: bool = False):
-    """A GGUF file -> the model, dequantized into `dtype` and loaded as strictly as safetensors."""
+def load_model(path: str | Path, dtype: torch.dtype, device: torch.device, *, strict: bool = False, build=None):
+    """A GGUF file -> the model, dequantized into `dtype` and loaded as strictly as safetensors;
+    `build` as in checkpoint.load_model (a tensor-parallel shard reads only its own slices)."""
     from .checkpoint import load_tensors
     from .families import from_hf_config
 
@@ -528,11 +528,6 @@ def load_model(path: str | Path, dtype: torch.dtype, device: torch.device, *, st
                            f"has {int(embd.shape[-1])} rows")
     from .stops import gguf_stop_ids
 
-    if tensor_parallel:  # this rank's shard, from its own slices (minillm/parallel/)
-        from ..parallel import load_shard
-
-        model = load_shard(GGUFTensors(f, hf, dtype), config, dtype, device)
-    else:
-        model = load_tensors(GGUFTensors(f, hf, dtype), config, dtype, device)
+    model = (build or load_tensors)(GGUFTensors(f, hf, dtype), config, dtype, device)
     model.eos_ids = gguf_stop_ids(f.meta, model.config.vocab_size)
     return model
