@@ -35,7 +35,7 @@ _EXPORTS = {
     "ChatSession": "apps.chat", "ChatSessions": "apps.chat",
     "stream_generate": "apps.stream", "GenerationResponse": "apps.stream",
 }
-_SUBMODULES = ("evaluate", "fast", "core")
+_SUBMODULES = ("evaluate", "fast", "core", "testing")
 
 
 def __getattr__(name: str):
@@ -55,4 +55,4 @@ def __dir__():
 
 __all__ = ["Model", "ModelConfig", "RowState", "compile_decode", "fast", "core", "ConfigWarning", "SinkCache", "MiniLLMError", "load", "load_tokenizer",
            "save_pretrained", "generate", "generate_batch", "stream_generate", "GenerationResponse", "Request", "ChatSession", "ChatSessions", "quantize_int8", "evaluate",
-           "from_hf_config", "load_config", "parse_dtype", "parse_device", "__version__"]
+           "from_hf_config", "load_config", "parse_dtype", "parse_device", "testing", "__version__"]
