@@ -132,14 +132,14 @@ def check(make, model_dir, positions="cache", **kw):
 # Correct engines pass
 
 
-@pytest.mark.parametrize("positions", ["cache"])
+@pytest.mark.parametrize("positions", ["cache", "absolute"])
 def test_minillm_engine_passes(model_dir, positions):
     model = minillm.load(model_dir, dtype=torch.float32)
     report = check(lambda: MiniLLMEngine(model, SINKS, WINDOW, positions=positions), model_dir, positions)
     assert report.examples >= FEW and report.longest > 3 * S and report.worst_error <= report.atol
 
 
-@pytest.mark.parametrize("positions", ["cache"])
+@pytest.mark.parametrize("positions", ["cache", "absolute"])
 def test_independent_float32_engine_passes(model_dir, positions):
     report = check(lambda: SinkLlama(model_dir, SINKS, WINDOW, positions), model_dir, positions)
     assert report.longest > 3 * S and 0 < report.worst_error <= report.atol
@@ -158,6 +158,14 @@ def caught(make, model_dir, positions="cache") -> ConformanceError:
     assert e.position_vs_S == e.token_index - S
     assert "\n" not in str(e) and f"token {e.token_index} " in str(e) and f"chunks={e.chunks}" in str(e)
     return e
+
+
+def test_each_convention_catches_the_other(model_dir):
+    """A correct cache-convention engine fails the absolute check and vice versa: past S tokens the
+    sinks' distance to the query is S-1-i in one and t-i in the other (the two agree below S)."""
+    for engine, checked in (("absolute", "cache"), ("cache", "absolute")):
+        e = caught(lambda: SinkLlama(model_dir, SINKS, WINDOW, engine), model_dir, checked)
+        assert e.token_index >= S and len(e.tokens) == e.token_index + 1 and e.positions == checked
 
 
 def test_window_off_by_one_is_caught(model_dir):

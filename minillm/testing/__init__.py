@@ -102,8 +102,7 @@ def _check_positions(positions, who: str) -> str:
 
 
 def _new_cache(model, sinks: int, window: int, positions: str, dtype=None):
-    extra = {} if positions == "cache" else {"positions": positions}  # TODO(h23a merge): always pass it
-    return model.new_cache(batch_size=1, sinks=sinks, window=window, dtype=dtype, **extra)
+    return model.new_cache(batch_size=1, sinks=sinks, window=window, dtype=dtype, positions=positions)
 
 
 class MiniLLMEngine:
