@@ -41,7 +41,7 @@ POSITIONS = ("cache", "absolute")
 # times the worst error seen, so rounding passes and a wrong key, position or mask does not.
 TOLERANCES = {
     torch.float64: 1e-8,
-    torch.float32: 2e-3,
+    torch.float32: 5e-3,
     torch.bfloat16: 1.0,
     torch.float16: 0.15,
 }
