@@ -246,3 +246,14 @@ def test_import_minillm_does_not_import_hypothesis():
             "import minillm.testing.strategies; assert 'hypothesis' in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
     assert minillm.testing.strategies.streams is not None
+
+
+def test_readme_example_runs():
+    """The README's "Test your own engine" example, run as written (test_readme runs only console blocks)."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = text.split("## Test your own engine", 1)[1].split("\n## ", 1)[0]
+    assert len(("## Test your own engine" + section).rstrip("\n").splitlines()) <= 15
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    exec(compile(code, "README.md", "exec"), {})
