@@ -257,3 +257,13 @@ def test_readme_example_runs():
     assert len(("## Test your own engine" + section).rstrip("\n").splitlines()) <= 15
     code = section.split("```python\n", 1)[1].split("```", 1)[0]
     exec(compile(code, "README.md", "exec"), {})
+
+
+def test_an_engine_that_cannot_be_made_is_its_failure(model_dir):
+    def make():
+        raise OSError("weights not found")
+
+    with pytest.raises(ConformanceError, match="raised OSError: weights not found at token 0") as info:
+        check(make, model_dir)
+    e = info.value
+    assert isinstance(e.__cause__, OSError) and sum(e.chunks) == len(e.tokens) and len(e.chunks) == 1

@@ -131,7 +131,7 @@ def _check_output(out, n: int, vocab: int, chunk_index: int) -> torch.Tensor:
     where = f"engine.feed() of chunk {chunk_index} ({n} tokens)"
     if not isinstance(out, torch.Tensor):
         raise _Abort(MiniLLMError(f"{where} returned a {type(out).__name__}, not a torch.Tensor of shape ({n}, {vocab})"))
-    if not (out.dtype.is_floating_point or out.dtype.is_complex) or out.dtype.is_complex:
+    if not out.dtype.is_floating_point:
         raise _Abort(MiniLLMError(f"{where} returned a {out.dtype} tensor; logits must be a floating-point tensor"))
     if out.dim() != 2 or out.shape[1] != vocab:
         raise _Abort(MiniLLMError(f"{where} returned shape {tuple(out.shape)}, not ({n}, {vocab}): one row of "
@@ -191,7 +191,8 @@ def check_engine(make_engine, model_dir, *, sinks: int, window: int, positions: 
             engine.reset()
         except Exception as e:
             raise ConformanceError(token_index=0, chunk_index=0, token_in_chunk=0, worst_error=None, atol=atol,
-                                   tokens=[], chunks=chunks[:1], positions=positions, sinks=sinks, window=window,
+                                   tokens=tokens[:chunks[0]], chunks=chunks[:1], positions=positions, sinks=sinks,
+                                   window=window,
                                    raised=e) from e
         for c, n in enumerate(chunks):
             try:
