@@ -23,6 +23,10 @@ p = argparse.ArgumentParser()
 p.add_argument("--tiny", default="/tmp/minillm-conformance/tiny-llama")
 p.add_argument("--smollm2", default="/tmp/minillm-conformance/smollm2-135m", help="'' to skip")
 p.add_argument("--examples", type=int, default=30)
+p.add_argument("--no-tiny", action="store_true")
+p.add_argument("--suffix", default="", help="appended to the SmolLM2 JSON name")
+p.add_argument("--conventions", default="cache,absolute", help="for SmolLM2")
+p.add_argument("--feeds", default="token,chunks", help="for SmolLM2")
 a = p.parse_args()
 
 
@@ -47,11 +51,12 @@ def loaded(path):
 
 mx.set_default_device(mx.cpu)
 v = f"mlx-lm {version('mlx-lm')}, mlx {version('mlx')}"
-tiny = loaded(a.tiny)
-run("mlx-lm", v, "tiny-llama", lambda: MLXEngine(tiny, 4, 12), a.tiny, sinks=4, window=12, examples=a.examples,
-    out_name="mlx-lm-tiny")
+if not a.no_tiny:
+    tiny = loaded(a.tiny)
+    run("mlx-lm", v, "tiny-llama", lambda: MLXEngine(tiny, 4, 12), a.tiny, sinks=4, window=12, examples=a.examples,
+        out_name="mlx-lm-tiny")
 if a.smollm2 and Path(a.smollm2).exists():
     smol = loaded(a.smollm2)
     run("mlx-lm", v, "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to float32 safetensors)",
         lambda: MLXEngine(smol, 4, 28), a.smollm2, sinks=4, window=28, examples=max(4, a.examples // 5),
-        out_name="mlx-lm-smollm2")
+        conventions=a.conventions.split(","), feeds=a.feeds.split(","), out_name="mlx-lm-smollm2" + a.suffix)
