@@ -37,7 +37,7 @@ _EXPORTS = {
     "Engine": "apps.engine", "Event": "apps.engine", "EngineStats": "apps.engine", "QueueFull": "apps.engine",
     "SessionBusy": "apps.engine", "EngineClosed": "apps.engine",
 }
-_SUBMODULES = ("evaluate", "fast", "core")
+_SUBMODULES = ("evaluate", "fast", "core", "testing")
 
 
 def __getattr__(name: str):
@@ -58,4 +58,4 @@ def __dir__():
 __all__ = ["Model", "ModelConfig", "RowState", "compile_decode", "fast", "core", "ConfigWarning", "SinkCache", "MiniLLMError", "load", "load_tokenizer",
            "save_pretrained", "generate", "generate_batch", "stream_generate", "GenerationResponse", "Request", "ChatSession", "ChatSessions", "Engine", "Event", "EngineStats", "QueueFull",
            "SessionBusy", "EngineClosed", "quantize_int8", "evaluate",
-           "from_hf_config", "load_config", "parse_dtype", "parse_device", "__version__"]
+           "from_hf_config", "load_config", "parse_dtype", "parse_device", "testing", "__version__"]

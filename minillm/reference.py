@@ -7,6 +7,11 @@ One token at a time, per layer:
   4. rotate the L cached keys to positions 0..L-1 and the query to L-1 (RoPE), or bias the scores
      by those positions (ALiBi), and attend.
 
+That is the paper's convention, positions="cache". The other, positions="absolute" (mlx-lm,
+transformers with 4-D masks, ...), differs only in step 4: every entry of the list remembers the
+text position t of its token, and the keys are rotated (or biased) at those positions, the query
+at its own t. Eviction is the same.
+
 Nothing here is fast, and nothing is shared with the engine's attention or position code: this
 file computes its own RoPE angles and ALiBi slopes, transcribed from each family's published code,
 and shares only the weights, norms and MLPs. It is the oracle the property tests compare the
@@ -21,13 +26,19 @@ import torch
 
 
 @torch.no_grad()
-def reference_stream(model, input_ids: torch.Tensor, sinks: int, window: int) -> torch.Tensor:
-    """(B, T) ids -> (B, T, vocab) logits, streamed token by token through a list cache."""
+def reference_stream(model, input_ids: torch.Tensor, sinks: int, window: int,
+                     positions: str = "cache") -> torch.Tensor:
+    """(B, T) ids -> (B, T, vocab) logits, streamed token by token through a list cache.
+
+    positions="cache": the cached keys at 0..L-1, the query at L-1 (the paper);
+    positions="absolute": every key at its token's text position, the query at t."""
+    assert positions in ("cache", "absolute"), positions
     c = model.config
     S = sinks + window
     B, T = input_ids.shape
     keys = [[] for _ in model.layers]  # per layer: a list of (B, KV, 1, hd) un-rotated keys
     values = [[] for _ in model.layers]
+    texts = [[] for _ in model.layers]  # per layer: the text position of each entry
     logits = []
     for t in range(T):
         x = model.embed(input_ids[:, t : t + 1])
@@ -36,9 +47,16 @@ def reference_stream(model, input_ids: torch.Tensor, sinks: int, window: int) ->
             q, k, v = _project(block.attn, h)
             keys[layer].append(k)
             values[layer].append(v)
+            texts[layer].append(t)
             if len(keys[layer]) > S:  # evict the oldest token that is not a sink
-                del keys[layer][sinks], values[layer][sinks]
-            a = block.attn.wo(_attend(c, q, keys[layer], values[layer]).transpose(1, 2).reshape(B, 1, -1))
+                del keys[layer][sinks], values[layer][sinks], texts[layer][sinks]
+            L = len(keys[layer])
+            if positions == "cache":
+                key_pos, query_pos = list(range(L)), L - 1  # ranks in the cache
+            else:
+                key_pos, query_pos = texts[layer], t  # text positions
+            out = _attend(c, q, keys[layer], values[layer], key_pos, query_pos)
+            a = block.attn.wo(out.transpose(1, 2).reshape(B, 1, -1))
             if block.parallel:
                 x = x + a + block.mlp(h if block.mlp_norm is None else block.mlp_norm(x))
             else:
@@ -91,21 +109,21 @@ def _alibi_slopes(kind: str, heads: int, alibi_bias_max: float) -> torch.Tensor:
     return slopes
 
 
-def _attend(c, q, key_list, value_list):
+def _attend(c, q, key_list, value_list, key_pos: list[int], query_pos: int):
+    """The query at query_pos against the listed keys at key_pos (one position per entry)."""
     K = torch.cat(key_list, dim=2)  # (B, KV, L, hd), in stream order
     V = torch.cat(value_list, dim=2)
-    L = K.shape[2]
-    positions = torch.arange(L, device=q.device)  # cache-relative: 0..L-1, the query at L-1
+    positions = torch.tensor(key_pos, dtype=torch.int64, device=q.device)
     groups = c.num_heads // c.num_kv_heads
     K, V = K.repeat_interleave(groups, dim=1), V.repeat_interleave(groups, dim=1)
     if c.positions == "rope":
         K = _rope(K, positions, c.rotary_dim, c.rope_theta)
-        q = _rope(q, positions[-1:], c.rotary_dim, c.rope_theta)
+        q = _rope(q, torch.tensor([query_pos], dtype=torch.int64, device=q.device), c.rotary_dim, c.rope_theta)
     scores = q @ K.transpose(-1, -2)  # (B, H, 1, L)
     if c.positions == "alibi":
         slopes = _alibi_slopes(c.alibi, c.num_heads, c.alibi_bias_max)[:, None, None].to(q.device)  # (H, 1, 1)
         if c.alibi == "mpt":  # -slope x distance to the query, added to the scaled scores
-            scores = scores * c.scale + (slopes * (positions - (L - 1))).to(q.dtype)
+            scores = scores * c.scale + (slopes * (positions - query_pos)).to(q.dtype)
         else:  # Falcon: bfloat16 slope x key position, rounded to bfloat16, added before the scale
             scores = (scores + (slopes.bfloat16() * positions).to(q.dtype)) * c.scale
     else:

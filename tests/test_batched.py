@@ -54,6 +54,7 @@ from hypothesis import strategies as st
 
 from minillm.errors import MiniLLMError
 from minillm.reference import reference_stream
+from minillm.testing.strategies import Call, ragged_schedules  # the kit's: minillm is proved with what it ships
 from util import VARIANTS, random_model, rel_err, tiny_config
 
 TOL = {torch.float64: 1e-9, torch.float32: 1e-4}
@@ -124,51 +125,6 @@ def setups(draw, min_batch: int = 1) -> Setup:
     return Setup(size=size, seed=draw(st.integers(0, 2**16)), B=draw(st.integers(min_batch, 4)),
                  sinks=draw(st.integers(0, 3)), window=draw(st.integers(1, 8)),
                  max_chunk=draw(st.sampled_from([1024, 1024, 1024, 2, 5])))
-
-
-@dataclass
-class Call:
-    """One batched forward: row b consumes lengths[b] tokens of a random (B, n) input.
-
-    Before the forward, optionally: `move` = (src, dst): state = export_row(src), reset(src),
-    import_row(dst, state); then `reset`: None, "all" (cache.reset()), an int or a list of rows."""
-    lengths: list[int]
-    n: int
-    form: str = "list"  # how lengths is passed: "list", "tensor" (int64), or "absent" (every row takes n)
-    keep: int = 0  # logits_to_keep
-    reset: object = None
-    move: tuple[int, int] | None = None
-
-
-@st.composite
-def schedules(draw, B: int, S: int, max_events: int = 6, resets: bool = True, moves: bool = False):
-    """A list of Calls: ragged chunks of up to 3S tokens, and runs of up to S+2 decode steps (every
-    length 0 or 1) in which row b takes a token every `every[b]` steps (0: never), so rows drift
-    apart; occasional resets of random rows (and, with moves, row moves) before an event."""
-    calls: list[Call] = []
-    for _ in range(draw(st.integers(1, max_events))):
-        reset = move = None
-        if resets and draw(st.integers(0, 4)) == 0:
-            rows = draw(st.lists(st.integers(0, B - 1), min_size=1, max_size=B, unique=True))
-            reset = draw(st.sampled_from(["all", rows, rows[0]]))
-        if moves and draw(st.integers(0, 2)) == 0:
-            move = (draw(st.integers(0, B - 1)), draw(st.integers(0, B - 1)))
-        keep = draw(st.sampled_from([0, 0, 0, 1, 1, 2, 3]))
-        if draw(st.integers(0, 2)) == 0:  # a run of decode steps
-            steps = draw(st.integers(1, S + 2))
-            every = draw(st.lists(st.sampled_from([0, 1, 1, 2, 3]), min_size=B, max_size=B))
-            n = draw(st.sampled_from([1, 1, 2]))  # n = 2: decode steps with one padded column
-            forms = ["list", "tensor"] + (["absent"] if n == 1 and all(e == 1 for e in every) else [])
-            form = draw(st.sampled_from(forms))
-            for i in range(steps):
-                lengths = [int(e > 0 and i % e == 0) for e in every]
-                calls.append(Call(lengths, n, form, keep, reset if i == 0 else None, move if i == 0 else None))
-        else:  # one ragged chunk
-            n = draw(st.integers(1, 3 * S))
-            lengths = draw(st.lists(st.one_of(st.just(0), st.just(n), st.integers(0, n)), min_size=B, max_size=B))
-            form = draw(st.sampled_from(["list", "tensor"] + (["absent"] if all(L == n for L in lengths) else [])))
-            calls.append(Call(lengths, n, form, keep, reset, move))
-    return calls
 
 
 @dataclass
@@ -389,7 +345,7 @@ def test_1_ragged_schedule_equals_each_row_alone_float64(case, data):
     a fresh batch-1 cache in the same chunks (float64, 1e-9); properties 3-5 at every call."""
     s = data.draw(setups())
     model = make_model(case, torch.float64, s.seed, **s.size)
-    run = batched_run(model, s, data.draw(schedules(s.B, s.S)))
+    run = batched_run(model, s, data.draw(ragged_schedules(s.B, s.S)))
     check_against_alone(model, run, s.sinks, s.window, torch.float64, "1:rows-alone")
 
 
@@ -401,7 +357,7 @@ def test_1_ragged_schedule_equals_each_row_alone_float32(case, data):
     """The same in float32 (1e-4): the batched kernels' float32 rounding stays at float32 level."""
     s = data.draw(setups())
     model = make_model(case, torch.float32, s.seed, **s.size)
-    run = batched_run(model, s, data.draw(schedules(s.B, s.S)))
+    run = batched_run(model, s, data.draw(ragged_schedules(s.B, s.S)))
     check_against_alone(model, run, s.sinks, s.window, torch.float32, "1:rows-alone")
 
 
@@ -414,7 +370,7 @@ def test_2_ragged_schedule_equals_reference(case, data):
     literal list cache, token by token (float64, 1e-9)."""
     s = data.draw(setups())
     model = make_model(case, torch.float64, s.seed, **s.size)
-    run = batched_run(model, s, data.draw(schedules(s.B, s.S)))
+    run = batched_run(model, s, data.draw(ragged_schedules(s.B, s.S)))
     check_against_reference(model, run, s.sinks, s.window, torch.float64, "2:reference")
 
 
@@ -434,7 +390,7 @@ def test_6_logits_to_keep_one_is_each_rows_last_consumed_position(case, data):
     as the engine documents it (row b's last k consumed positions), for rows of length >= k."""
     s = data.draw(setups())
     model = make_model(case, torch.float64, s.seed, **s.size)
-    calls = data.draw(schedules(s.B, s.S))
+    calls = data.draw(ragged_schedules(s.B, s.S))
     k = data.draw(st.sampled_from([1, 1, 1, 2, 3]), label="logits_to_keep")
     full = BatchedRun(model, model.new_cache(s.B, s.sinks, s.window), s.seed, s.max_chunk)
     last = BatchedRun(model, model.new_cache(s.B, s.sinks, s.window), s.seed, s.max_chunk)
@@ -465,10 +421,10 @@ def test_7_export_import_is_bit_identical_to_never_leaving(case, data):
     and every row's logits in the calls that follow are torch.equal to A's."""
     s = data.draw(setups(min_batch=2))
     model = make_model(case, torch.float64, s.seed, **s.size)
-    prefix = data.draw(schedules(s.B, s.S), label="prefix")
+    prefix = data.draw(ragged_schedules(s.B, s.S), label="prefix")
     r = data.draw(st.integers(0, s.B - 1), label="row")
     interlude = data.draw(st.lists(st.integers(1, 3 * s.S), min_size=1, max_size=3), label="interlude")
-    suffix = data.draw(schedules(s.B, s.S, resets=False), label="suffix")
+    suffix = data.draw(ragged_schedules(s.B, s.S, resets=False), label="suffix")
     a = BatchedRun(model, model.new_cache(s.B, s.sinks, s.window), s.seed, s.max_chunk).run(prefix)
     b = BatchedRun(model, model.new_cache(s.B, s.sinks, s.window), s.seed, s.max_chunk).run(prefix)
     assert_caches_equal(a.cache, b.cache, "the same calls twice")  # determinism, the premise
@@ -510,7 +466,7 @@ def test_7_moved_rows_continue_their_streams(case, data):
     the rows not involved in a move stay bit-identical."""
     s = data.draw(setups(min_batch=2))
     model = make_model(case, torch.float64, s.seed, **s.size)
-    run = batched_run(model, s, data.draw(schedules(s.B, s.S, moves=True)))
+    run = batched_run(model, s, data.draw(ragged_schedules(s.B, s.S, moves=True)))
     check_against_alone(model, run, s.sinks, s.window, torch.float64, "7:moved-rows")
 
 

@@ -35,6 +35,7 @@ from hypothesis import strategies as st
 
 from minillm.core.positions import rope_inv_freq, rope_rotate, rope_tables
 from minillm.reference import reference_stream
+from minillm.testing.strategies import chunkings  # the kit's: minillm is proved with what it ships
 from util import VARIANTS, random_model, rel_err, tiny_config
 
 TOL = {torch.float64: 1e-9, torch.float32: 1e-4}
@@ -104,17 +105,15 @@ def bounds_of(cuts, T: int) -> list[tuple[int, int]]:
     return list(zip(edges[:-1], edges[1:]))
 
 
-@st.composite
-def partitions(draw, T: int):
-    """A chunk partition of range(T): random cut points, or a prefill followed by decode steps."""
-    if T == 1:
-        return [(0, 1)]
-    if draw(st.booleans()):
-        cuts = draw(st.lists(st.integers(1, T - 1), unique=True, max_size=min(T - 1, 12)))
-    else:
-        prefill = draw(st.integers(1, T))
-        cuts = range(prefill, T)
-    return bounds_of(cuts, T)
+def partitions(T: int):
+    """A chunk partition of range(T) as (start, end) bounds, from the kit's `chunkings` (random cut
+    points, a prefill followed by decode steps, or one chunk size repeated)."""
+    def bounds(sizes):
+        edges = [0]
+        for n in sizes:
+            edges.append(edges[-1] + n)
+        return list(zip(edges[:-1], edges[1:]))
+    return chunkings(T).map(bounds)
 
 
 @st.composite

@@ -10,6 +10,8 @@ positions. Keys are stored rotated at their stream position j and queries are ro
 window key's distance t - j is already the contract's c_t - (c_t - (t - j)). Only a sink sits
 elsewhere (at i, with the query at c_t), so its columns are scored again with those two rotations:
 the query rotated at c_t against the sink's un-rotated key rotated at i ("the sink correction").
+Under the "absolute" convention (cache.positions) c_t = t: every stored key is already at its text
+position, the sinks too, so there is no correction; ALiBi takes the contract's positions either way.
 """
 
 from __future__ import annotations
@@ -76,14 +78,15 @@ def plan(spec: Spec, n: int, cache: SinkCache | None, lengths: torch.Tensor | No
     if cache is None:
         kp = key_positions(torch.zeros(1, dtype=torch.int64, device=spec.device), n, 0, None)
     else:
-        kp = key_positions(cache.tokens_seen.to(spec.device), n, cache.sinks, cache.window)
+        kp = key_positions(cache.tokens_seen.to(spec.device), n, cache.sinks, cache.window,
+                           positions=cache.positions)
     mask = additive(kp.allowed, spec.dtype)[:, None]  # (B, 1, n, Nk)
     if not rope:
         mask = mask + alibi_bias(c.alibi, spec.slopes, kp.query_position, kp.position, c.scale, spec.dtype)
     rot = rope_tables(kp.query, spec.inv_freq, spec.dtype) if rope else None
     p = Plan(spec, rot=None if rot is None else tuple(x[:, None] for x in rot), mask=mask,
              slots=cache is not None, write=None if cache is None else chunk_write(cache, n, lengths, rope, spec.device))
-    if rope and cache is not None and cache.sinks:
+    if rope and cache is not None and cache.sinks and cache.positions == "cache":  # absolute: keys are right
         S, sinks = cache.capacity, cache.sinks
         cols = torch.cat([torch.arange(sinks), S + torch.arange(min(sinks, n))]).to(spec.device)
         p.sink_cols, p.sink_is, p.n_cached = cols, kp.is_sink(cols), sinks
@@ -105,7 +108,7 @@ def chunk_write(cache: SinkCache, n: int, lengths: torch.Tensor | None, rope: bo
     rows, src = keep.nonzero(as_tuple=True)
     dst = slot_of(t[rows, src], cache.sinks, cache.window)
     w = CacheWrite(rows=rows.to(device), src=src.to(device), dst=dst.to(device))
-    if rope and bool(is_sink.any()):
+    if rope and cache.raw_sink_k is not None and bool(is_sink.any()):
         rows, src = is_sink.nonzero(as_tuple=True)
         w.raw_rows, w.raw_src, w.raw_dst = rows.to(device), src.to(device), t[rows, src].to(device)
     return w

@@ -14,6 +14,12 @@ its own stream), which moves in one place, `advance`.
 Keys are stored RoPE-rotated at their stream position: a window key's distance to any later query
 is then already the cache-relative one. Only the sinks sit elsewhere, so their un-rotated keys are
 kept too (`raw_sink_k`) and rotated to position i when scored (attention.py).
+
+A cache records its position convention (`positions`, contract.POSITIONS), fixed when it is made:
+"cache" (the paper's, above) or "absolute", where every key keeps its text position and the query
+sits at t. Under "absolute" the stored keys are already right, sinks included, so no raw sink keys
+are kept. A stream is only ever continued in the convention it began in: export/import and
+save/load carry it and refuse a mismatch.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import torch
 from ..checks import check_int, parse_device, parse_dtype
 from ..errors import MiniLLMError
 from ..limits import check_fits
+from .contract import check_positions
 
 
 MAX_SEEN = 2**63 - 1  # a row's count is an int64: a stream ends there (a forward that would pass it is refused)
@@ -54,6 +61,7 @@ class RowState:
     owner_id: int  # the uid of the model that made it (in this process)
     fingerprint: str | None = None  # that model's fingerprint (minillm/identity.py), once known
     world_size: int = 1  # the ranks its model is split over (tensor parallelism, minillm/parallel/)
+    positions: str = "cache"  # the position convention the stream was computed in
 
 
 class SinkCache:
@@ -61,7 +69,8 @@ class SinkCache:
 
     def __init__(self, *, num_layers: int, batch_size: int, num_kv_heads: int, head_dim: int,
                  sinks: int, window: int, dtype: torch.dtype, device: torch.device | str,
-                 owner_id: int, keep_raw_sinks: bool):
+                 owner_id: int, keep_raw_sinks: bool, positions: str = "cache"):
+        self.positions = check_positions(positions)
         self.sinks = check_int("sinks", sinks, 0)
         self.window = check_int("window", window, 1)
         self.batch_size = check_int("batch_size", batch_size, 1)
@@ -75,7 +84,7 @@ class SinkCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.raw_sink_k = (torch.zeros(shape[:3] + (self.sinks, head_dim), dtype=dtype, device=device)
-                           if keep_raw_sinks and self.sinks else None)
+                           if keep_raw_sinks and self.sinks and self.positions == "cache" else None)
         self._seen = torch.zeros(batch_size, dtype=torch.int64)  # per row, on the CPU: plans read it
 
     @property
@@ -133,7 +142,8 @@ class SinkCache:
     def __repr__(self) -> str:
         seen = self._seen.tolist()
         return (f"SinkCache(sinks={self.sinks}, window={self.window}, batch_size={self.batch_size}, "
-                f"tokens_seen={seen[0] if len(seen) == 1 else seen}, dtype={self.dtype}, device={self.device})")
+                f"tokens_seen={seen[0] if len(seen) == 1 else seen}, positions={self.positions!r}, "
+                f"dtype={self.dtype}, device={self.device})")
 
     def rows(self, rows, what: str = "reset") -> list[int]:
         """`rows` (an int, or a sequence or 1-D tensor of ints) as a checked list of row indices."""
@@ -167,7 +177,7 @@ class SinkCache:
         raw = None if self.raw_sink_k is None else self.raw_sink_k[:, b].clone()
         return RowState(k=self.k[:, b].clone(), v=self.v[:, b].clone(), raw_sink_k=raw,
                         tokens_seen=int(self._seen[b]), sinks=self.sinks, window=self.window,
-                        owner_id=self.owner_id, world_size=self.world_size)
+                        owner_id=self.owner_id, world_size=self.world_size, positions=self.positions)
 
     def import_row(self, row: int, state: RowState) -> None:
         """Put an exported stream into row `row` (in place: the buffers are not reallocated)."""
@@ -185,6 +195,9 @@ class SinkCache:
         if (state.sinks, state.window) != (self.sinks, self.window):
             raise MiniLLMError(f"import_row: the state is from a cache of sinks {state.sinks} + window "
                                f"{state.window}, this one is {self.sinks} + {self.window}")
+        if state.positions != self.positions:
+            raise MiniLLMError(f"import_row: the state was computed with {state.positions!r} positions, this cache "
+                               f"uses {self.positions!r}")
         for name, got, buf in (("k", state.k, self.k), ("v", state.v, self.v),
                                ("raw_sink_k", state.raw_sink_k, self.raw_sink_k)):
             if (got is None) != (buf is None) or (buf is not None and (

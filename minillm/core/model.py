@@ -30,6 +30,7 @@ from ..identity import register, same_model
 from ..limits import check_forward
 from .attention import Spec, plan
 from .cache import MAX_SEEN, SinkCache
+from .contract import check_positions
 from .positions import alibi_slopes, rope_inv_freq
 
 _model_ids = itertools.count(1)
@@ -172,14 +173,19 @@ class Model(nn.Module):
         return self._specs[key]
 
     def new_cache(self, batch_size: int = 1, sinks: int = 4, window: int = 1020, dtype=None,
-                  device=None) -> SinkCache:
+                  device=None, positions: str = "cache") -> SinkCache:
         """A fixed-shape cache of capacity S = sinks + window (the new token included).
+
+        `positions` is the position convention (docs/streaming.md): "cache" (the paper's: the
+        keys at their ranks in the cache, the query at min(t, S-1)) or "absolute" (every key at its
+        text position, the query at t). Both coincide until the cache is full.
 
         `dtype` and `device` default to the model's (a dtype may be given as a string). A cache
         that does not fit in the device's available memory is refused up front, with its size."""
         from ..limits import cache_bytes, check_fits
 
         c = self.config
+        check_positions(positions, "new_cache: positions")
         for name, value, low in (("batch_size", batch_size, 1), ("sinks", sinks, 0), ("window", window, 1)):
             check_int(f"new_cache: {name}", value, low)
         dtype = self.dtype if dtype is None else parse_dtype(dtype)
@@ -189,7 +195,7 @@ class Model(nn.Module):
         return SinkCache(num_layers=c.num_layers, batch_size=batch_size, num_kv_heads=c.num_kv_heads,
                          head_dim=c.head_dim, sinks=sinks, window=window, dtype=dtype,
                          device=device, owner_id=self.uid,
-                         keep_raw_sinks=c.positions == "rope")
+                         keep_raw_sinks=c.positions == "rope", positions=positions)
 
     def _check(self, input_ids: torch.Tensor, cache: SinkCache | None) -> None:
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:

@@ -10,6 +10,9 @@ Per row (rows at different positions, or some idle): each row its own slot, RoPE
 frame and ALiBi bias, over all S slots with the empty ones masked. The plan has the same structure
 whatever the rows do (every field a tensor of a fixed shape), so a compiled step never recompiles as
 rows move, start or idle; an idle row is computed too, but writes nothing.
+
+Under the "absolute" convention the query's position is t (contract.query_position), so the
+sink shift t - c_t is 0: the stored keys are already in the query's frame and nothing moves.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import torch.nn.functional as F
 
 from ..core.attention import Spec, additive
 from ..core.cache import SinkCache
-from ..core.contract import slot_of, slot_positions
+from ..core.contract import query_position, slot_of, slot_positions
 from ..core.positions import alibi_bias, rope_rotate, rope_tables
 from .writes import FastWrite, put_sinks, write
 
@@ -35,15 +38,16 @@ class DecodeFrame:
     sink_shift: int  # t - c_t: the raw sinks are rotated at i + sink_shift (0: not needed)
 
 
-def decode_frame(t: int, sinks: int, window: int) -> DecodeFrame:
+def decode_frame(t: int, sinks: int, window: int, positions: str = "cache") -> DecodeFrame:
     """contract.key_positions for one token, in ints: tests/test_keys.py checks the two agree."""
     S = sinks + window
-    return DecodeFrame(slot=slot_of(t, sinks, window), n_valid=min(t + 1, S), sink_shift=max(0, t - (S - 1)))
+    return DecodeFrame(slot=slot_of(t, sinks, window), n_valid=min(t + 1, S),
+                       sink_shift=t - query_position(t, S, positions))
 
 
-def decode_key_positions(t: int, sinks: int, window: int, device=None) -> torch.Tensor:
-    """(n_valid,) cache-relative positions of the buffer prefix after token t's write (ALiBi)."""
-    f = decode_frame(t, sinks, window)
+def decode_key_positions(t: int, sinks: int, window: int, device=None, positions: str = "cache") -> torch.Tensor:
+    """(n_valid,) positions of the buffer prefix after token t's write (ALiBi), in the convention."""
+    f = decode_frame(t, sinks, window, positions)
     pos = slot_positions(t + 1, sinks, window, device)[0, : f.n_valid]  # after the write
     return torch.where(pos < sinks, pos, pos - f.sink_shift)
 
@@ -101,7 +105,7 @@ def plan_decode(spec: Spec, cache: SinkCache, lengths: torch.Tensor | None, per_
 
 def _lockstep(spec: Spec, cache: SinkCache, t0: int) -> DecodePlan:
     c, device = spec.config, spec.device
-    f = decode_frame(t0, cache.sinks, cache.window)
+    f = decode_frame(t0, cache.sinks, cache.window, cache.positions)
     # Tensors, so a compiled step is the same graph every step; made by arange, which on CUDA is a
     # kernel launch, where torch.tensor([x]) would be a synchronising host-to-device copy.
     t = torch.arange(t0, t0 + 1, device=device)
@@ -115,8 +119,9 @@ def _lockstep(spec: Spec, cache: SinkCache, t0: int) -> DecodePlan:
             at = torch.arange(f.sink_shift, f.sink_shift + cache.sinks, device=device)
             p.sink_rot = rope_tables(at, spec.inv_freq, spec.dtype)
     else:
-        k_pos = decode_key_positions(t0, cache.sinks, cache.window, device)
-        p.mask = alibi_bias(c.alibi, spec.slopes, t.clamp(max=cache.capacity - 1), k_pos, c.scale, spec.dtype)
+        k_pos = decode_key_positions(t0, cache.sinks, cache.window, device, cache.positions)
+        p.mask = alibi_bias(c.alibi, spec.slopes, query_position(t, cache.capacity, cache.positions), k_pos,
+                            c.scale, spec.dtype)
     return p
 
 
@@ -125,7 +130,7 @@ def _rows(spec: Spec, cache: SinkCache, lengths: torch.Tensor | None) -> DecodeP
     sinks, window, S = cache.sinks, cache.window, cache.capacity
     t = cache.tokens_seen  # (B,), on the CPU
     active = torch.ones_like(t, dtype=torch.bool) if lengths is None else lengths > 0
-    shift = (t - (S - 1)).clamp(min=0)  # t - c_t: where the sinks sit in this query's frame
+    shift = t - query_position(t, S, cache.positions)  # t - c_t: where the sinks sit in this query's frame
     w = FastWrite(dst=slot_of(t, sinks, window).to(device), keep=active.to(device), every_row=bool(active.all()))
     held = slot_positions(t + 1, sinks, window)  # (B, S) after this token's write; -1: empty
     mask = additive(held >= 0, dtype).to(device)[:, None, None]
@@ -136,11 +141,11 @@ def _rows(spec: Spec, cache: SinkCache, lengths: torch.Tensor | None) -> DecodeP
             raw_keep = active & (t < sinks)
             w.raw_dst, w.raw_keep = t.clamp(max=sinks - 1).to(device), raw_keep.to(device)
             w.raw_any = bool(raw_keep.any())
-        if sinks:
+        if sinks and cache.raw_sink_k is not None:  # "absolute": the stored sinks are already right
             at = (torch.arange(sinks)[None, :] + shift[:, None]).to(device)  # (B, sinks)
             p.sink_rot = tuple(x[:, None] for x in rope_tables(at, spec.inv_freq, dtype))  # (B, 1, sinks, rot)
     else:
         k_pos = torch.where(held < sinks, held, held - shift[:, None]).to(device)  # cache-relative
-        q_pos = t.clamp(max=S - 1).to(device)[:, None]  # (B, 1)
+        q_pos = query_position(t, S, cache.positions).to(device)[:, None]  # (B, 1)
         p.mask = p.mask + alibi_bias(c.alibi, spec.slopes, q_pos, k_pos[:, None], c.scale, dtype)
     return p

@@ -132,9 +132,10 @@ def plan_chunk(spec: Spec, n: int, cache: SinkCache, lengths: torch.Tensor | Non
     if rope and t0max == 0 and lastmax < S:
         return p  # nothing evicted yet: every key set is {0..t}, plain causal (tests/test_keys.py)
 
-    kp = key_positions((seen[:1] if uniform else seen).to(device), n, sinks, window, slots=t0max > 0)
+    kp = key_positions((seen[:1] if uniform else seen).to(device), n, sinks, window, slots=t0max > 0,
+                       positions=cache.positions)
     mask = _additive(kp.allowed, dtype)  # (B|1, 1, n, Nk)
-    if rope and sinks and lastmax >= S:  # some query sees the sinks at a position other than the text's
+    if rope and sinks and lastmax >= S and cache.positions == "cache":  # some query sees the sinks elsewhere
         p.sink = _sink_frame(spec, kp, t0, n, S, p.use_cache_cols)
         split = kernel == "split" or (kernel == "auto" and device.type == "cpu")
         if split and SPLIT_SDPA is not None:
