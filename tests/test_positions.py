@@ -30,6 +30,7 @@ from minillm.core.contract import key_positions, query_position
 from minillm.errors import MiniLLMError
 from minillm.fast.decode import decode_frame, decode_key_positions
 from minillm.reference import reference_stream
+from tiny_ckpt import tiny_checkpoint  # noqa: F401  (fixture)
 from util import random_model, rel_err, tiny_config
 
 CASES = ["llama_gqa", "gpt_neox_parallel", "mpt", "falcon_rw"]
@@ -257,3 +258,76 @@ def test_7_a_file_naming_another_convention_is_refused(tmp_path):
         with pytest.raises(MiniLLMError, match="positions must be") as e:
             type(cache).load(path, model)
         assert "\n" not in str(e.value)
+
+
+# ------------------------------------------------------------------------------------------------
+# The command line: --positions cache|absolute on generate, chat, batch and ppl
+
+
+def cli_main(argv, capsys):
+    from minillm import cli
+
+    rc = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.fixture
+def made_caches(monkeypatch):
+    """The convention of every cache the commands make."""
+    from minillm.core.model import Model
+
+    seen, new_cache = [], Model.new_cache
+
+    def spy(self, *args, **kwargs):
+        cache = new_cache(self, *args, **kwargs)
+        seen.append(cache.positions)
+        return cache
+
+    monkeypatch.setattr(Model, "new_cache", spy)
+    return seen
+
+
+def command_lines(ckpt, tmp_path) -> dict[str, list]:
+    (tmp_path / "t.jsonl").write_text('{"turn": "Hello"}\n')
+    (tmp_path / "p.jsonl").write_text('{"prompt": "Hello"}\n{"prompt": "The sea"}\n')
+    common = ["--temperature", 0, "--cache-size", 12, "--sinks", 2, "--threads", 1, "-n", 20, "--ignore-eos"]
+    return {"generate": ["generate", ckpt, "-p", "The whale", *common],
+            "chat": ["chat", ckpt, "--prompts", tmp_path / "t.jsonl", *common],
+            "batch": ["batch", ckpt, "--input", tmp_path / "p.jsonl", *common],
+            "ppl": ["ppl", ckpt, "--max-tokens", 60, "--cache-size", 12, "--sinks", 2, "--threads", 1]}
+
+
+@pytest.mark.parametrize("command", ["generate", "chat", "batch", "ppl"])
+def test_cli_positions_reaches_the_cache(tiny_checkpoint, tmp_path, capsys, made_caches, command):
+    argv = command_lines(tiny_checkpoint, tmp_path)[command]
+    rc, _, err = cli_main(argv, capsys)
+    assert rc == 0 and made_caches and set(made_caches) == {"cache"}, err
+    made_caches.clear()
+    rc, _, err = cli_main([*argv, "--positions", "absolute"], capsys)
+    assert rc == 0 and made_caches and set(made_caches) == {"absolute"}, err
+    assert "absolute positions" in err, err
+
+
+def test_cli_ppl_conventions_agree_inside_the_cache_and_differ_past_it(tiny_checkpoint, tmp_path, capsys):
+    import json
+
+    def run(positions, tokens):
+        path = tmp_path / f"{positions}{tokens}.json"
+        rc, _, err = cli_main(["ppl", tiny_checkpoint, "--max-tokens", tokens, "--cache-size", 16, "--sinks", 4,
+                               "--threads", 1, "--positions", positions, "--json", path], capsys)
+        assert rc == 0, err
+        data = json.loads(path.read_text())
+        assert data["positions"] == positions
+        return data["modes"]["streaming"]["ppl"]
+
+    assert run("cache", 16) == pytest.approx(run("absolute", 16), rel=1e-5)  # t < S: one computation
+    assert run("cache", 200) != pytest.approx(run("absolute", 200), rel=1e-5)
+
+
+@pytest.mark.parametrize("command", ["generate", "chat", "batch", "ppl"])
+def test_cli_bad_positions_is_one_line(tiny_checkpoint, tmp_path, capsys, command):
+    argv = command_lines(tiny_checkpoint, tmp_path)[command]
+    rc, out, err = cli_main([*argv, "--positions", "relative"], capsys)
+    assert rc == 2 and out == "" and err.count("\n") == 1 and err.startswith("minillm: error:"), err
+    assert "--positions" in err and "'relative'" in err, err
