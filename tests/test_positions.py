@@ -165,18 +165,23 @@ def test_4_absolute_batched_rows_equal_each_row_alone(case, data):
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_5_the_conventions_differ_once_the_cache_is_full(case):
-    """With sinks and a full cache, each convention equals its own reference and not the other's
-    (so the properties above could fail); before the cache is full they are one computation."""
-    model = model_of(case, "split")
+def test_5_every_path_in_both_conventions_on_a_fixed_schedule(case):
+    """Every engine (core, both chunk kernels, lockstep and per-row decode) on one schedule with
+    chunks across S and decode steps before and after it: each convention equals its own
+    reference and not the other's (so the properties above could fail), and before the cache is
+    full they are one computation."""
     sinks, window, T = 2, 5, 30
-    ids = ids_of(1, T, 7)
-    for positions, other in (("cache", "absolute"), ("absolute", "cache")):
-        got = streamed(model, ids, model.new_cache(1, sinks, window, positions=positions), [4, 1, 9, 1, 1, 14])
-        assert rel_err(got, reference_stream(model, ids, sinks, window, positions=positions)) <= TOL
-        assert rel_err(got[:, sinks + window :], reference_stream(model, ids, sinks, window, positions=other)[
-            :, sinks + window :]) > 1e-4, positions
-        assert rel_err(got[:, : sinks + window], model(ids[:, : sinks + window])) <= TOL
+    S = sinks + window
+    ids = ids_of(2, T, 7)
+    schedule = [4, 1, 9, 1, 1, 1, 3, 10]  # decode steps at t = 4 (< S), 14, 15, 16 (>= S)
+    refs = {pos: reference_stream(model_of(case), ids, sinks, window, positions=pos) for pos in ("cache", "absolute")}
+    for engine in ENGINES:
+        model = model_of(case, engine)
+        for positions, other in (("cache", "absolute"), ("absolute", "cache")):
+            got = streamed(model, ids, model.new_cache(2, sinks, window, positions=positions), schedule)
+            assert rel_err(got, refs[positions]) <= TOL, (engine, positions)
+            assert rel_err(got[:, S:], refs[other][:, S:]) > 1e-4, (engine, positions)
+            assert rel_err(got[:, :S], model(ids[:, :S])) <= TOL
 
 
 @pytest.mark.parametrize("positions", ["cache", "absolute"])
