@@ -336,3 +336,19 @@ def test_cli_bad_positions_is_one_line(tiny_checkpoint, tmp_path, capsys, comman
     rc, out, err = cli_main([*argv, "--positions", "relative"], capsys)
     assert rc == 2 and out == "" and err.count("\n") == 1 and err.startswith("minillm: error:"), err
     assert "--positions" in err and "'relative'" in err, err
+
+
+def test_a_chat_keeps_its_convention_through_save_and_load(tiny_checkpoint, tmp_path):
+    import minillm
+
+    model, tok = minillm.load(tiny_checkpoint), minillm.load_tokenizer(tiny_checkpoint)
+    kw = dict(sinks=2, window=10, temperature=0, max_new_tokens=8, ignore_eos=True)
+    chat = minillm.ChatSession(model, tok, positions="absolute", **kw)
+    "".join(chat.turn("Hello there"))
+    assert chat.cache.positions == "absolute" and int(chat.cache.tokens_seen[0]) > 12  # past S
+    chat.save(tmp_path / "c.safetensors")
+    loaded = minillm.ChatSession.load(tmp_path / "c.safetensors", model, tok)
+    assert loaded.cache.positions == "absolute"
+    assert "".join(loaded.turn("And then?")) == "".join(chat.turn("And then?"))
+    with pytest.raises(MiniLLMError, match="positions must be"):
+        minillm.ChatSession(model, tok, positions="rank", **kw)
