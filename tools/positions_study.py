@@ -125,9 +125,10 @@ def section(r: dict) -> str:
          "**absolute** (mlx-lm, transformers with 4-D masks, llama.cpp's `--kv-evict-sink` PR: every key at its "
          "text position, the query at t). Under absolute, the sinks' distance to the query is t, which passes "
          f"SmolLM2's {CONTEXT:,}-token trained context once the stream does. {r['model']} ({r['weights']}), "
-         f"{st['sinks']} sinks, {r['machine']}. Regenerate with `python tools/positions_study.py` "
-         f"(this run: {', '.join(f'{k}: `{v}`' for k, v in r['commands'].items() if v)}); numbers in "
-         "`results/real/positions.json`.", ""]
+         f"{st['sinks']} sinks, {r['machine']}. Regenerate with `python tools/positions_study.py`"
+         + ("" if set(r["commands"].values()) <= {"python tools/positions_study.py"} else
+            f" (this run: {', '.join(f'{k}: `{v}`' for k, v in r['commands'].items() if v)})")
+         + "; numbers in `results/real/positions.json`.", ""]
     if r["short"]:
         L += [f"**PPL on the first {st['tokens']:,} tokens of {BOOK}** (the exact parallel streaming evaluation; "
               "ratio = exp(mean NLL difference), with its standard error):", "",
@@ -150,7 +151,7 @@ def section(r: dict) -> str:
                                                "planned tokens; the table has what finished.**")
         L += [f"**A long stream**: {done:,} tokens ({', '.join(b['book'] for b in lg['books'] if b['tokens'])}, "
               f"nothing repeated) through one {st['sinks']}+{lg['cache'] - st['sinks']} cache in each convention, "
-              f"side by side ({lg['wall_s'] / 60:.1f} min for both).{cut}", "",
+              f"side by side ({lg['wall_s'] / 60:.1f} min for both, on a busy shared machine).{cut}", "",
               "![PPL per 1,000 tokens, both conventions](results/real/positions.png)", "",
               f"| segment | tokens | PPL cache | PPL absolute | absolute / cache |", "|---|---|---|---|---|"]
         for s in segs:
@@ -177,8 +178,14 @@ def finding(r: dict) -> str | None:
     if first is None:
         words += f"; it never exceeds 1.5 (largest {worst[1]:.2f} at tokens ..{worst[0]:,})."
     else:
-        words += (f"; it first exceeds 1.5 in the 1,000 tokens ending at {first[0]:,} ({first[1]:.2f}x), and is "
-                  f"largest, {worst[1]:.1f}x, in those ending at {worst[0]:,}.")
+        words += (f"; it first exceeds 1.5 in the 1,000 tokens ending at {first[0]:,} ({first[1]:.2f}x), when the "
+                  f"sinks are {first[0] - 1000:,}..{first[0]:,} positions from the query, and is largest, "
+                  f"{worst[1]:.1f}x, in those ending at {worst[0]:,}.")
+        segs = r["long"]["segments"]
+        if segs and segs[-1]["tokens"][1] > worst[0]:
+            last = segs[-1]
+            words += (f" In the last segment (tokens {last['tokens'][0]:,}-{last['tokens'][1]:,}) it is "
+                      f"{last['ratio']:.2f}x (PPL {last['absolute']:.1f} against {last['cache']:.1f}).")
     return words
 
 
@@ -252,10 +259,12 @@ def main(argv: list[str] | None = None) -> int:
     previous = out / "positions.json"  # a part skipped now keeps what an earlier run measured
     if (args.skip_short or args.skip_long) and previous.is_file():
         old = json.loads(previous.read_text(encoding="utf-8"))
+        if args.skip_short and args.skip_long:  # a redraw: the measurement's own machine and command
+            report["machine"], report["command"] = old.get("machine", report["machine"]), old.get("command")
         for part, skipped in (("short", args.skip_short), ("long", args.skip_long)):
             if skipped and old.get(part):
                 report[part] = old[part]
-                report["commands"][part] = old.get("commands", {}).get(part)
+                report["commands"][part] = old.get("commands", {}).get(part) or old.get("command")
     for part, skipped in (("short", args.skip_short), ("long", args.skip_long)):
         if not skipped:
             report["commands"][part] = report["command"]
