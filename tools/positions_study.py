@@ -153,7 +153,7 @@ def section(r: dict) -> str:
               f"nothing repeated) through one {st['sinks']}+{lg['cache'] - st['sinks']} cache in each convention, "
               f"side by side ({lg['wall_s'] / 60:.1f} min for both, on a busy shared machine).{cut}", "",
               "![PPL per 1,000 tokens, both conventions](results/real/positions.png)", "",
-              f"| segment | tokens | PPL cache | PPL absolute | absolute / cache |", "|---|---|---|---|---|"]
+              "| segment | tokens | PPL cache | PPL absolute | absolute / cache |", "|---|---|---|---|---|"]
         for s in segs:
             L.append(f"| {s['segment']} | {s['tokens'][0]:,}-{s['tokens'][1]:,} | {s['cache']:.3f} | "
                      f"{s['absolute']:.3f} | {s['ratio']:.3f} |")
