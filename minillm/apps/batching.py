@@ -35,6 +35,7 @@ from typing import NamedTuple
 import torch
 
 from ..checks import check_int, check_model
+from ..core.contract import check_positions
 from ..errors import MiniLLMError
 from .generation import new_stream_ids, prefill_chunk, step_name
 from .sampling import SEED_RANGE, Sampler, check_finite, make_sampler
@@ -183,13 +184,13 @@ def generate_batch(model, prompts: Iterable[Sequence[int] | torch.Tensor | Reque
                    max_new_tokens: int | None = 256, temperature: float = 0.8, top_k: int | None = None,
                    top_p: float | None = 0.95, seed: int = 0, sinks: int = 4, window: int = 1020,
                    eos_ids: Iterable[int] | None = None, ignore_eos: bool = False,
-                   vocab_size: int | None = None) -> Iterator[BatchEvent]:
+                   vocab_size: int | None = None, positions: str = "cache") -> Iterator[BatchEvent]:
     """Generate for many prompts through one cache of `batch_size` rows, by continuous batching
     (the module docstring); yield a `BatchEvent` (index, token, stop) for every token, as it is
     produced.
 
     Each prompt is a sequence of token ids, or a `Request` with settings of its own. The settings
-    are `generate`'s, for every prompt; prompt i samples from a generator seeded with
+    are `generate`'s (`positions` too: the cache's position convention), for every prompt; prompt i samples from a generator seeded with
     `row_seed(seed, i)` = seed + i unless its Request gives a seed. So prompt i's tokens are
     those of `generate(model, ids_i, seed=seed + i, ...)`, whatever the batch size and the other
     prompts (`eos_ids=None`: the model's `eos_ids`, as in `generate`). Each prompt stops on its own: its EOS id is yielded with stop "eos" (unless
@@ -199,6 +200,7 @@ def generate_batch(model, prompts: Iterable[Sequence[int] | torch.Tensor | Reque
     """
     check_model(model)
     check_int("batch_size", batch_size, 1)
+    check_positions(positions)
     defaults = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
     common = dict(eos_ids=eos_ids, ignore_eos=ignore_eos, vocab_size=vocab_size)
     make_sampler(model, seed=seed, **defaults, **common)  # the call's own settings, checked up front
@@ -209,7 +211,7 @@ def generate_batch(model, prompts: Iterable[Sequence[int] | torch.Tensor | Reque
         batch_size = min(batch_size, len(prompts))  # no row that could never be used
         if batch_size == 0:
             return
-    cache = model.new_cache(batch_size=batch_size, sinks=sinks, window=window)
+    cache = model.new_cache(batch_size=batch_size, sinks=sinks, window=window, positions=positions)
     pending = enumerate(prompts)
 
     def take(b: int) -> Row | None:

@@ -140,8 +140,8 @@ class ChatSession:
     ends at EOS or at the template's end-of-turn token (`<|im_end|>` for ChatML).
 
     By default the session has a cache of its own. With `cache=` (a cache of B rows) and `row=`,
-    it keeps its conversation in that row of a cache shared with other sessions (`sinks` and
-    `window` are then the cache's); `minillm.ChatSessions` runs the turns of several at once.
+    it keeps its conversation in that row of a cache shared with other sessions (`sinks`,
+    `window` and `positions`, the position convention, are then the cache's); `minillm.ChatSessions` runs the turns of several at once.
     A session holds its row: a second session on the same row of the same cache is refused until
     the first is closed (`session.close()`, or `with ChatSession(...) as session:`) or garbage
     collected. A closed session takes no more turns; its row's keys stay as they are (a new
@@ -153,7 +153,8 @@ class ChatSession:
     def __init__(self, model, tokenizer, *, sinks: int = 4, window: int = 1020,
                  max_new_tokens: int | None = 256, temperature: float = 0.8, top_k: int | None = None,
                  top_p: float | None = 0.95, seed: int = 0, ignore_eos: bool = False,
-                 use_template: bool = True, system: str | None = None, cache=None, row: int = 0):
+                 use_template: bool = True, system: str | None = None, cache=None, row: int = 0,
+                 positions: str = "cache"):
         check_model(model)
         check_tokenizer(tokenizer)
         check_sampling(temperature, top_k, top_p)
@@ -169,7 +170,7 @@ class ChatSession:
             raise MiniLLMError("a system prompt needs a chat template to render it, and this chat has none "
                                "(the checkpoint has no template, or --no-template was given)")
         if cache is None:
-            self.cache = model.new_cache(batch_size=1, sinks=sinks, window=window)
+            self.cache = model.new_cache(batch_size=1, sinks=sinks, window=window, positions=positions)
             self.row = check_int("row", row, 0, 0, hint=" (a session with its own cache has one row)")
         elif not hasattr(cache, "tokens_seen"):
             raise MiniLLMError(f"cache must be a SinkCache from model.new_cache(), got {type(cache).__name__}")
@@ -501,12 +502,13 @@ class ChatSessions:
     turn of it alone, in its row). `turns` runs one turn of each session given, together.
     """
 
-    def __init__(self, model, tokenizer, n: int, *, sinks: int = 4, window: int = 1020, seed: int = 0, **settings):
+    def __init__(self, model, tokenizer, n: int, *, sinks: int = 4, window: int = 1020, seed: int = 0,
+                 positions: str = "cache", **settings):
         check_model(model)
         check_tokenizer(tokenizer)
         check_int("n", n, 1)
         check_seed(seed)
-        self.cache = model.new_cache(batch_size=n, sinks=sinks, window=window)
+        self.cache = model.new_cache(batch_size=n, sinks=sinks, window=window, positions=positions)
         self.sessions = [ChatSession(model, tokenizer, cache=self.cache, row=i, seed=row_seed(seed, i), **settings)
                          for i in range(n)]
 

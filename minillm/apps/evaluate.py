@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from ..checks import check_bool, check_int, check_model
+from ..core.contract import check_positions
 from ..errors import MiniLLMError
 from .generation import stream_tensor
 from .sampling import NonFiniteError, token_ids
@@ -168,7 +169,8 @@ def perplexity(model, ids, mode: str = "streaming", sinks: int = 4, window: int 
                stride: int | None = None, seed: int = 0, exact_loop: bool = False, progress: bool = False,
                block: int | None = None, dense_max_tokens: int = DENSE_MAX_TOKENS,
                recompute_batch: int | None = None, interruptible: bool = False,
-               on_nonfinite: str = "raise", prefix: Sequence[int] = ()) -> PerplexityResult:
+               on_nonfinite: str = "raise", prefix: Sequence[int] = (),
+               positions: str = "cache") -> PerplexityResult:
     """Score `ids` (one text, BOS included if the model uses one) in one of MODES.
 
     `sinks`/`window` describe the cache (S = sinks + window) for every mode. `exact_loop` feeds
@@ -183,8 +185,12 @@ def perplexity(model, ids, mode: str = "streaming", sinks: int = 4, window: int 
     `sinks >= len(prefix)` they are the attention sinks (the paper's Table 1 puts four line breaks
     there); in recompute mode every window starts with them ("recompute with BOS": `prefix=[bos]`
     and the text without its BOS), and holds S - len(prefix) text tokens.
+
+    `positions`: the cache's position convention in the cached modes, "cache" (the paper's) or
+    "absolute" (docs/streaming.md); recompute windows are always fresh forwards.
     """
     check_model(model)
+    check_positions(positions)
     if mode not in MODES:
         raise MiniLLMError(f"unknown mode {mode!r} (choose from {', '.join(MODES)})")
     check_int("sinks", sinks, 0)
@@ -249,7 +255,7 @@ def perplexity(model, ids, mode: str = "streaming", sinks: int = 4, window: int 
                 store(0, _nll_rows(model(stream[:, :-1])[0], stream[0, 1:]))
             else:
                 _cached_nll(model, stream, n_prefix, sinks, window, exact_loop,
-                            block or block_size(model, sinks + window), store)
+                            block or block_size(model, sinks + window), store, positions)
     except KeyboardInterrupt:
         if not interruptible:
             raise
@@ -296,11 +302,11 @@ def _store(nll: torch.Tensor, scored: torch.Tensor, n_skip: int, p0: int, values
         bar.update(len(values))
 
 
-def _cached_nll(model, stream, n_prefix, sinks, window, exact_loop, block, store) -> None:
+def _cached_nll(model, stream, n_prefix, sinks, window, exact_loop, block, store, positions="cache") -> None:
     """Stream the text through a sink+window cache: in blocks (parallel) or one token at a time."""
     last = stream.shape[1] - 1  # the last token is only a target
     targets = stream[0, 1:]
-    cache = model.new_cache(batch_size=1, sinks=sinks, window=window)
+    cache = model.new_cache(batch_size=1, sinks=sinks, window=window, positions=positions)
     if not exact_loop:
         for p0 in range(0, last, block):
             p1 = min(p0 + block, last)

@@ -97,7 +97,7 @@ def generate(model, prompt_ids: Sequence[int] | torch.Tensor, *, max_new_tokens:
              temperature: float = 0.8, top_k: int | None = None, top_p: float | None = 0.95,
              seed: int = 0, sinks: int = 4, window: int = 1020, eos_ids: Iterable[int] | None = None,
              ignore_eos: bool = False, vocab_size: int | None = None, cache=None,
-             generator: torch.Generator | None = None) -> Iterator[int]:
+             generator: torch.Generator | None = None, positions: str = "cache") -> Iterator[int]:
     """Yield generated token ids, one at a time, streaming through a fixed sink+window cache.
 
     - `max_new_tokens=None` generates until an EOS id (or forever with `ignore_eos`).
@@ -105,7 +105,9 @@ def generate(model, prompt_ids: Sequence[int] | torch.Tensor, *, max_new_tokens:
       (the default) is the model's own `model.eos_ids` (its EOS and end-of-turn ids, which
       `minillm.load` reads from the checkpoint); `eos_ids=()` stops on none.
     - `cache`: continue an existing stream (a chat); by default a new `model.new_cache(1, sinks,
-      window)`. It holds one stream (batch_size 1; `minillm.generate_batch` runs many). The sink
+      window, positions=positions)`, `positions` the position convention ("cache", the paper's, or
+      "absolute"; docs/streaming.md). It holds one stream (batch_size 1; `minillm.generate_batch`
+      runs many). The sink
       token (if the checkpoint has one) is prepended when the cache is empty.
     - The last yielded id is not fed to the cache (nothing needs its logits); a caller continuing
       the stream must feed it first (ChatSession does).
@@ -117,19 +119,20 @@ def generate(model, prompt_ids: Sequence[int] | torch.Tensor, *, max_new_tokens:
     for token, _, _ in generate_steps(model, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature,
                                       top_k=top_k, top_p=top_p, seed=seed, sinks=sinks, window=window,
                                       eos_ids=eos_ids, ignore_eos=ignore_eos, vocab_size=vocab_size, cache=cache,
-                                      generator=generator):
+                                      generator=generator, positions=positions):
         yield token
 
 
 def generate_steps(model, prompt_ids, *, max_new_tokens, temperature, top_k, top_p, seed, sinks, window, eos_ids,
-                   ignore_eos, vocab_size, cache, generator) -> Iterator[tuple[int, torch.Tensor, str | None]]:
+                   ignore_eos, vocab_size, cache, generator,
+                   positions: str = "cache") -> Iterator[tuple[int, torch.Tensor, str | None]]:
     """`generate`, yielding (token, the logits it was drawn from, stop: None, "eos" or "length")."""
     check_model(model)
     sampler = make_sampler(model, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                            top_p=top_p, seed=seed, eos_ids=eos_ids, ignore_eos=ignore_eos, vocab_size=vocab_size,
                            generator=generator)
     if cache is None:
-        cache = model.new_cache(batch_size=1, sinks=sinks, window=window)
+        cache = model.new_cache(batch_size=1, sinks=sinks, window=window, positions=positions)
     elif not hasattr(cache, "tokens_seen"):
         raise MiniLLMError(f"cache must be a SinkCache from model.new_cache(), got {type(cache).__name__}")
     elif cache.batch_size != 1:

@@ -7,7 +7,7 @@
 
 One safetensors file each, like mlx-lm's `save_prompt_cache`: the keys, values (and raw sink keys)
 as tensors, and everything else as JSON in the file's header (`__metadata__["minillm"]`): the
-sinks and window, each row's count, the model's fingerprint (minillm/identity.py) and, for a chat,
+sinks and window, the position convention ("cache" when a file predates it), each row's count, the model's fingerprint (minillm/identity.py) and, for a chat,
 its messages, rendered prompt, sampling settings and its generator's state (a uint8 tensor). It is
 written atomically (a temporary file renamed into place) and read with safetensors, never pickle.
 Loading refuses a file saved from another model (its fingerprint differs) and checks every value
@@ -90,6 +90,13 @@ def _int(info: dict, key: str, low: int, high: int = 2**63 - 1) -> int:
     return v
 
 
+def _positions(info: dict) -> str:
+    """The file's position convention: "cache" if it names none (files from before the choice)."""
+    from ..core.contract import check_positions
+
+    return check_positions(info.get("positions", "cache"), "load: the file's positions")
+
+
 def _rows_state(cache, rows: list[int]) -> tuple[dict[str, torch.Tensor], list[int]]:
     tensors = {"k": cache.k[:, rows], "v": cache.v[:, rows]}
     if cache.raw_sink_k is not None:
@@ -120,7 +127,8 @@ def save_cache(cache, path, rows=None) -> None:
     rows = list(range(cache.batch_size)) if rows is None else cache.rows(rows, "save")
     tensors, counts = _rows_state(cache, rows)
     _write(path, tensors, {"format": CACHE_FORMAT, "version": VERSION, "sinks": cache.sinks, "window": cache.window,
-                           "tokens_seen": counts, "fingerprint": _fingerprint_of_cache(cache)})
+                           "positions": cache.positions, "tokens_seen": counts,
+                           "fingerprint": _fingerprint_of_cache(cache)})
 
 
 def load_cache(path, model):
@@ -134,7 +142,8 @@ def load_cache(path, model):
     if n < 1:
         raise MiniLLMError(f"load: {path} holds no rows")
     dtype = tensors["k"].dtype if "k" in tensors else model.dtype
-    cache = model.new_cache(batch_size=n, sinks=_int(info, "sinks", 0), window=_int(info, "window", 1), dtype=dtype)
+    cache = model.new_cache(batch_size=n, sinks=_int(info, "sinks", 0), window=_int(info, "window", 1), dtype=dtype,
+                            positions=_positions(info))
     _import(cache, {k: v.to(cache.device) for k, v in tensors.items()}, counts, n, info["fingerprint"], model)
     return cache
 
@@ -154,6 +163,7 @@ def save_session(session, path) -> None:
     sampling = {k: s.sampling[k] for k in ("max_new_tokens", "temperature", "top_k", "top_p", "ignore_eos")}
     _write(path, tensors, {
         "format": CHAT_FORMAT, "version": VERSION, "sinks": s.cache.sinks, "window": s.cache.window,
+        "positions": s.cache.positions,
         "tokens_seen": counts, "fingerprint": _fingerprint_of_cache(s.cache), "sampling": sampling,
         "template": _template_hash(s.template), "messages": s.messages, "prompt_text": s.prompt_text,
         "unfed": s.unfed, "turns": s.turns})
@@ -185,7 +195,7 @@ def load_session(cls, path, model, tokenizer):
     if not isinstance(sampling["ignore_eos"], bool):
         raise MiniLLMError("load: the file's ignore_eos must be true or false")
     session = cls(model, tokenizer, sinks=_int(info, "sinks", 0), window=_int(info, "window", 1),
-                  use_template=template is not None, **sampling)
+                  use_template=template is not None, positions=_positions(info), **sampling)
     dtype = tensors["k"].dtype if "k" in tensors else model.dtype
     if dtype != session.cache.dtype:
         raise MiniLLMError(f"load: the file's streams are {dtype}, the model is {session.cache.dtype}")

@@ -103,7 +103,8 @@ class StopText:
 def stream_generate(model, tokenizer, prompt, *, max_new_tokens: int | None = 256, temperature: float = 0.8,
                     top_k: int | None = None, top_p: float | None = 0.95, seed: int = 0, sinks: int = 4,
                     window: int = 1020, eos_ids: Iterable[int] | None = None, stop=None, ignore_eos: bool = False,
-                    cache=None, generator: torch.Generator | None = None) -> Iterator[GenerationResponse]:
+                    cache=None, generator: torch.Generator | None = None,
+                    positions: str = "cache") -> Iterator[GenerationResponse]:
     """Generate from `prompt` (a string, ids or chat messages) and yield a `GenerationResponse`
     per token: the text it adds, the token, its log-probability and, on the last one, why
     generation ended ("stop": an EOS/end-of-turn id or a `stop` string; "length"). The module
@@ -119,7 +120,7 @@ def stream_generate(model, tokenizer, prompt, *, max_new_tokens: int | None = 25
     for token, logits, why in generate_steps(model, ids, max_new_tokens=max_new_tokens, temperature=temperature,
                                              top_k=top_k, top_p=top_p, seed=seed, sinks=sinks, window=window,
                                              eos_ids=eos_ids, ignore_eos=ignore_eos, vocab_size=vocab, cache=cache,
-                                             generator=generator):
+                                             generator=generator, positions=positions):
         n += 1
         logprob = float(torch.log_softmax(logits[:vocab].double(), dim=-1)[token])
         if why == "eos":  # the end-of-sequence token adds no text

@@ -166,7 +166,7 @@ def cmd_generate(args) -> int:
             for token in generate(model, ids, max_new_tokens=_max_new(args),
                                   temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
                                   seed=args.seed, sinks=sinks, window=window, eos_ids=tok.eos_ids,
-                                  ignore_eos=args.ignore_eos, vocab_size=tok.vocab_size):
+                                  ignore_eos=args.ignore_eos, vocab_size=tok.vocab_size, positions=args.positions):
                 STATUS.clear()
                 if token in tok.eos_ids and not args.ignore_eos:
                     break
@@ -181,8 +181,13 @@ def cmd_generate(args) -> int:
     end = time.perf_counter()
     print("minillm: " + summary(n, start, phases.finished.get("prefill"), end, phases.totals.get("prefill", 0),
                                 getattr(args, "load_seconds", 0.0))
-          + f"; cache {sinks}+{window}{', interrupted' if interrupted else ''}", file=sys.stderr)
+          + f"; cache {sinks}+{window}{_positions_note(args)}{', interrupted' if interrupted else ''}", file=sys.stderr)
     return 130 if interrupted else 0
+
+
+def _positions_note(args) -> str:
+    """", absolute positions" in a summary line when --positions absolute (the default says nothing)."""
+    return ", absolute positions" if getattr(args, "positions", "cache") == "absolute" else ""
 
 
 def _rate(tokens: int, seconds: float) -> str:
@@ -212,7 +217,7 @@ def cmd_chat(args) -> int:
     session = ChatSession(model, tok, sinks=sinks, window=window, max_new_tokens=_max_new(args),
                           temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
                           seed=args.seed, ignore_eos=args.ignore_eos, use_template=not args.no_template,
-                          system=args.system)
+                          system=args.system, positions=args.positions)
     source = ((t, False) for t in turns) if turns is not None else stdin_turns()
     interrupted, start = False, time.perf_counter()
     try:
@@ -229,7 +234,7 @@ def cmd_chat(args) -> int:
     seconds = time.perf_counter() - start
     cache = session.cache
     print(f"minillm: {session.turns} turns, {int(cache.tokens_seen[0])} tokens through a cache of "
-          f"{cache.sinks}+{cache.window} in {seconds:.1f} s"
+          f"{cache.sinks}+{cache.window}{_positions_note(args)} in {seconds:.1f} s"
           f"{' (chat template)' if session.template else ''}{', interrupted' if interrupted else ''}",
           file=sys.stderr)
     return 130 if interrupted else 0
@@ -297,8 +302,8 @@ def _run_batch(args, name: str, model, tok, jobs: list, records: Records,
 
     rows = min(args.batch_size, len(jobs))
     sinks, window = _cache_shape(args, model, rows)
-    print(f"minillm: {len(jobs)} prompts from {name}, {rows} at a time through a cache of {sinks}+{window}",
-          file=sys.stderr)
+    print(f"minillm: {len(jobs)} prompts from {name}, {rows} at a time through a cache of {sinks}+{window}"
+          f"{_positions_note(args)}", file=sys.stderr)
     drawn: dict[int, list[int]] = {}
     tokens, interrupted, start = 0, False, time.perf_counter()
     bar = tqdm(total=len(jobs), unit="prompt", file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
@@ -307,7 +312,7 @@ def _run_batch(args, name: str, model, tok, jobs: list, records: Records,
                 model, [r for _, _, r in jobs], batch_size=rows, max_new_tokens=_max_new(args),
                 temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p, seed=args.seed,
                 sinks=sinks, window=window, eos_ids=tok.eos_ids if stop_ids is None else stop_ids,
-                ignore_eos=args.ignore_eos, vocab_size=tok.vocab_size):
+                ignore_eos=args.ignore_eos, vocab_size=tok.vocab_size, positions=args.positions):
             got = drawn.setdefault(index, [])
             if token is not None and stop != "eos":  # the EOS id ends the text; it is not part of it
                 got.append(token)
@@ -414,14 +419,14 @@ def cmd_ppl(args) -> int:
         check_dense(model, len(ids) - 1 + len(sink_prefix(model.config)), args.dense_max_tokens)
     S = sinks + window
     source = f"{len(files)} file(s)" if args.text else SAMPLE_NAME
-    print(f"minillm: {len(ids)} tokens from {source}; cache {sinks}+{window} (S={S}); "
+    print(f"minillm: {len(ids)} tokens from {source}; cache {sinks}+{window} (S={S}){_positions_note(args)}; "
           f"modes: {' '.join(modes)}", file=sys.stderr)
 
     results = {}
     for mode in modes:
         r = perplexity(model, ids, mode, sinks, window, stride=args.stride, seed=args.seed,
                        exact_loop=args.exact_loop, progress=True, dense_max_tokens=args.dense_max_tokens,
-                       interruptible=True)
+                       interruptible=True, positions=args.positions)
         results[mode] = r
         if r.interrupted:
             break
@@ -444,7 +449,8 @@ def cmd_ppl(args) -> int:
 
     if args.json:
         out = {"model": args.model or str(DEFAULT_MODEL), "files": files, "tokens": len(ids),
-               "sinks": sinks, "cache_size": S, "dtype": args.dtype, "exact_loop": args.exact_loop,
+               "sinks": sinks, "cache_size": S, "positions": args.positions, "dtype": args.dtype,
+               "exact_loop": args.exact_loop,
                "modes": {}}
         if strided:
             first = next(iter(results.values()))

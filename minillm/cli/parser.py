@@ -13,6 +13,7 @@ import re
 import sys
 
 from .. import __version__
+from ..core.contract import POSITIONS
 from ..limits import MAX_THREADS
 
 DEFAULT_CACHE_SIZE = 1024  # capped at the checkpoint's trained context unless given
@@ -122,6 +123,9 @@ def _common(cache_flags: bool = True) -> argparse.ArgumentParser:
         p.add_argument("--cache-size", type=_int_at_least(1), metavar="S",
                        help=f"keys in the cache, sinks + window, the new token included "
                             f"(default {DEFAULT_CACHE_SIZE}, or the checkpoint's context if smaller)")
+        p.add_argument("--positions", choices=POSITIONS, default="cache",
+                       help="position convention once the cache is full: cache (default, the paper's: keys at "
+                            "their ranks in the cache) or absolute (keys at their text positions, the query at t)")
     return p
 
 
