@@ -142,6 +142,7 @@ for flag, v in [("--port", "70000"), ("--port", "-1"), ("--port", "x"), ("--batc
     row(f"serve {flag}={v!r}", SERVE + [flag, v], 2, f"argument {flag}:")
 row("serve --session-dir a file", SERVE + ["--session-dir", "{d}/ok.txt"], 2, "exists and is not a directory")
 row("serve --api-key empty", SERVE + ["--api-key", " "], 2, "--api-key is empty")
+row("serve --tensor-parallel", SERVE + ["--tensor-parallel"], 2, "serve runs in one process: --tensor-parallel is not supported")
 row("generate two models", ["generate", "{llama}", "-m", "{d}", "--prompt", "x"], 2, "two models given")
 row("--threads 0 before the command", ["--threads", "0", "generate", "{llama}", "--prompt", "x"], 2,
     "argument --threads: must be >= 1")

@@ -633,6 +633,9 @@ def main(argv: list[str] | None = None) -> int:
                 pass
     try:
         finish(args)
+        if args.command == "serve" and args.tensor_parallel:
+            raise MiniLLMError("serve runs in one process: --tensor-parallel is not supported there "
+                               "(use it with generate, chat, batch or ppl)")
         if _wants_group(args):  # torchrun: --tensor-parallel, ppl --data-parallel (minillm/parallel/cli.py)
             from ..parallel.cli import start
 

@@ -85,7 +85,8 @@ def run_server(args, model, tok, sinks: int, window: int) -> int:
     name = model_name(args)
     engine_kwargs = dict(batch_size=args.batch_size, sinks=sinks, window=window,
                          max_prefill_tokens=args.max_prefill_tokens, max_sessions=args.max_sessions,
-                         max_queue=args.queue_size, max_prompt_tokens=args.max_prompt_tokens)
+                         max_queue=args.queue_size, max_prompt_tokens=args.max_prompt_tokens,
+                         positions=args.positions)
     if args.session_dir is not None:
         engine_kwargs["session_dir"] = args.session_dir
     engine = minillm.Engine(model, tok, **engine_kwargs)
