@@ -72,10 +72,10 @@ class Scripted:
         self.script = iter(script)
         self.fed: list[int] = []
 
-    def new_cache(self, batch_size=1, sinks=4, window=1020):
+    def new_cache(self, batch_size=1, sinks=4, window=1020, positions="cache"):
         return minillm.SinkCache(num_layers=1, batch_size=1, num_kv_heads=1, head_dim=2, sinks=sinks,
                                  window=window, dtype=torch.float32, device="cpu", owner_id=0,
-                                 keep_raw_sinks=False)
+                                 keep_raw_sinks=False, positions=positions)
 
     def __call__(self, ids, cache, logits_to_keep=0):
         self.fed += ids[0].tolist()
