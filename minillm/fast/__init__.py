@@ -16,6 +16,8 @@ and SoftMax-off-by-one. `FastPath(chunk_kernel=..., decode=...)` forces one path
 
 from __future__ import annotations
 
+import torch
+
 from .decode import plan_decode
 from .kernels import KERNELS, plan_chunk, plan_dense
 from .layout import ensure, fit
@@ -39,7 +41,8 @@ class FastPath:
         spec = model.spec()
         if spec.config.zero_sink:
             return None
-        ensure(model)
+        if not torch.compiler.is_compiling():  # a compiled forward keeps the layout it was traced with
+            ensure(model)
         if cache is None:
             return plan_dense(spec, n)
         if n == 1:
