@@ -550,3 +550,25 @@ def test_concurrent_conversations_from_threads_each_equal_chatsession(model, tok
     for k, replies in got.items():
         chat = ChatSession(model, tok, sinks=2, window=24, max_new_tokens=4, temperature=0)
         assert replies == ["".join(chat.turn(f"{USERS[(t + k) % len(USERS)]} ({k})")) for t in range(3)]
+
+
+def test_a_decode_step_computes_only_the_span_of_rows_in_flight(model, tok):
+    """One request in an 8-row engine decodes one row, not the padded batch (the forward's batch is
+    recorded), and its tokens equal `generate` alone; two requests in rows 0 and 1 decode 2 rows."""
+    want = [t for t in generate(model, [5, 6, 7], max_new_tokens=6, temperature=0, sinks=2, window=16)]
+    eng = Engine(model, tok, batch_size=8, sinks=2, window=16, max_prefill_tokens=64, temperature=0)
+    batches = []
+    hook = model.register_forward_pre_hook(lambda mod, args, kwargs: batches.append(args[0].shape), with_kwargs=True)
+    try:
+        rid = eng.add_request([5, 6, 7], max_tokens=6)
+        got = [e.token for e in eng.stream(rid) if e.token is not None]
+        decodes = [s for s in batches if s[1] == 1]
+        assert decodes and all(s[0] == 1 for s in decodes), batches
+        assert got == want
+        batches.clear()
+        rids = [eng.add_request([5, 6, 7 + i], max_tokens=4) for i in range(2)]
+        for r in rids:
+            list(eng.stream(r))
+        assert max(s[0] for s in batches if s[1] == 1) == 2, batches
+    finally:
+        hook.remove()

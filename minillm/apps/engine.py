@@ -14,7 +14,8 @@ stream of its own (docs/streaming.md). `step()` is one pass of the loop:
    prompt first, each in its own row (a long prompt is fed in pieces over several steps);
 3. sample: every row whose prompt is fed draws its next token with its own seeded generator
    (`Sampler`, as `generate` draws), and an `Event` carries it out with its text;
-4. decode: the rows still going feed their token in one batched step (`lengths`: the others 0).
+4. decode: the rows still going feed their token in one batched step over the span of rows they
+   occupy (a view of the cache; `lengths`: 0 for an idle row inside the span).
 So a long prompt never stalls the others: each step decodes every active row once, and feeds at
 most `max_prefill_tokens` of prefill beside it.
 
@@ -168,19 +169,21 @@ ROW_BUFFERS = ("k", "v", "raw_sink_k", "_seen")
 CACHE_SETTINGS = ("sinks", "window", "batch_size", "owner_id", "positions")
 
 
-def row_view(cache, b: int):
-    """A one-row cache over row b of `cache`, sharing its buffers and count: a forward through it
-    writes row b in place and advances row b's count, and touches no other row (a prefill of one
-    row then costs one row's compute, not the padded batch's). None when the cache holds anything
-    this function does not know how to slice (the caller then feeds the row in a ragged call)."""
+def row_view(cache, b: int, end: int | None = None):
+    """A cache over rows b..end-1 of `cache` (row b alone by default), sharing its buffers and
+    counts: a forward through it writes those rows in place and advances their counts, and touches
+    no other row (a prefill of one row then costs one row's compute, and a decode step the span of
+    the rows in flight, not the padded batch's). None when the cache holds anything this function
+    does not know how to slice (the caller then makes a ragged call over the whole batch)."""
     if set(vars(cache)) - set(ROW_BUFFERS) - set(CACHE_SETTINGS):
         return None
+    end = b + 1 if end is None else end
     view = object.__new__(type(cache))
     view.__dict__.update(cache.__dict__)
-    view.k, view.v = cache.k[:, b : b + 1], cache.v[:, b : b + 1]
-    view.raw_sink_k = None if cache.raw_sink_k is None else cache.raw_sink_k[:, b : b + 1]
-    view._seen = cache._seen[b : b + 1]  # a view: `advance` adds to row b's count
-    view.batch_size = 1
+    view.k, view.v = cache.k[:, b:end], cache.v[:, b:end]
+    view.raw_sink_k = None if cache.raw_sink_k is None else cache.raw_sink_k[:, b:end]
+    view._seen = cache._seen[b:end]  # a view: `advance` adds to these rows' counts
+    view.batch_size = end - b
     return view
 
 
@@ -775,9 +778,15 @@ class Engine:
             lengths[req.row] = 1
             going.append(req)
         if going:
+            # Only the span of rows in flight is computed (a view of the cache: idle rows are
+            # neither read nor written), so one request does not pay for the whole batch.
+            lo, hi = min(r.row for r in going), max(r.row for r in going) + 1
+            view = row_view(self.cache, lo, hi) if (lo, hi) != (0, B) else None
+            if view is None:
+                lo, hi, view = 0, B, self.cache
             try:
                 with torch.no_grad():
-                    logits = self.model(step, cache=self.cache, lengths=lengths, logits_to_keep=1)
+                    logits = self.model(step[lo:hi], cache=view, lengths=lengths[lo:hi], logits_to_keep=1)
             except Exception as e:  # one request's failure fails it alone
                 for req in going:
                     self._fail(req, e, events)
@@ -786,7 +795,7 @@ class Engine:
             finite = torch.isfinite(logits[:, -1, :V]).all(dim=-1).tolist()  # one check for every row
             seen = self.cache.tokens_seen
             for req in going:
-                req.logits = logits[req.row, -1]
+                req.logits = logits[req.row - lo, -1]
                 s = req.stream
                 if s.chat is None:
                     s.tokens.append(int(step[req.row, 0]))
@@ -794,7 +803,7 @@ class Engine:
                     s.log.append(int(step[req.row, 0]))
                     if len(s.log) > self.max_log_tokens:  # too long to replay: kept only while parked
                         s.log = None
-                if not finite[req.row]:
+                if not finite[req.row - lo]:
                     try:
                         check_finite(req.logits[:V], self.model, step[req.row : req.row + 1],
                                      f"request {req.rid}: {step_name(req.sampler.n, int(seen[req.row]) - 1, req.start)}")
