@@ -8,7 +8,6 @@ forward, trimmed only after it.
     tools/conformance/attention_sinks.sh        (makes its virtualenv, then runs this)
 """
 
-import argparse
 import sys
 from importlib.metadata import version
 from pathlib import Path
@@ -17,17 +16,7 @@ import torch
 from attention_sinks import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import run  # noqa: E402
-
-p = argparse.ArgumentParser()
-p.add_argument("--tiny", default="/tmp/minillm-conformance/tiny-llama")
-p.add_argument("--smollm2", default="/tmp/minillm-conformance/smollm2-135m", help="'' to skip")
-p.add_argument("--examples", type=int, default=30)
-p.add_argument("--no-tiny", action="store_true")
-p.add_argument("--suffix", default="", help="appended to the SmolLM2 JSON name")
-p.add_argument("--conventions", default="cache,absolute", help="for SmolLM2")
-p.add_argument("--feeds", default="token,chunks", help="for SmolLM2")
-a = p.parse_args()
+from common import main  # noqa: E402
 
 
 class SinksEngine:
@@ -51,13 +40,5 @@ def loaded(path, sinks, window):
 
 
 torch.set_num_threads(1)
-v = f"attention_sinks {version('attention_sinks')}, transformers {version('transformers')}"
-if not a.no_tiny:
-    tiny = loaded(a.tiny, 4, 12)
-    run("attention_sinks", v, "tiny-llama", lambda: SinksEngine(tiny), a.tiny, sinks=4, window=12,
-        examples=a.examples, out_name="attention-sinks-tiny")
-if a.smollm2 and Path(a.smollm2).exists():
-    smol = loaded(a.smollm2, 4, 28)
-    run("attention_sinks", v, "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to float32 safetensors)",
-        lambda: SinksEngine(smol), a.smollm2, sinks=4, window=28, examples=max(4, a.examples // 5),
-        conventions=a.conventions.split(","), feeds=a.feeds.split(","), out_name="attention-sinks-smollm2" + a.suffix)
+main("attention_sinks", f"attention_sinks {version('attention_sinks')}, transformers {version('transformers')}",
+     loaded, lambda model, sinks, window: SinksEngine(model), "attention-sinks")

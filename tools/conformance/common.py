@@ -67,3 +67,29 @@ def run(engine: str, version: str, model: str, make_engine, model_dir, *, sinks:
                                    machine=platform.machine(), rows=rows), indent=1) + "\n")
     print("wrote", out.relative_to(REPO))
     return rows
+
+
+def main(engine: str, version: str, load, make_engine, out_prefix: str) -> None:
+    """The command line of a check on the shared safetensors models: the tiny Llama (4 + 12) and,
+    when it exists, SmolLM2 (4 + 28). `load(path, sinks, window)` gives the engine's model and
+    `make_engine(model, sinks, window)` a fresh engine over it."""
+    import argparse
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--tiny", default="/tmp/minillm-conformance/tiny-llama")
+    p.add_argument("--smollm2", default="/tmp/minillm-conformance/smollm2-135m", help="'' to skip")
+    p.add_argument("--examples", type=int, default=30)
+    p.add_argument("--no-tiny", action="store_true")
+    p.add_argument("--suffix", default="", help="appended to the SmolLM2 JSON name")
+    p.add_argument("--conventions", default="cache,absolute", help="for SmolLM2")
+    p.add_argument("--feeds", default="token,chunks", help="for SmolLM2")
+    a = p.parse_args()
+    if not a.no_tiny:
+        tiny = load(a.tiny, 4, 12)
+        run(engine, version, "tiny-llama", lambda: make_engine(tiny, 4, 12), a.tiny, sinks=4, window=12,
+            examples=a.examples, out_name=f"{out_prefix}-tiny")
+    if a.smollm2 and Path(a.smollm2).exists():
+        smol = load(a.smollm2, 4, 28)
+        run(engine, version, "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to float32 safetensors)",
+            lambda: make_engine(smol, 4, 28), a.smollm2, sinks=4, window=28, examples=max(4, a.examples // 5),
+            conventions=a.conventions.split(","), feeds=a.feeds.split(","), out_name=f"{out_prefix}-smollm2" + a.suffix)
