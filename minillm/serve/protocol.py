@@ -198,11 +198,16 @@ class Job:
     user: str | None
 
 
-def parse_chat(body: dict, limits: Limits, served: str) -> Job:
+def _validated(model, body: dict):
+    """`body` as the request model `model`, or an ApiError naming the first field pydantic refused."""
     try:
-        r = ChatRequest.model_validate(body)
+        return model.model_validate(body)
     except ValidationError as e:
         raise _pydantic_error(e) from None
+
+
+def parse_chat(body: dict, limits: Limits, served: str) -> Job:
+    r = _validated(ChatRequest, body)
     _check_common(r, limits, served)
     for name in ("tools", "functions"):
         if getattr(r, name) not in (None, []):
@@ -235,10 +240,7 @@ def parse_chat(body: dict, limits: Limits, served: str) -> Job:
 
 
 def parse_completion(body: dict, limits: Limits, served: str) -> Job:
-    try:
-        r = CompletionRequest.model_validate(body)
-    except ValidationError as e:
-        raise _pydantic_error(e) from None
+    r = _validated(CompletionRequest, body)
     _check_common(r, limits, served)
     if r.echo:
         raise _unsupported("echo")
