@@ -34,22 +34,37 @@ def test_int8_is_close_to_float32_and_reads_int8(name):
     ids = torch.tensor([tok.encode("It was the best of times, it was the worst of times, it was the age of wisdom, "
                                    "it was the age of foolishness, it was the epoch of belief.")])
     want = model(ids)
-    quantize_int8(model)
+    float_head = model.lm_head
+    quantize_int8(model)  # the decoder's projections; the head stays float by default
     linears = [m for m in model.modules() if isinstance(m, Int8Linear)]
-    assert len(linears) == 4 * model.config.num_layers + 1  # every projection, and the head
+    assert len(linears) == 4 * model.config.num_layers  # every projection
     assert all(m.weight_int8.dtype == torch.int8 for m in linears)
-    assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
-    got = model(ids)
-    assert rel_err(got, want) < 3e-2
+    assert model.lm_head is float_head and not isinstance(model.lm_head, Int8Linear)
+    assert all(not isinstance(m, torch.nn.Linear) for layer in model.layers for m in layer.modules())
+    assert rel_err(model(ids), want) < 3e-2
+    model, _ = minillm.load(WEIGHTS / name), None
+    quantize_int8(model, head=True)  # and the head (a tied one as its own int8 copy)
+    assert isinstance(model.lm_head, Int8Linear) and not any(isinstance(m, torch.nn.Linear) for m in model.modules())
+    assert rel_err(model(ids), want) < 3e-2
 
 
-def test_int8_weights_are_within_half_a_step():
-    w = torch.randn(24, 40) * torch.logspace(-3, 1, 24)[:, None]  # rows of very different scales
+@pytest.mark.parametrize("width", [40, 48])
+def test_int8_weights_are_within_half_a_step(width):
+    """Width 40: the product in float32, as x; width 48 (a multiple of 16): in bfloat16 (x rounded to
+    bfloat16, float32 sums, the output rounded to bfloat16), so within a few bfloat16 steps."""
+    w = torch.randn(24, width) * torch.logspace(-3, 1, 24)[:, None]  # rows of very different scales
     lin = Int8Linear(w, None)
-    back = lin.weight_int8.float() * lin.scale[:, None]
-    assert ((back - w).abs() <= lin.scale[:, None] / 2 + 1e-7).all()
-    x = torch.randn(3, 40)
-    assert torch.allclose(lin(x), x @ back.T, rtol=1e-5, atol=1e-5)
+    assert lin.scale.dtype == (torch.bfloat16 if width % 16 == 0 else torch.float32)
+    back = lin.weight_int8.float() * lin.scale.float()[:, None]
+    assert ((back - w).abs() <= lin.scale.float()[:, None] / 2 + 1e-7).all()
+    x = torch.randn(3, width)
+    got = lin(x)
+    assert got.dtype == torch.float32
+    if width % 16:
+        assert torch.allclose(got, x @ back.T, rtol=1e-5, atol=1e-5)
+    else:  # against the float64 product of the bfloat16-rounded input: the output's own rounding and the sums'
+        want = (x.bfloat16().double() @ back.double().T)
+        assert ((got.double() - want).abs() <= 2 ** -7 * want.abs() + 1e-3 * want.abs().max()).all()
 
 
 @torch.no_grad()

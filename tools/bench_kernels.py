@@ -132,7 +132,7 @@ def main(argv=None) -> int:
             kinds = sorted({(tuple(w.shape), matvec.stored_as(w)) for w in layout._weights(model)})
             print(f"{side:9s} loaded in {load_s:.1f} s, {weight_bytes(model) / 1e6:.0f} MB of weights; layouts {kinds}",
                   flush=True)
-        print("probe verdicts:", {f"{o}x{i} {str(d)[6:]} {t}t": k for (o, i, d, t), k in matvec.verdicts().items()})
+        print("probe verdicts:", {f"{o}x{i} {str(d)[6:]} {t}t{'' if lin else ' head'}": k for (o, i, d, t, lin), k in matvec.verdicts().items()})
         nbytes = {s: weight_bytes(m) for s, m in models.items()}
         buf = torch.ones(max(nbytes.values()) // 4)
         times = {s: [] for s in sides + ["sum"]}

@@ -192,7 +192,7 @@ def child_minillm(task: dict) -> dict:
         out["decode_tok_s"] = task["new_tokens"] / (time.perf_counter() - t0)
         out["first_tokens"] = tokens[:4]
         out["decode_keys"] = int(cache.keys_held()[0])
-        out["kernel_verdicts"] = {f"{o}x{i} {str(d)[6:]} {t} threads": k for (o, i, d, t), k in matvec.verdicts().items()}
+        out["kernel_verdicts"] = {f"{o}x{i} {str(d)[6:]} {t} threads{'' if lin else ' tied head'}": k for (o, i, d, t, lin), k in matvec.verdicts().items()}
 
         out["prefill_tok_s"] = {}
         for n in task["prefill"]:

@@ -9,7 +9,8 @@
 - one token per row: the decode step (decode.py), lockstep or per row, with the sinks rotated once
   per step, optionally compiled;
 - the CPU weight layout (layout.py), chosen per machine by a timed probe (matvec.py,
-  MINILLM_KERNELS); int8 weights (quant.py) are a separate opt-in.
+  MINILLM_KERNELS), and, for bfloat16/float16, whether a one-row decode step runs torch's own
+  matrix-vector kernel rather than oneDNN's ("native"); int8 weights (quant.py) are a separate opt-in.
 It declines (returns None, and the core computes) where only explicit scores serve: attention maps
 and SoftMax-off-by-one. `FastPath(chunk_kernel=..., decode=...)` forces one path, for the tests.
 """
@@ -20,7 +21,8 @@ import torch
 
 from .decode import plan_decode
 from .kernels import KERNELS, plan_chunk, plan_dense
-from .layout import ensure, fit
+from .layout import decodes_natively, ensure, fit, unfit
+from .matvec import natively
 
 DECODE_FORMS = ("auto", "rows")
 
@@ -46,7 +48,10 @@ class FastPath:
         if cache is None:
             return plan_dense(spec, n)
         if n == 1:
-            return plan_decode(spec, cache, lengths, per_row=self.decode == "rows", step=self.compiled_step)
+            p = plan_decode(spec, cache, lengths, per_row=self.decode == "rows", step=self.compiled_step)
+            if p.step is None and cache.batch_size == 1 and decodes_natively(model):  # one row: torch's kernel
+                p.step = natively(model._step)
+            return p
         return plan_chunk(spec, n, cache, lengths, kernel=self.chunk_kernel)
 
 
@@ -58,8 +63,10 @@ def enable(model, **options):
 
 
 def disable(model):
-    """The core alone, from the next call on (the weight layout stays: it changes no value)."""
+    """The core alone, from the next call on (the weight layout stays: it changes no value; every
+    Linear is an nn.Linear again)."""
     model.fast = None
+    unfit(model)
     return model
 
 

@@ -1,5 +1,6 @@
 """The CPU weight layout: each Linear weight (and a tied head's embedding) stored as the kernel
-that matvec.py chose for its shape on this machine reads it fastest.
+that matvec.py chose for its shape on this machine reads it fastest, and each Linear given the
+kernel's class (nn.Linear, or matvec.OneDNNLinear for "onednn").
 
 Decode multiplies one vector by each weight and is bound by reading them, and the library's
 matrix-vector product reads a weight at different speeds stored (out, in) or (in, out), by shape and
@@ -17,13 +18,33 @@ from torch import nn
 from . import matvec
 
 
-def _weights(model: nn.Module):
-    """Every weight a product reads: the Linear weights, and the embedding when it is the head."""
+def unfit(model: nn.Module) -> None:
+    """Every Linear back to nn.Linear (fast.disable; the strides stay: they change no value)."""
+    for module in model.modules():
+        if type(module) is matvec.OneDNNLinear:
+            module.__class__ = nn.Linear
+    model._decode_native = False
+    model._layout_key = None
+
+
+def decodes_natively(model: nn.Module) -> bool:
+    """Whether `fit` chose the "native" one-row decode step for `model` (matvec.decode_kernel)."""
+    return getattr(model, "_decode_native", False)
+
+
+def _products(model: nn.Module):
+    """(Linear or None, weight) for every weight a product reads: the Linear weights, and the
+    embedding (None: no Linear of its own) when it is the head."""
     for module in model.modules():
         if isinstance(module, nn.Linear):
-            yield module.weight
+            yield module, module.weight
     if getattr(model, "lm_head", "untied") is None:  # tied: F.linear(x, embed.weight) is the head
-        yield model.embed.weight
+        yield None, model.embed.weight
+
+
+def _weights(model: nn.Module):
+    """Every weight a product reads (`_products` without the modules)."""
+    return (w for _, w in _products(model))
 
 
 def fit(model: nn.Module) -> None:
@@ -32,14 +53,22 @@ def fit(model: nn.Module) -> None:
     Every new buffer is made while the old ones are still held, and only then swapped in: freed
     weights would otherwise be recycled, one by one, into the next weight's buffer, and decode read
     the weights measurably slower from that memory (docs/performance.md, session 4)."""
+    products = list(_products(model))
+    native = matvec.decode_kernel([w for _, w in products]) == "native"  # every weight row-major, read natively
     moves = []
-    for w in _weights(model):
-        kernel = matvec.choose(w)
+    for module, w in products:
+        kernel = "native" if native else matvec.choose(w, linear=module is not None)
         if kernel is not None and not matvec.is_stored_for(w, kernel):
             moves.append((w, matvec.relaid(w.data, kernel)))
+        if type(module) in (nn.Linear, matvec.OneDNNLinear):  # not int8's or another subclass
+            first = 1 if kernel == "onednn" else 2 if not native and matvec.batch_onednn(w) else None
+            module.__class__ = nn.Linear if first is None else matvec.OneDNNLinear
+            if first is not None:
+                module.onednn_from = first
     with torch.no_grad():
         for w, data in moves:
             w.data = data
+    model._decode_native = native
     model._layout_key = _key(model)
 
 

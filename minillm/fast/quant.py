@@ -3,13 +3,17 @@
     model = minillm.load(path)
     minillm.quantize_int8(model)        # in place; the float weights are freed
 
-Decode is bound by reading the weights, and int8 reads a quarter of float32's bytes. Activations
-stay in the model's dtype; each product is `torch._weight_int8pack_mm(x, w_int8, scales)`, which
-dequantizes inside the kernel. Scales are symmetric, absmax / 127 per output row, so a weight is
-off by at most half a step of its own row (llama.cpp's Q8_0 keeps one scale per 32 weights).
+Decode is bound by reading the weights, and int8 reads a quarter of float32's bytes. Each product
+is `torch._weight_int8pack_mm(x, w_int8, scales)`, which dequantizes inside the kernel, with the
+activations rounded to bfloat16 for it and its bfloat16 output cast back to the model's dtype: with
+float32 activations that kernel read SmolLM2's int8 weights at 2 GB/s on the AMD EPYC, with
+bfloat16 ones at 10 GB/s, 2.5x float32's best product (docs/performance.md, session 7); the rest of
+the model computes in its own dtype. Scales are symmetric, absmax / 127 per output row, so a weight is
+off by at most half a step of its own row (llama.cpp's Q8_0 keeps one scale per 32 weights, and
+rounds the activations to 8 bits).
 
 This is not exact: the streaming properties hold for it (it is the same engine), but its logits
-differ from float32's by the rounding of the weights. tools/bench_real.py measures its perplexity
+differ from float32's by the rounding of the weights and of the products' inputs and outputs. tools/bench_real.py measures its perplexity
 cost on real text and its speed; `minillm ... --int8` uses it in the CLI. A quantized model cannot
 be saved (save_pretrained writes float checkpoints only).
 """
@@ -23,31 +27,44 @@ from ..checks import check_bool
 from ..errors import MiniLLMError
 
 
+PRODUCT_DTYPE = torch.bfloat16  # the activations' dtype inside the int8 product (input widths of 16k)
+
+
 class Int8Linear(nn.Module):
-    """y = x @ (w_int8 * scale[:, None]).T + bias, with the int8 weight read as int8."""
+    """y = x @ (w_int8 * scale[:, None]).T + bias, with the int8 weight read as int8 (x and the
+    product in bfloat16 where the input width is a multiple of 16, else in x's dtype; y in x's)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
         w = weight.detach().float()
-        scale = w.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127.0
-        self.register_buffer("weight_int8", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous())
-        self.register_buffer("scale", scale.to(weight.dtype))
+        # bfloat16 products need an input width of a multiple of 16 (the kernel crashes otherwise);
+        # narrower layers (small test models) multiply in the model's dtype.
+        dtype = PRODUCT_DTYPE if w.shape[1] % 16 == 0 else weight.dtype  # the scale's dtype is the product's
+        # The weights are rounded against the scale as stored, so each stays within half its step.
+        scale = (w.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127.0).to(dtype)
+        q = torch.round(w / scale.float()[:, None]).clamp(-127, 127)
+        self.register_buffer("weight_int8", q.to(torch.int8).contiguous())
+        self.register_buffer("scale", scale)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.in_features, self.out_features = w.shape[1], w.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        y = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]), self.weight_int8, self.scale.to(x.dtype))
-        y = y.view(*shape[:-1], self.out_features)
+        y = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(self.scale.dtype), self.weight_int8, self.scale)
+        y = y.view(*shape[:-1], self.out_features).to(x.dtype)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-row scales"
 
 
-def quantize_int8(model, *, head: bool = True):
-    """Replace every Linear in the decoder (and the output head, `head=True`; a tied head gets its
-    own int8 copy, the embedding table stays float) with an Int8Linear, in place. CPU only."""
+def quantize_int8(model, *, head: bool = False):
+    """Replace every Linear in the decoder with an Int8Linear, in place. CPU only.
+
+    The output head stays in the model's dtype unless `head=True` (then a tied head gets its own
+    int8 copy; the embedding table stays float). On SmolLM2 (tools/int8_ppl.py, 8 x 1,024 tokens)
+    an int8 head cost +0.18% perplexity of the +0.65% that int8 with the head cost in all, and
+    kept the cost over 0.5%; a float head is read once per step, at the float layout's speed."""
     from ..core.model import Model
 
     if not isinstance(model, Model):
