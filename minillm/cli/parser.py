@@ -110,7 +110,8 @@ def _common(cache_flags: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_int_at_least(1, MAX_THREADS, " (far more than any machine has cores)"),
                    help=f"torch CPU threads, at most {MAX_THREADS} (default: torch's choice)")
     p.add_argument("--int8", action="store_true",
-                   help="weight-only int8 (CPU; not exact: per-row scales, see minillm/fast/quant.py)")
+                   help="weight-only int8 for the decoder's projections (CPU; not exact: per-row scales, bfloat16 "
+                        "products, the head kept float; see minillm/fast/quant.py)")
     p.add_argument("--no-fast", action="store_true",
                    help="run the core alone (minillm/core/), without the fast layer: the same results, slower")
     if cache_flags:

@@ -27,7 +27,7 @@ threads), every weight row-major; prefill and batched steps keep oneDNN. For flo
 changes nothing (MKL computes those products), so "native" is "rowmajor" there.
 
 "onednn" is the other way round: float32 `F.linear` is MKL's, and MKL's product of one row read
-SmolLM2's weights slower than oneDNN's (36 against 41 ms for all of them, the best layout each) and
+SmolLM2's weights slower than oneDNN's (41 ms column-major against 36 for all of them, medians) and
 of two or sixteen rows much slower (45 against 68 ms, 64 against 87-106). The probe times it per
 float32 shape for one row and for BATCH_ROWS, and the fast layer gives each Linear it wins for the
 class `OneDNNLinear` (the weights and the state dict are unchanged), for one row and batches, or
