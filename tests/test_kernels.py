@@ -331,3 +331,46 @@ def test_batches_alone_may_take_onednn_and_one_row_keeps_its_layout(monkeypatch)
     monkeypatch.setenv(matvec.ENV, "colmajor")  # a pinned layout: no oneDNN at all
     layout.ensure(model)
     assert type(lin) is torch.nn.Linear
+
+
+def test_onednn_linears_fall_back_where_onednn_cannot_serve(monkeypatch):
+    """A model cast to float16 after its float32 layout was fitted, on paths that do not refit
+    (explicit attention probabilities, zero-sink configs); and inside torch.compile, whose inductor
+    lowers oneDNN's op only for frozen weights: F.linear, and the same logits."""
+    monkeypatch.setenv(matvec.ENV, "onednn")
+    calls = []
+    real = matvec._onednn
+    monkeypatch.setattr(matvec, "_onednn", lambda *a: (calls.append(a[0].dtype), real(*a))[1])
+    ids = torch.randint(0, 61, (1, 6), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        for zero_sink in (False, True):
+            model = random_model(tiny_config("llama_gqa", vocab=61, zero_sink=zero_sink), dtype=torch.float32)
+            assert {type(m) for m in model.modules() if isinstance(m, torch.nn.Linear)} == {matvec.OneDNNLinear}
+            model.half()
+            probs = []
+            assert torch.isfinite(model(ids, attn_probs=probs).float()).all() and probs
+            assert torch.isfinite(model(ids).float()).all()
+        assert torch.float16 not in calls
+        model = random_model(tiny_config("llama_gqa", vocab=61), dtype=torch.float32)
+        want = model(ids[:, :1])
+        calls.clear()
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        assert rel_err(model(ids[:, :1]), want) < MODEL_TOL[torch.float32] and calls == []
+
+
+def test_a_column_major_weight_takes_batched_onednn_by_its_own_layouts_time(monkeypatch):
+    """batch_onednn times oneDNN on the layout the weight keeps: column-major here."""
+    def fake(out, inn, dtype, threads=None, rows=1):
+        if rows == 1:
+            return {"rowmajor": 2.0, "colmajor": 1.0, "onednn": 1.5}
+        return {"rowmajor": 1.0, "colmajor": 1.0, "onednn": 0.5, "onednn@colmajor": slow}
+
+    monkeypatch.setattr(matvec, "probe", fake)
+    w = torch.zeros(512, 256)
+    slow = 0.95
+    assert matvec.choose(w) == "colmajor" and not matvec.batch_onednn(w)
+    monkeypatch.setattr(matvec, "_times", {})
+    slow = 0.5
+    assert matvec.batch_onednn(w)
+    times = matvec.probe(64, 32, torch.float32, rows=4)  # the real probe times it for batches
+    assert "onednn@colmajor" in times and "onednn@colmajor" not in matvec.probe(64, 32, torch.float32)

@@ -97,3 +97,19 @@ def test_int8_bfloat16_needs_widths_of_16():
     model = quantize_int8(random_model(tiny_config("llama_gqa", heads=4, head_dim=16, intermediate_size=64),
                                        dtype=torch.bfloat16))
     assert model(torch.randint(0, 61, (1, 5))).shape == (1, 5, 61)
+
+
+@pytest.mark.parametrize("width", [40, 48])
+def test_int8_products_keep_their_dtype_when_the_model_is_cast(width):
+    """.to()/.half() cast the scale buffer; the product keeps the dtype it was built for (bfloat16
+    for widths of 16k, else the model's), so a cast neither loses the bfloat16 kernel nor takes a
+    width the bfloat16 kernel cannot (NaN or a crash)."""
+    w = torch.randn(24, width)
+    lin = Int8Linear(w, None)
+    x = torch.randn(2, width)
+    want = lin(x)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        lin.to(dtype)
+        got = lin(x.to(dtype))
+        assert got.dtype == dtype and torch.isfinite(got).all()
+        assert rel_err(got, want) < 2e-2, dtype

@@ -40,11 +40,11 @@ class FastPath:
 
     def plan(self, model, n: int, cache, lengths):
         """The plan of one forward (the core's signature), or None where the core must compute."""
+        if not torch.compiler.is_compiling():  # a compiled forward keeps the layout it was traced with
+            ensure(model)
         spec = model.spec()
         if spec.config.zero_sink:
             return None
-        if not torch.compiler.is_compiling():  # a compiled forward keeps the layout it was traced with
-            ensure(model)
         if cache is None:
             return plan_dense(spec, n)
         if n == 1:

@@ -23,8 +23,10 @@ where torch's own matrix-vector kernel (taken with the switch off) read them at 
 `sum`'s speed (docs/performance.md, session 7). With four rows oneDNN was faster again. So "native"
 is a decode choice for a whole model, made from the probe's times of its shapes: a one-row decode
 step of a bfloat16/float16 model runs with oneDNN off (`onednn_off`, reference-counted across
-threads), every weight row-major; prefill and batched steps keep oneDNN. For float32 the switch
-changes nothing (MKL computes those products), so "native" is "rowmajor" there.
+threads), every weight row-major; prefill and batched steps keep oneDNN. The switch is torch's own
+and global: while a native step runs, another thread's bfloat16 products take torch's kernel too
+(the same product, perhaps slower). For float32 the switch changes nothing (MKL computes those
+products), so "native" is "rowmajor" there.
 
 "onednn" is the other way round: float32 `F.linear` is MKL's, and MKL's product of one row read
 SmolLM2's weights slower than oneDNN's (41 ms column-major against 36 for all of them, medians) and
@@ -122,9 +124,10 @@ def _onednn(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> 
 
 
 class OneDNNLinear(nn.Linear):
-    """An nn.Linear whose products of `onednn_from` (1: the "onednn" kernel; 2: batches only, see
-    batch_onednn) to ONEDNN_ROWS rows are oneDNN's inner product; the others, and any that
-    autograd must differentiate, are `F.linear`'s. The fast layer (layout.fit) gives a Linear this
+    """An nn.Linear whose float32 CPU products of `onednn_from` (1: the "onednn" kernel; 2: batches
+    only, see batch_onednn) to ONEDNN_ROWS rows are oneDNN's inner product; the others, any that
+    autograd must differentiate, any in another dtype (a model cast since its layout was fitted),
+    and any inside torch.compile (inductor lowers this op only for frozen weights) are `F.linear`'s. The fast layer (layout.fit) gives a Linear this
     class, and takes it back, in place."""
 
     onednn_from = 1
@@ -132,7 +135,8 @@ class OneDNNLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
         rows = x.numel() // max(1, x.shape[-1])
-        if (not self.onednn_from <= rows <= ONEDNN_ROWS or x.dtype != w.dtype or x.device.type != "cpu"
+        if (not self.onednn_from <= rows <= ONEDNN_ROWS or x.dtype != torch.float32 or w.dtype != torch.float32
+                or x.device.type != "cpu" or torch.compiler.is_compiling()
                 or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
             return F.linear(x, w, self.bias)
         return _onednn(x, w, self.bias)
@@ -166,18 +170,24 @@ def probe(out: int, inn: int, dtype: torch.dtype, threads: int | None = None, ro
     copies = max(1, min(PROBE_COPIES, -(-PROBE_BYTES // (size * torch.finfo(dtype).bits // 8))))
     flat = torch.empty(copies * size, dtype=dtype).fill_(0.5)  # no denormals; values do not matter
     by_rows = flat.view(copies, out, inn)
-    stored = {"rowmajor": by_rows, "native": by_rows, "onednn": by_rows, "colmajor": flat.view(copies, inn, out)}
+    by_cols = flat.view(copies, inn, out)
+    # "onednn@colmajor": oneDNN on a column-major weight (batch_onednn: a Linear whose one-row
+    # verdict is column-major keeps that layout for its batched oneDNN products).
+    stored = {"rowmajor": by_rows, "native": by_rows, "onednn": by_rows, "colmajor": by_cols,
+              "onednn@colmajor": by_cols.transpose(1, 2)}
     x = torch.full((rows, inn), 0.25, dtype=dtype)
     kernels = tuple(k for k in _kernels(dtype) if rows == 1 or k != "native")
+    if rows > 1 and "onednn" in kernels:
+        kernels += ("onednn@colmajor",)
     best = {k: float("inf") for k in kernels}
     for k in kernels:  # warm up each kernel once (first-call setup)
-        _product(k, x, stored[k][0])
+        _product(k.split("@")[0], x, stored[k][0])
     for rep in range(PROBE_REPS):
         for k in kernels if rep % 2 == 0 else kernels[::-1]:
-            w = stored[k]
+            w, kernel = stored[k], k.split("@")[0]
             t0 = time.perf_counter()
             for i in range(copies):
-                _product(k, x, w[i])
+                _product(kernel, x, w[i])
             best[k] = min(best[k], (time.perf_counter() - t0) / copies)
     return best
 
@@ -193,8 +203,9 @@ def _probed(w: torch.Tensor, rows: int = 1) -> dict[str, float]:
 def batch_onednn(w: torch.Tensor) -> bool:
     """Whether a float32 Linear's products of 2 to ONEDNN_ROWS rows (a batched decode step) are
     oneDNN's: MINILLM_KERNELS=onednn, or, probing, when oneDNN's time for BATCH_ROWS rows is at least
-    10% shorter than that of the layout `choose` gives the weight (on the AMD EPYC, oneDNN took 64
-    against MKL's 87-106 ms for SmolLM2's weights at 16 rows, 45 against 68 at 2)."""
+    10% shorter than MKL's, both on the layout `choose` gives the weight for one row (on the AMD
+    EPYC, oneDNN took 64 against MKL's 87-106 ms for SmolLM2's weights at 16 rows, 45 against 68
+    at 2)."""
     if w.dim() != 2 or w.device.type != "cpu" or "onednn" not in _kernels(w.dtype):
         return False
     name = mode()
@@ -204,7 +215,8 @@ def batch_onednn(w: torch.Tensor) -> bool:
     if layout == "onednn":
         return True
     times = _probed(w, BATCH_ROWS)
-    return times["onednn"] < MARGIN * times[layout]
+    onednn = times.get("onednn@colmajor", times["onednn"]) if layout == "colmajor" else times["onednn"]
+    return onednn < MARGIN * times[layout]
 
 
 def choose(w: torch.Tensor, linear: bool = True) -> str | None:

@@ -39,7 +39,8 @@ class Int8Linear(nn.Module):
         w = weight.detach().float()
         # bfloat16 products need an input width of a multiple of 16 (the kernel crashes otherwise);
         # narrower layers (small test models) multiply in the model's dtype.
-        dtype = PRODUCT_DTYPE if w.shape[1] % 16 == 0 else weight.dtype  # the scale's dtype is the product's
+        dtype = PRODUCT_DTYPE if w.shape[1] % 16 == 0 else weight.dtype
+        self.product_dtype = dtype  # kept through .to()/.half(), which cast the scale buffer
         # The weights are rounded against the scale as stored, so each stays within half its step.
         scale = (w.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127.0).to(dtype)
         q = torch.round(w / scale.float()[:, None]).clamp(-127, 127)
@@ -49,8 +50,10 @@ class Int8Linear(nn.Module):
         self.in_features, self.out_features = w.shape[1], w.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        y = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(self.scale.dtype), self.weight_int8, self.scale)
+        shape, dtype, scale = x.shape, self.product_dtype, self.scale
+        if scale.dtype != dtype:  # the module was cast since: the product keeps its own dtype
+            scale = scale.to(dtype)
+        y = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(dtype), self.weight_int8, scale)
         y = y.view(*shape[:-1], self.out_features).to(x.dtype)
         return y if self.bias is None else y + self.bias
 
