@@ -54,6 +54,15 @@ def alone(model, tok, ids, *, max_tokens, temperature=0.0, seed=0, sinks=2, wind
                          sinks=sinks, window=window, eos_ids=eos, vocab_size=tok.vocab_size))
 
 
+def run_clients(client, n: int, timeout: float) -> None:
+    """client(0) .. client(n - 1), each in its own thread, all at once; joined (up to `timeout` s each)."""
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+
+
 def run(eng, rid):
     evs = list(eng.stream(rid))
     return "".join(e.text for e in evs), evs
@@ -333,11 +342,7 @@ def test_threads_add_and_cancel_while_one_thread_steps(model, tok):
         except Exception as e:  # pragma: no cover - reported below
             errors.append(e)
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    run_clients(client, 8, timeout=60)
     eng.shutdown()
     assert not errors and len(results) == 8
     for i, evs in results.items():
@@ -540,11 +545,7 @@ def test_concurrent_conversations_from_threads_each_equal_chatsession(model, tok
         except Exception as e:  # pragma: no cover - reported below
             errors.append(e)
 
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    run_clients(client, 4, timeout=120)
     eng.shutdown()
     assert not errors and len(got) == 4
     for k, replies in got.items():

@@ -25,6 +25,13 @@ PRODUCT_TOL = {torch.float64: 1e-12, torch.float32: 1e-5}
 MODEL_TOL = {torch.float64: 1e-9, torch.float32: 1e-4}
 
 
+def _operands(dtype, out: int, inn: int, rows: int, seed: int):
+    """A weight (out, in) and rows x (rows, in), drawn in float64 and rounded to `dtype`."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(out, inn, generator=g, dtype=torch.float64).to(dtype),
+            torch.randn(rows, inn, generator=g, dtype=torch.float64).to(dtype), g)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_verdicts(monkeypatch):
     monkeypatch.delenv(matvec.ENV, raising=False)
@@ -36,9 +43,7 @@ def _fresh_verdicts(monkeypatch):
 @settings(max_examples=8, deadline=None)
 @given(out=st.integers(1, 40), inn=st.integers(1, 40), rows=st.integers(1, 3), seed=st.integers(0, 99))
 def test_every_kernel_equals_the_core_product(dtype, out, inn, rows, seed):
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(out, inn, generator=g, dtype=torch.float64).to(dtype)
-    x = torch.randn(rows, inn, generator=g, dtype=torch.float64).to(dtype)
+    w, x, g = _operands(dtype, out, inn, rows, seed)
     b = torch.randn(out, generator=g, dtype=torch.float64).to(dtype)
     want = F.linear(x, w, b)
     for kernel in matvec.KERNELS:
@@ -208,9 +213,7 @@ BF16_TOL = 6e-2  # bfloat16 keeps 8 bits; the core's own bfloat16 logits are 2-4
 @settings(max_examples=6, deadline=None)
 @given(out=st.integers(1, 70), inn=st.integers(1, 70), rows=st.integers(1, 3), seed=st.integers(0, 99))
 def test_the_native_product_is_the_product_in_reduced_precision(dtype, out, inn, rows, seed):
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(out, inn, generator=g, dtype=torch.float64).to(dtype)
-    x = torch.randn(rows, inn, generator=g, dtype=torch.float64).to(dtype)
+    w, x, _ = _operands(dtype, out, inn, rows, seed)
     exact = x.double() @ w.double().T  # the product of the rounded inputs
     native, core = matvec._product("native", x, w), F.linear(x, w)
     assert native.dtype == dtype and torch._C._get_mkldnn_enabled()

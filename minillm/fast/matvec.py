@@ -33,19 +33,20 @@ SmolLM2's weights slower than oneDNN's (41 ms column-major against 36 for all of
 of two or sixteen rows much slower (45 against 68 ms, 64 against 87-106). The probe times it per
 float32 shape for one row and for BATCH_ROWS, and the fast layer gives each Linear it wins for the
 class `OneDNNLinear` (the weights and the state dict are unchanged), for one row and batches, or
-for batches only (`batch_onednn`). It is a Linear's kernel only: a tied head is the embedding, which the core multiplies
-by `F.linear`, so the head chooses between the two layouts.
+for batches only (`batch_onednn`). It is a Linear's kernel only: a tied head is the embedding,
+which the core multiplies by `F.linear`, so the head chooses between the two layouts.
 
-The kernels are the same product with the same values (only strides, or the library's kernel, differ, so the state dict,
-saved checkpoints and every other path see the same numbers); they differ only in the order of the
-additions, which tests/test_kernels.py bounds. The probe runs on synthetic weights of the shape
-(enough copies to be read from memory, not from the cache, as decode reads them), alternates the two
-kernels, and keeps the earlier rule (wide weights, out >= in, column-major) unless the other kernel's
-best time is at least 10% shorter, so that a probe on a busy machine does not flip a verdict on
-noise; it caches its verdict for the process; it takes well under a
-second for a model's few distinct shapes. A weight under 256 KiB is read from the cache whatever its
-layout, and timing it would time noise: it keeps the rule, so small models, and the tests, take the same path on every machine. Only CPU weights are laid out; CUDA and other devices keep
-the library's usual layout. int8 weights (quant.py) have one kernel.
+The kernels are the same product with the same values (only strides, or the library's kernel,
+differ, so the state dict, saved checkpoints and every other path see the same numbers); they
+differ only in the order of the additions, which tests/test_kernels.py bounds. The probe runs on
+synthetic weights of the shape (enough copies to be read from memory, not from the cache, as decode
+reads them), alternates the kernels that differ for the dtype, and keeps the earlier rule (wide
+weights, out >= in, column-major) unless another kernel's best time is at least 10% shorter, so
+that a probe on a busy machine does not flip a verdict on noise. It caches its times and verdicts
+for the process, and takes under a second for a model's few distinct shapes. A weight under 256 KiB
+is read from the cache whatever its layout, and timing it would time noise: it keeps the rule, so
+small models, and the tests, take the same path on every machine. Only CPU weights are laid out;
+CUDA and other devices keep the library's usual layout. int8 weights (quant.py) have one kernel.
 """
 
 from __future__ import annotations
@@ -66,8 +67,8 @@ LAYOUTS = ("rowmajor", "colmajor")  # what the probe chooses per weight; "native
 REDUCED = (torch.bfloat16, torch.float16)  # the dtypes whose products oneDNN computes
 MODES = ("probe", "core")
 ENV = "MINILLM_KERNELS"
-_verdicts: dict[tuple, str] = {}  # (out, in, dtype, threads) -> layout
-_times: dict[tuple, dict[str, float]] = {}  # (out, in, dtype, threads) -> the probe's best seconds per kernel
+_verdicts: dict[tuple, str] = {}  # (out, in, dtype, threads, linear) -> kernel (a layout, or "onednn")
+_times: dict[tuple, dict[str, float]] = {}  # (out, in, dtype, threads, rows) -> the probe's best seconds per kernel
 PROBE_BYTES = 40 << 20  # the probe reads at least this much per kernel and repetition (beyond a 32 MB L3)
 PROBE_COPIES = 64  # at most this many copies of a small weight (those are read from the cache anyway)
 PROBE_REPS = 3
@@ -127,8 +128,8 @@ class OneDNNLinear(nn.Linear):
     """An nn.Linear whose float32 CPU products of `onednn_from` (1: the "onednn" kernel; 2: batches
     only, see batch_onednn) to ONEDNN_ROWS rows are oneDNN's inner product; the others, any that
     autograd must differentiate, any in another dtype (a model cast since its layout was fitted),
-    and any inside torch.compile (inductor lowers this op only for frozen weights) are `F.linear`'s. The fast layer (layout.fit) gives a Linear this
-    class, and takes it back, in place."""
+    and any inside torch.compile (inductor lowers this op only for frozen weights) are
+    `F.linear`'s. The fast layer (layout.fit) gives a Linear this class, and takes it back, in place."""
 
     onednn_from = 1
 

@@ -7,15 +7,16 @@ Decode is bound by reading the weights, and int8 reads a quarter of float32's by
 is `torch._weight_int8pack_mm(x, w_int8, scales)`, which dequantizes inside the kernel, with the
 activations rounded to bfloat16 for it and its bfloat16 output cast back to the model's dtype: with
 float32 activations that kernel read SmolLM2's int8 weights at 2 GB/s on the AMD EPYC, with
-bfloat16 ones at 10 GB/s, 2.5x float32's best product (docs/performance.md, session 7); the rest of
-the model computes in its own dtype. Scales are symmetric, absmax / 127 per output row, so a weight is
-off by at most half a step of its own row (llama.cpp's Q8_0 keeps one scale per 32 weights, and
+bfloat16 ones at 10 GB/s, 2.5x float32's best product (docs/performance.md, session 7); the rest
+of the model computes in its own dtype. Scales are symmetric, absmax / 127 per output row, so a
+weight is off by at most half a step of its own row (llama.cpp's Q8_0 keeps one scale per 32 weights, and
 rounds the activations to 8 bits).
 
 This is not exact: the streaming properties hold for it (it is the same engine), but its logits
-differ from float32's by the rounding of the weights and of the products' inputs and outputs. tools/bench_real.py measures its perplexity
-cost on real text and its speed; `minillm ... --int8` uses it in the CLI. A quantized model cannot
-be saved (save_pretrained writes float checkpoints only).
+differ from float32's by the rounding of the weights and of the products' inputs and outputs.
+tools/bench_real.py measures its perplexity cost on real text and its speed; `minillm ... --int8`
+uses it in the CLI. A quantized model cannot be saved (save_pretrained writes float checkpoints
+only).
 """
 
 from __future__ import annotations
